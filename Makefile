@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python >= 3.10 and make:
+#   make train   set up .venv, generate the built-in synthetic data, run the main job (short CPU training run)
+#   make test    set up .venv, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := data/synthetic
+
+.PHONY: train test test-fast lint clean
+
+# Re-install only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(DATA)/.complete: $(STAMP) tools/make_synthetic_data.py
+	$(BIN)/python tools/make_synthetic_data.py --out $(DATA) --format both
+	touch $@
+
+train: $(STAMP) $(DATA)/.complete
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/composer train.py yamls/run.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Everything but the multi-process and learning tests, for local iteration (CI runs `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DATA)

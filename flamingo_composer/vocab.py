@@ -1,0 +1,54 @@
+"""The closed word list shared by the built-in tiny tokenizer and the synthetic data generator.
+
+Every caption word of the synthetic data is one token of the tiny tokenizer: learning on CPU is far faster
+when the model does not first have to learn to spell. The generator must only use words listed here
+(a test checks it); add words by appending to the lists, never by reordering (token ids would move).
+"""
+
+from __future__ import annotations
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan", "brown", "gray"]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "bar"]
+SIZES = ["small", "large", "tiny", "big"]
+POSITIONS = ["left", "right", "top", "bottom", "center", "upper", "lower", "corner", "middle", "side"]
+TEXTURES = ["plain", "striped", "dotted", "checkered", "noisy", "speckled"]
+NUMBERS = ["one", "two", "three", "four", "five", "six"]
+FUNCTION_WORDS = [
+    "a", "an", "the", "of", "on", "in", "at", "with", "and", "is", "are", "there", "this", "it", "to", "near",
+    "picture", "photo", "image", "shows", "background", "shape", "shapes", "we", "see", "here", "next", "page",
+    "document", "then", "also", "above", "below", "its", "has", "some", "text", "about", "more", "words",
+    "story", "today", "look", "these", "color", "colors", "sits", "drawn", "over",
+]
+PUNCTUATION = [".", ",", "!", "?", ":"]
+
+WORDS: list[str] = COLORS + SHAPES + SIZES + POSITIONS + TEXTURES + NUMBERS + FUNCTION_WORDS + PUNCTUATION
+
+EOS_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "<unk>"
+
+
+def build_tiny_tokenizer():
+    """A deterministic word-level tokenizer built offline from `WORDS` (no hub, no files).
+
+    Like a hub tokenizer it has an eos (= bos) token and no pad, `<image>` or `<|endofchunk|>` token: the model
+    factory adds those exactly as it does for a real LM's tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
