@@ -1,0 +1,487 @@
+"""Shard conversion behind tools/convert_*.py: read webdataset tars, raw MMC4 jsonl (plain, .gz or zipped) with
+its downloaded images, or img2dataset output; write MDS (mosaicml-streaming) or webdataset shards; count every
+sample, image or shard left out, by reason.
+
+Converters copy bytes: images keep their original encoding (no lossy re-encode) and text is kept as it is, so
+one converted dataset serves any recipe; the filters of SPEC 2 (image size, similarity, token limits) stay in the
+training-time preprocessing. The one exception is raw MMC4, whose downloaded image files are checked here
+(missing or undecodable), because that is where broken downloads show up.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from tqdm import tqdm
+from webdataset import tariterators
+
+from flamingo_composer.data.images import decode_image
+from flamingo_composer.data.mds_format import (
+    BYTES_RANGE_FIELD,
+    LAION_MDS_COLUMNS,
+    MMC4_MDS_COLUMNS,
+    mmc4_doc_to_mds,
+)
+from flamingo_composer.data.mmc4 import parse_mmc4_json
+from flamingo_composer.data.skips import SkipSample
+
+LAION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+MAX_EXAMPLES_PER_REASON = 3
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion wrote and what it left out, by reason (with the first few details of each)."""
+
+    written: int = 0
+    outputs: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # samples / documents / shards not written
+    images_dropped: Counter = field(default_factory=Counter)  # MMC4 images written without bytes
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        self._remember(reason, detail)
+
+    def drop_image(self, reason: str, detail: str) -> None:
+        self.images_dropped[reason] += 1
+        self._remember(f"image:{reason}", detail)
+
+    def _remember(self, reason: str, detail: str) -> None:
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES_PER_REASON:
+            examples.append(detail)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "outputs": list(self.outputs),
+            "skipped": dict(sorted(self.skipped.items())),
+            "images_dropped": dict(sorted(self.images_dropped.items())),
+        }
+
+    def summary(self, out: str | os.PathLike) -> str:
+        """Human-readable final summary: what was written where, and every skip reason with examples."""
+        lines = [f"wrote {self.written} samples in {len(self.outputs)} shard file(s) to {out}"]
+        for title, counts, prefix in (
+            ("skipped", self.skipped, ""),
+            ("images left without bytes", self.images_dropped, "image:"),
+        ):
+            if not counts:
+                continue
+            lines.append(f"{title}: {sum(counts.values())}")
+            for reason, count in sorted(counts.items()):
+                lines.append(f"  {reason}: {count}")
+                lines.extend(f"    e.g. {detail}" for detail in self.examples.get(prefix + reason, []))
+        if not self.skipped and not self.images_dropped:
+            lines.append("nothing skipped")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def expand_inputs(patterns: Iterable[str], *, suffixes: tuple[str, ...]) -> list[str]:
+    """Brace-expand each pattern; a local directory stands for its files ending in `suffixes` (sorted, recursive).
+
+    A local path that does not exist, or an empty result, raises FileNotFoundError naming it.
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        for path in braceexpand.braceexpand(str(pattern)):
+            if path.startswith(REMOTE_PREFIXES):
+                paths.append(path)
+            elif os.path.isdir(path):
+                found = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(suffixes))
+                if not found:
+                    raise FileNotFoundError(f"input directory {path!r} holds no file ending in {', '.join(suffixes)}")
+                paths.extend(found)
+            elif os.path.isfile(path):
+                paths.append(path)
+            else:
+                raise FileNotFoundError(f"input {path!r} (from {pattern!r}) does not exist")
+    if not paths:
+        raise FileNotFoundError(f"no input files given (patterns: {list(patterns)!r})")
+    return paths
+
+
+def _first_arg(exc: BaseException) -> str:
+    """webdataset appends the stream to the message and to the args; keep only the message."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return f"{type(exc).__name__}: {message.split(' @ ')[0]}"
+
+
+def iter_tar_samples(shard: str, report: ConversionReport) -> Iterator[dict[str, Any]]:
+    """webdataset samples (`{'__key__': key, ext: bytes, ...}`) of one tar shard, in order.
+
+    A truncated or corrupt tar is counted once as `corrupt_tar` and the samples read before the damage are kept;
+    a repeated member name in one sample is counted as `duplicate_member`.
+    """
+    tar_errors: list[BaseException] = []
+    member_errors: list[BaseException] = []
+
+    def on_tar_error(exc: BaseException) -> bool:
+        tar_errors.append(exc)
+        return True
+
+    def on_member_error(exc: BaseException) -> bool:
+        member_errors.append(exc)
+        return True
+
+    streams = tariterators.url_opener([{"url": shard}], handler=on_tar_error)
+    files = tariterators.tar_file_expander(streams, handler=on_tar_error)
+    yield from tariterators.group_by_keys(files, handler=on_member_error)
+    if tar_errors:
+        report.skip("corrupt_tar", f"{shard}: {_first_arg(tar_errors[0])} (samples before the damage were kept)")
+    for exc in member_errors:
+        report.skip("duplicate_member", f"{shard}: {_first_arg(exc)}")
+
+
+def iter_loose_file_samples(folder: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """img2dataset `files` output (`00000/000000000.jpg` + `.txt` + `.json`) grouped into webdataset-style samples.
+
+    Groups with neither an image nor a caption (e.g. `00000_stats.json`, parquet metadata) are not samples.
+    """
+    wanted = set(LAION_IMAGE_EXTENSIONS) | {"txt", "json"}
+    for directory, subdirs, names in os.walk(folder):
+        subdirs.sort()
+        groups: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            stem, ext = tariterators.base_plus_ext(name)
+            if stem is None or ext.lower() not in wanted:
+                continue
+            with open(os.path.join(directory, name), "rb") as handle:
+                groups.setdefault(stem, {"__key__": stem})[ext.lower()] = handle.read()
+        for sample in groups.values():
+            if "txt" in sample or any(ext in sample for ext in LAION_IMAGE_EXTENSIONS):
+                yield sample
+
+
+def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
+    """(where, member stem, 0-based line number, line bytes) of a `.jsonl`, `.jsonl.gz` or zip of `.jsonl`
+    files (the form MMC4 is published in); member stem is "" unless the zip holds several files. Blank lines
+    are not records."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = sorted(name for name in archive.namelist() if not name.endswith("/"))
+            if not members:
+                raise ValueError(f"zip archive {path!r} holds no file")
+            for member in members:
+                label = os.path.basename(member).split(".")[0] if len(members) > 1 else ""
+                with archive.open(member) as handle:
+                    yield from _numbered_lines(f"{path}:{member}", label, handle)
+    elif path.endswith(".gz"):
+        with gzip.open(path, "rb") as handle:
+            yield from _numbered_lines(path, "", handle)
+    else:
+        with open(path, "rb") as handle:
+            yield from _numbered_lines(path, "", handle)
+
+
+def _numbered_lines(where: str, label: str, handle: io.BufferedIOBase) -> Iterator[tuple[str, str, int, bytes]]:
+    for number, line in enumerate(handle):
+        if line.strip():
+            yield where, label, number, line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+
+
+def laion_record(sample: dict[str, Any], report: ConversionReport, where: str) -> dict[str, Any] | None:
+    """A webdataset LAION sample -> `LAION_MDS_COLUMNS` record with the original image bytes, or None (counted)."""
+    key = sample["__key__"]
+    image = next((sample[ext] for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
+    if not image:
+        report.skip("missing_image", f"{where}: sample {key!r} has no (or an empty) {'/'.join(LAION_IMAGE_EXTENSIONS)} member")
+        return None
+    if "txt" not in sample:
+        report.skip("missing_caption", f"{where}: sample {key!r} has no .txt member")
+        return None
+    try:
+        caption = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        report.skip("bad_utf8", f"{where}: sample {key!r} caption: {err}")
+        return None
+    return {"key": key, "jpg": image, "txt": caption}
+
+
+def mmc4_record(sample: dict[str, Any], report: ConversionReport, where: str) -> dict[str, Any] | None:
+    """A webdataset MMC4 sample (`KEY.json` with image_base64) -> `MMC4_MDS_COLUMNS` record, or None (counted).
+
+    Images whose base64 is missing or invalid keep their `image_info` entry with an empty byte range (counted
+    under images left without bytes), exactly as the training-time preprocessing expects; a document left with
+    no image bytes at all can never train and is skipped (`no_usable_image`).
+    """
+    key = sample["__key__"]
+    if "json" not in sample:
+        report.skip("missing_json", f"{where}: sample {key!r} has no .json member")
+        return None
+    try:
+        doc = parse_mmc4_json(sample["json"], key=key)
+        record = mmc4_doc_to_mds(doc, key)
+    except SkipSample as skip:
+        report.skip(skip.reason, f"{where}: {skip.detail}")
+        return None
+    spans = [stored[BYTES_RANGE_FIELD] for stored in record["doc"]["image_info"]]  # [start, end) into image_bytes
+    empty = [i for i, (start, end) in enumerate(spans) if start == end]
+    if len(empty) == len(doc["image_info"]):
+        report.skip("no_usable_image", f"{where}: document {key!r} has no image with valid base64 bytes")
+        return None
+    for i in empty:
+        reason = "missing_image" if not doc["image_info"][i].get("image_base64") else "bad_base64"
+        report.drop_image(reason, f"{where}: document {key!r} image_info[{i}]")
+    return record
+
+
+def mmc4_image_dirs(images_dir: Path, jsonl_path: str) -> list[Path]:
+    """Where the images of one jsonl file may lie: `images_dir`, then `images_dir/<shard number>` (the layout of
+    the reference's download script; the number comes from `docs_shard_<N>_v2.jsonl.zip`)."""
+    dirs = [images_dir]
+    shard = re.search(r"shard_(\d+)", os.path.basename(jsonl_path))
+    if shard:
+        dirs.append(images_dir / shard.group(1))
+    return dirs
+
+
+def embed_raw_mmc4_images(doc: dict, image_dirs: list[Path], report: ConversionReport, where: str) -> int:
+    """Set `image_base64` on each `image_info` entry from its downloaded file; returns how many were embedded.
+
+    A missing or undecodable file leaves its entry without `image_base64` (counted), so the rows of the
+    similarity matrix still line up with `image_info`.
+    """
+    embedded = 0
+    for i, info in enumerate(doc["image_info"]):
+        name = info.get("image_name") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not name:
+            report.drop_image("missing_image", f"{where} image_info[{i}] has no 'image_name'")
+            continue
+        path = next((d / name for d in image_dirs if (d / name).is_file()), None)
+        if path is None:
+            report.drop_image("missing_image", f"{where} image_info[{i}]: {name!r} not found in {image_dirs[0]}")
+            continue
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            report.drop_image("unreadable_image", f"{path}: {err}")
+            continue
+        try:
+            decode_image(raw, where=str(path))
+        except SkipSample as skip:
+            report.drop_image(skip.reason, skip.detail)
+            continue
+        info["image_base64"] = base64.b64encode(raw).decode("ascii")
+        embedded += 1
+    return embedded
+
+
+def raw_mmc4_documents(
+    inputs: list[str], images_dir: Path, report: ConversionReport
+) -> Iterator[tuple[str, dict]]:
+    """(key, document with image_base64) for every usable raw MMC4 document.
+
+    key = `<file stem>[-<zip member stem>]-<line>`, dot-free (webdataset splits names at the first dot).
+    """
+    for path in inputs:
+        stem = os.path.basename(path).split(".")[0]
+        image_dirs = mmc4_image_dirs(images_dir, path)
+        try:
+            for source, label, number, line in iter_jsonl_records(path):
+                where = f"{source} line {number + 1}"
+                key = "-".join(part for part in (stem, label, f"{number:07d}") if part)
+                try:
+                    doc = parse_mmc4_json(line, key=key)
+                except SkipSample as skip:
+                    report.skip(skip.reason, f"{where}: {skip.detail}")
+                    continue
+                if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
+                    report.skip("malformed_json", f"{where}: fields 'image_info' and 'text_list' must be lists")
+                    continue
+                if embed_raw_mmc4_images(doc, image_dirs, report, where) == 0:
+                    report.skip("no_usable_image", f"{where}: none of its {len(doc['image_info'])} images is usable")
+                    continue
+                yield key, doc
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+            report.skip("corrupt_input", f"{path}: {type(err).__name__}: {err} (documents before it were kept)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _require_empty_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty; choose a new --out")
+
+
+class MdsSink:
+    """Thin wrapper of streaming's MDSWriter that records the shard files it wrote."""
+
+    def __init__(self, out: Path, columns: dict[str, str], *, compression: str | None, size_limit: str | int):
+        from streaming import MDSWriter
+
+        _require_empty_dir(out)
+        self.out = out
+        self.writer = MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+
+    def close(self) -> list[str]:
+        self.writer.finish()
+        return sorted(str(p) for p in self.out.iterdir() if p.name != "index.json")
+
+
+class WdsMmc4Sink:
+    """webdataset ShardWriter for MMC4 documents (`KEY.json` with image_base64, the reference layout)."""
+
+    def __init__(self, out: Path, *, maxcount: int):
+        import webdataset
+
+        _require_empty_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.writer = webdataset.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, verbose=0)
+        self.count = 0
+
+    def write(self, key: str, doc: dict) -> None:
+        self.writer.write({"__key__": key, "json": json.dumps(doc).encode("utf-8")})
+        self.count += 1
+
+    def close(self) -> list[str]:
+        self.writer.close()
+        shards = sorted(self.out.glob("shard-*.tar"))
+        if self.count == 0:  # ShardWriter opens its first shard eagerly
+            for shard in shards:
+                shard.unlink()
+            return []
+        return [str(p) for p in shards]
+
+
+def _progress(enabled: bool, desc: str) -> tqdm:
+    return tqdm(desc=desc, unit="sample", disable=not enabled, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversions
+
+
+def _write_webdataset_samples(
+    samples: Iterable[tuple[str, Iterable[dict[str, Any]]]],
+    to_record: Callable[[dict[str, Any], ConversionReport, str], dict[str, Any] | None],
+    sink: MdsSink,
+    report: ConversionReport,
+    progress: bool,
+    desc: str,
+) -> ConversionReport:
+    with _progress(progress, desc) as bar:
+        for where, source_samples in samples:
+            bar.set_postfix_str(os.path.basename(where), refresh=False)
+            for sample in source_samples:
+                record = to_record(sample, report, where)
+                if record is not None:
+                    sink.write(record)
+                    report.written += 1
+                bar.update(1)
+    report.outputs = sink.close()
+    return report
+
+
+def convert_wds_to_mds(
+    inputs: list[str],
+    out: str | os.PathLike,
+    *,
+    layout: str,
+    compression: str | None = None,
+    size_limit: str | int = "64mb",
+    progress: bool = True,
+) -> ConversionReport:
+    """webdataset shards of either layout (`laion`: KEY.jpg|jpeg|png + KEY.txt; `mmc4`: KEY.json with
+    image_base64) -> MDS in `mds_format`'s columns. `inputs` are brace patterns, tar files or directories."""
+    if layout not in ("laion", "mmc4"):
+        raise ValueError(f"layout must be 'laion' or 'mmc4', got {layout!r}")
+    shards = expand_inputs(inputs, suffixes=(".tar", ".tar.gz", ".tgz"))
+    columns = LAION_MDS_COLUMNS if layout == "laion" else MMC4_MDS_COLUMNS
+    report = ConversionReport()
+    sink = MdsSink(Path(out), columns, compression=compression, size_limit=size_limit)
+    samples = ((shard, iter_tar_samples(shard, report)) for shard in shards)
+    to_record = laion_record if layout == "laion" else mmc4_record
+    return _write_webdataset_samples(samples, to_record, sink, report, progress, f"{layout} wds -> mds")
+
+
+def convert_img2dataset_to_mds(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    compression: str | None = None,
+    size_limit: str | int = "64mb",
+    progress: bool = True,
+) -> ConversionReport:
+    """img2dataset output folder (`webdataset` form: tars of KEY.jpg/KEY.txt/KEY.json; or `files` form:
+    subfolders of those files) -> LAION MDS. Tars are read when present, loose files otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"img2dataset output folder {str(folder)!r} does not exist")
+    tars = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.endswith((".tar", ".tar.gz")))
+    report = ConversionReport()
+    if tars:
+        samples: Iterable = ((shard, iter_tar_samples(shard, report)) for shard in tars)
+    else:
+        samples = [(str(folder), iter_loose_file_samples(folder))]
+    sink = MdsSink(Path(out), LAION_MDS_COLUMNS, compression=compression, size_limit=size_limit)
+    return _write_webdataset_samples(samples, laion_record, sink, report, progress, "img2dataset -> mds")
+
+
+def convert_raw_mmc4(
+    inputs: list[str],
+    images_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    output_format: str,
+    compression: str | None = None,
+    size_limit: str | int = "64mb",
+    docs_per_shard: int = 1000,
+    progress: bool = True,
+) -> ConversionReport:
+    """Raw MMC4 (`.jsonl`, `.jsonl.gz` or zipped jsonl, plus the folder of downloaded images named by
+    `image_name`) -> webdataset shards (`KEY.json` with image_base64, like the reference's MMC4 shards) or MDS
+    (`mds_format`'s MMC4 columns, original image bytes). Missing and undecodable images are counted."""
+    if output_format not in ("wds", "mds"):
+        raise ValueError(f"output format must be 'wds' or 'mds', got {output_format!r}")
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images directory {str(images_dir)!r} does not exist")
+    files = expand_inputs(inputs, suffixes=(".jsonl", ".jsonl.gz", ".zip"))
+    report = ConversionReport()
+    if output_format == "wds":
+        wds_sink = WdsMmc4Sink(Path(out), maxcount=docs_per_shard)
+        write = wds_sink.write
+        close = wds_sink.close
+    else:
+        mds_sink = MdsSink(Path(out), MMC4_MDS_COLUMNS, compression=compression, size_limit=size_limit)
+
+        def write(key: str, doc: dict) -> None:
+            mds_sink.write(mmc4_doc_to_mds(doc, key))
+
+        close = mds_sink.close
+    with _progress(progress, f"raw mmc4 -> {output_format}") as bar:
+        for key, doc in raw_mmc4_documents(files, images_dir, report):
+            write(key, doc)
+            report.written += 1
+            bar.update(1)
+    report.outputs = close()
+    return report

@@ -1,0 +1,387 @@
+"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step), its resume state, and its Composer DataSpec.
+
+Per dataset, a `SourceBatcher` in the main process pulls items from an endless reader (webdataset or MDS) through
+a DataLoader with `batch_size=None`, groups them into batches of exactly B valid samples, counts rejections by
+reason (so the counts reach the trainer even when workers made them) and tracks the raw position (items
+consumed up to the last sample of the last batch).
+
+Epochs: every source is an endless stream, and a loader epoch is a fixed number of batches,
+min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every
+rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
+
+Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, plus the batches
+already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The Trainer
+must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from composer.core import DataSpec
+from composer.utils import dist
+from torch.utils.data import DataLoader, IterableDataset
+
+from flamingo_composer.data.collate import collate_laion, collate_mmc4
+from flamingo_composer.data.config import DataConfig, DatasetConfig
+from flamingo_composer.data.processors import LaionProcessor, MMC4Processor
+from flamingo_composer.data.skips import SkipCounter
+from flamingo_composer.data.stream_items import is_rejected, passthrough_collate
+from flamingo_composer.data.streaming_source import MDSItems, open_mds
+from flamingo_composer.data.text import SpecialTokens
+from flamingo_composer.data.webdataset_source import WebDatasetItems, count_local_samples, split_plan
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("laion", "mmc4")
+STATE_VERSION = 1
+PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
+
+
+class SourceBatcher:
+    """One dataset's endless item stream -> batches of exactly `batch_size` valid samples."""
+
+    def __init__(
+        self,
+        name: str,
+        make_items: Callable[[int], IterableDataset],
+        *,
+        batch_size: int,
+        collate: Callable[..., dict],
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        max_consecutive_skips: int = 10_000,
+        return_keys: bool = False,
+    ):
+        self.name, self.make_items, self.batch_size, self.collate = name, make_items, batch_size, collate
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.max_consecutive_skips, self.return_keys = max_consecutive_skips, return_keys
+        self.position = 0
+        self._items: Iterator[dict] | None = None
+
+    def seek(self, position: int) -> None:
+        """Restart the stream so the next item is item `position` (workers restart lazily)."""
+        self.close()
+        self.position = int(position)
+
+    def close(self) -> None:
+        self._items = None  # the DataLoader iterator shuts its workers down when released
+
+    def _next_item(self) -> dict:
+        if self._items is None:
+            loader = DataLoader(
+                self.make_items(self.position),
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=passthrough_collate,
+                prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            )
+            self._items = iter(loader)
+        try:
+            item = next(self._items)
+        except StopIteration:
+            raise RuntimeError(f"{self.name}: the item stream ended; readers must be endless") from None
+        self.position += 1
+        return item
+
+    def next_batch(self) -> dict[str, Any]:
+        samples, keys, skipped, consecutive = [], [], SkipCounter(), 0
+        while len(samples) < self.batch_size:
+            item = self._next_item()
+            if is_rejected(item):
+                skipped.add(item["skip"])
+                consecutive += 1
+                if consecutive >= self.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{self.name}: {consecutive} consecutive samples were rejected (this batch: "
+                        f"{dict(skipped)}); check the data and the preprocessing settings"
+                    )
+                continue
+            consecutive = 0
+            samples.append(item["sample"])
+            keys.append(item["key"])
+        batch = self.collate(samples, skipped=skipped.take())
+        batch["position"] = self.position
+        if self.return_keys:
+            batch["keys"] = keys
+        return batch
+
+
+class DualBatchLoader:
+    """Yields `{'laion': sub, 'mmc4': sub}` (a disabled dataset is absent); `len()` batches per epoch.
+
+    `rewind_each_epoch=True` (held-out evaluation) restarts every stream at item 0 on each `__iter__`, so every
+    evaluation sees the same batches.
+    """
+
+    def __init__(
+        self,
+        batchers: Mapping[str, SourceBatcher],
+        batches_per_epoch: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        rewind_each_epoch: bool = False,
+    ):
+        if not batchers:
+            raise ValueError("DualBatchLoader needs at least one dataset")
+        unknown = set(batchers) - set(DATASETS)
+        if unknown:
+            raise ValueError(f"DualBatchLoader: unknown dataset names {sorted(unknown)}; expected {DATASETS}")
+        if batches_per_epoch < 1:
+            raise ValueError(f"DualBatchLoader: batches_per_epoch must be >= 1, got {batches_per_epoch}")
+        self.batchers = {name: batchers[name] for name in DATASETS if name in batchers}
+        self.batches_per_epoch = batches_per_epoch
+        self.rank, self.world_size, self.rewind_each_epoch = rank, world_size, rewind_each_epoch
+        self.batches_in_epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        """LAION's per-rank batch size (MMC4's when LAION is off): what microbatch sizes count."""
+        return next(iter(self.batchers.values())).batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, dict[str, Any]]]:
+        if self.rewind_each_epoch:
+            for batcher in self.batchers.values():
+                batcher.seek(0)
+            self.batches_in_epoch = 0
+        elif self.batches_in_epoch >= self.batches_per_epoch:
+            self.batches_in_epoch = 0  # the previous epoch was consumed to its end
+        while self.batches_in_epoch < self.batches_per_epoch:
+            batch = {name: batcher.next_batch() for name, batcher in self.batchers.items()}
+            self.batches_in_epoch += 1
+            yield batch
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Raw positions of every rank's streams (a collective when distributed: call it on all ranks)."""
+        own = {name: batcher.position for name, batcher in self.batchers.items()}
+        everyone = dist.all_gather_object(own) if self.world_size > 1 else [own]
+        return {
+            "version": STATE_VERSION,
+            "world_size": self.world_size,
+            "batches_in_epoch": self.batches_in_epoch,
+            "num_workers": {name: batcher.num_workers for name, batcher in self.batchers.items()},
+            "positions": {name: [ranks[name] for ranks in everyone] for name in self.batchers},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue every stream at the stored position of this rank (approximately if the world size changed)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state: unsupported version {state.get('version')!r}")
+        self.batches_in_epoch = int(state["batches_in_epoch"])
+        for name, batcher in self.batchers.items():
+            positions = state["positions"].get(name)
+            if positions is None:
+                log.warning("data loader state has no position for %s: it starts from its beginning", name)
+                batcher.seek(0)
+                continue
+            if len(positions) == self.world_size:
+                batcher.seek(positions[self.rank])
+            else:
+                log.warning(
+                    "%s: checkpoint from %d ranks resumed on %d: the stream restarts near the same global "
+                    "progress, not at the exact sample", name, len(positions), self.world_size,
+                )
+                batcher.seek(sum(positions) // self.world_size)
+            if state.get("num_workers", {}).get(name, batcher.num_workers) != batcher.num_workers:
+                log.warning("%s: num_workers changed since the checkpoint; webdataset order differs", name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building from the config.
+
+
+def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    world_size = dist.get_world_size() if world_size is None else world_size
+    rank = dist.get_global_rank() if rank is None else rank
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    return rank, world_size
+
+
+def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
+    """(make_items(start) -> IterableDataset, samples in the data or None when unknown) for one dataset."""
+    if cfg.format == "mds":
+        dataset = open_mds(cfg.local, cfg.remote, cfg.split)
+
+        def make_items(start: int) -> IterableDataset:
+            return MDSItems(
+                dataset, process, seed=cfg.seed, shuffle=cfg.shuffle, block_size=cfg.shuffle_block_size,
+                rank=rank, world_size=world_size, start=start,
+            )
+
+        make_items(0)  # validates sizes now, not in a worker
+        return make_items, int(dataset.num_samples)
+
+    urls = cfg.shard_urls()
+    by_node, by_worker = split_plan(len(urls), world_size, max(cfg.num_workers, 1))
+    if not cfg.resample and not (by_node and by_worker):
+        log.warning(
+            "%s: %d shards for %d ranks x %d workers: splitting at sample level (every reader reads the shards "
+            "and keeps every k-th sample); write more shards for efficient reading",
+            name, len(urls), world_size, max(cfg.num_workers, 1),
+        )
+
+    def make_items(start: int) -> IterableDataset:
+        return WebDatasetItems(
+            urls, process, seed=cfg.seed, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
+            resample=cfg.resample, rank=rank, world_size=world_size, start=start,
+        )
+
+    samples = None if cfg.epoch_size is not None else count_local_samples(urls)
+    return make_items, samples
+
+
+def batches_per_epoch(name: str, cfg: DatasetConfig, num_samples: int | None, world_size: int) -> int:
+    """epoch_size (or the data's sample count) / (world size * batch size), at least 1 (else an error)."""
+    samples = cfg.epoch_size if cfg.epoch_size is not None else num_samples
+    if samples is None:
+        raise ValueError(f"{name}.epoch_size: required (the number of samples is unknown)")
+    batches = samples // (world_size * cfg.batch_size)
+    if batches < 1:
+        raise ValueError(
+            f"{name}: {samples} samples per epoch are fewer than one global batch "
+            f"({world_size} ranks x batch_size {cfg.batch_size}); set {name}.epoch_size or a smaller batch"
+        )
+    return batches
+
+
+def build_dual_loader(
+    data: DataConfig,
+    tokenizer,
+    image_transform,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    for_eval: bool = False,
+    return_keys: bool = False,
+) -> DualBatchLoader:
+    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist)."""
+    rank, world_size = _world(rank, world_size)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    batchers, lengths = {}, []
+    for name, cfg in data.enabled().items():
+        processor_cls, collate_fn = (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
+        process = processor_cls(tokenizer, image_transform, cfg.preprocess, cfg.seed)
+        make_items, num_samples = _source(name, cfg, process, rank, world_size)
+        lengths.append(batches_per_epoch(name, cfg, num_samples, world_size))
+        batchers[name] = SourceBatcher(
+            name,
+            make_items,
+            batch_size=cfg.batch_size,
+            collate=_bind_special(collate_fn, special),
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+            return_keys=return_keys,
+        )
+    return DualBatchLoader(
+        batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval
+    )
+
+
+class _bind_special:
+    """collate(samples, skipped=...) with the special-token ids bound (picklable, unlike a lambda)."""
+
+    def __init__(self, collate_fn: Callable, special: SpecialTokens):
+        self.collate_fn, self.special = collate_fn, special
+
+    def __call__(self, samples, skipped=None) -> dict:
+        return self.collate_fn(samples, self.special, skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Composer DataSpec.
+
+
+def validate_microbatch_size(laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int) -> None:
+    """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
+
+    microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).
+    """
+    sizes = f"laion batch_size={laion_batch_size}, mmc4 batch_size={mmc4_batch_size}, microbatch_size={microbatch_size}"
+    if not isinstance(microbatch_size, int) or microbatch_size < 1:
+        raise ValueError(f"microbatch size must be an int >= 1 ({sizes})")
+    lead = laion_batch_size if laion_batch_size is not None else mmc4_batch_size
+    if lead is None:
+        raise ValueError(f"no dataset enabled ({sizes})")
+    if lead % microbatch_size:
+        raise ValueError(f"microbatch size does not divide the batch into equal chunks ({sizes})")
+    chunks = lead // microbatch_size
+    if laion_batch_size is not None and mmc4_batch_size is not None and mmc4_batch_size % chunks:
+        raise ValueError(
+            f"{chunks} LAION chunks cannot cut the MMC4 batch into equal chunks ({sizes}); "
+            "choose sizes where mmc4 batch_size is a multiple of laion batch_size / microbatch_size"
+        )
+
+
+def _lead(batch: Mapping[str, Any]) -> str:
+    return "laion" if "laion" in batch else "mmc4"
+
+
+def _rows(sub: Mapping[str, Any]) -> int:
+    return int(sub["input_ids"].shape[0])
+
+
+def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
+    """Cut both sub-batches into n = ceil(B_lead / microbatch_size) chunks (Composer passes the SIZE).
+
+    Tensors with a batch dimension are cut with `tensor_split` (so any size works, e.g. after auto-microbatching
+    halves it); `num_supervised_tokens` (whole-batch count for the loss normaliser) is copied into every chunk;
+    `skipped`, `position` and `keys` stay in the first chunk only. A part with fewer rows than chunks keeps a
+    zero-row entry in the chunks that get no row of it (the model skips its forward but still needs its
+    `num_supervised_tokens` to normalise the other parts' loss shares).
+    """
+    microbatch_size = max(1, int(microbatch_size))
+    num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
+    chunks: list[dict[str, Any]] = [{} for _ in range(num_chunks)]
+    for name, sub in batch.items():
+        pieces: dict[str, tuple] = {}
+        for field, value in sub.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and field != "num_supervised_tokens":
+                pieces[field] = torch.tensor_split(value, num_chunks, dim=0)
+        for index, chunk in enumerate(chunks):
+            part = {field: parts[index] for field, parts in pieces.items()}
+            for field, value in sub.items():
+                if field in pieces:
+                    continue
+                if field in PER_BATCH_KEYS:
+                    if index == 0:
+                        part[field] = value
+                else:
+                    part[field] = value  # num_supervised_tokens and any other whole-batch value
+            chunk[name] = part
+    return chunks
+
+
+def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
+    """LAION pairs + MMC4 documents."""
+    return sum(_rows(sub) for sub in batch.values())
+
+
+def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
+    """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
+    total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
+    supervised = sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
+    return {"total": total, "loss_generating": supervised}
+
+
+def build_dataspec(loader: DualBatchLoader) -> DataSpec:
+    """Composer DataSpec for the dual batch: our split and the sample/token counts of both datasets."""
+    return DataSpec(
+        loader,
+        split_batch=split_batch,
+        get_num_samples_in_batch=get_num_samples_in_batch,
+        get_num_tokens_in_batch=get_num_tokens_in_batch,
+    )

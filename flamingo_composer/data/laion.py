@@ -1,0 +1,75 @@
+"""LAION-style image-text pair -> one training row (SPEC 2), or SkipSample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flamingo_composer.data.images import decode_image, image_to_tensor
+from flamingo_composer.data.masking import count_supervised_tokens, laion_labels
+from flamingo_composer.data.skips import SkipSample
+from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text
+from flamingo_composer.data.tokenize import tokenize_right_padded
+
+
+@dataclass
+class LaionPreprocessConfig:
+    max_tokens: int = 32
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError(f"laion.max_tokens must be >= 2, got {self.max_tokens}")
+
+
+def decode_caption(caption: str | bytes | None, *, key: str) -> str:
+    """Caption bytes/str -> str; non-UTF-8 bytes raise SkipSample('bad_utf8')."""
+    if caption is None:
+        raise SkipSample("empty_caption", f"sample {key!r} has no caption")
+    if isinstance(caption, bytes):
+        try:
+            return caption.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SkipSample("bad_utf8", f"caption of sample {key!r}: {err}") from None
+    if not isinstance(caption, str):
+        raise SkipSample("empty_caption", f"caption of sample {key!r} is a {type(caption).__name__}")
+    return caption
+
+
+def preprocess_laion(
+    image_bytes: bytes | None,
+    caption: str | bytes | None,
+    *,
+    key: str,
+    tokenizer,
+    image_transform,
+    cfg: LaionPreprocessConfig,
+    rng: np.random.Generator,
+    special: SpecialTokens | None = None,
+) -> dict[str, torch.Tensor]:
+    """Text = "<image>" + caption.strip() + "<|endofchunk|>" + eos, right-padded/truncated to cfg.max_tokens.
+
+    Returns vision_x (1, 1, 3, H, W), input_ids (L,), attention_mask (L,). `special` may be passed to avoid
+    looking the ids up per sample.
+    """
+    flip = bool(cfg.random_flip) and bool(rng.random() < 0.5)  # one coin per sample
+    text = clean_text(decode_caption(caption, key=key), tokenizer).strip()
+    if not text:
+        raise SkipSample("empty_caption", f"sample {key!r} has an empty caption after cleaning")
+    image = decode_image(image_bytes, where=f"image of sample {key!r}")
+
+    special = special or SpecialTokens.from_tokenizer(tokenizer)
+    input_ids, attention_mask = tokenize_right_padded(
+        tokenizer, f"{MEDIA_TOKEN}{text}{ENDOFCHUNK_TOKEN}{tokenizer.eos_token}", cfg.max_tokens
+    )  # (L,), (L,)
+    if count_supervised_tokens(laion_labels(input_ids[None], special, attention_mask[None])) == 0:
+        raise SkipSample("no_supervised_tokens", f"sample {key!r} keeps no caption token at max_tokens={cfg.max_tokens}")
+
+    pixels = image_to_tensor(image, image_transform, flip)  # (3, H, W)
+    return {
+        "vision_x": pixels[None, None],  # (1, 1, 3, H, W)
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+    }

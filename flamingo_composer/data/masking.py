@@ -1,0 +1,75 @@
+"""Label masking (SPEC 2): which tokens each dataset's loss supervises. -100 = ignored.
+
+Vectorized over the whole (B, L) batch with cumulative sums/maxima instead of the reference's per-token loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flamingo_composer.data.text import SpecialTokens
+
+IGNORE_INDEX = -100
+
+
+def _mask_padding(labels: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens, attention_mask):
+    """-100 at the pad id (as the reference does) and, when given, wherever attention_mask is 0."""
+    labels[input_ids == special.pad] = IGNORE_INDEX
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        labels[attention_mask == 0] = IGNORE_INDEX
+
+
+def _check_ids(input_ids: torch.Tensor) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+
+
+def laion_labels(
+    input_ids: torch.Tensor, special: SpecialTokens, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LAION: -100 at padding and at `<image>`; caption, `<|endofchunk|>` and eos stay supervised."""
+    _check_ids(input_ids)
+    labels = input_ids.clone().long()  # (B, L)
+    _mask_padding(labels, input_ids, special, attention_mask)
+    labels[input_ids == special.media] = IGNORE_INDEX
+    return labels
+
+
+def mmc4_labels(
+    input_ids: torch.Tensor, special: SpecialTokens, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MMC4, rules applied in SPEC 2's order (a)-(d).
+
+    (a) padding; (b) everything before the first `<image>` (a row without one is all -100); (c) after each
+    `<|endofchunk|>`, up to but not including the next `<image>` (the final eos and padding); (d) every
+    `<image>`. `<|endofchunk|>` itself stays supervised.
+    """
+    _check_ids(input_ids)
+    labels = input_ids.clone().long()  # (B, L)
+    _mask_padding(labels, input_ids, special, attention_mask)  # (a)
+
+    is_media = input_ids == special.media  # (B, L)
+    is_eoc = input_ids == special.endofchunk  # (B, L)
+    before_first_media = torch.cumsum(is_media.long(), dim=1) == 0  # (B, L)
+    labels[before_first_media] = IGNORE_INDEX  # (b)
+
+    # (c) position p is masked when the latest <|endofchunk|> strictly before p comes after the latest <image>
+    # at or before p, i.e. no <image> has re-opened a chunk since that <|endofchunk|>.
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, L)
+    none = torch.full_like(positions, -1)
+    last_media = torch.cummax(torch.where(is_media, positions, none), dim=1).values  # (B, L) inclusive
+    last_eoc = torch.cummax(torch.where(is_eoc, positions, none), dim=1).values  # (B, L) inclusive
+    last_eoc_before = torch.cat([none[:, :1], last_eoc[:, :-1]], dim=1)  # (B, L) strictly before p
+    labels[last_eoc_before > last_media] = IGNORE_INDEX  # (c)
+
+    labels[is_media] = IGNORE_INDEX  # (d)
+    return labels
+
+
+def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """0-d long count of the shifted targets `labels[:, 1:] != -100` (what the CE averages over)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum().long()

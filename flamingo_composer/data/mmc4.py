@@ -1,0 +1,206 @@
+"""MMC4-style interleaved document -> one training row (SPEC 2 steps 1-6 with its fixes), or SkipSample.
+
+Per-image problems (missing, too small, bad base64, undecodable) drop that image only, as the published MMC4
+data is full of missing images; a document left with no usable image is skipped. If every image failed for the
+same reason that reason is counted (e.g. `bad_base64`), otherwise `no_usable_image`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from flamingo_composer.data.images import decode_base64, decode_image, image_to_tensor
+from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
+from flamingo_composer.data.skips import SkipSample
+from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text
+from flamingo_composer.data.tokenize import tokenize_right_padded
+
+
+@dataclass
+class MMC4PreprocessConfig:
+    max_tokens: int = 256
+    sim_threshold: float = 0.24  # FIX: the reference's CLI default (30) rejects every pair
+    min_num_images: int = 1
+    max_num_images: int = 6
+    single_image_drop_prob: float = 0.5
+    min_image_bytes: int = 11000
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject knob values that would silently drop every document."""
+        if self.max_tokens < 2:
+            raise ValueError(f"mmc4.max_tokens must be >= 2, got {self.max_tokens}")
+        if self.max_num_images < 1 or not 0 <= self.min_num_images <= self.max_num_images:
+            raise ValueError(
+                "mmc4: need max_num_images >= 1 and 0 <= min_num_images <= max_num_images, got "
+                f"min_num_images={self.min_num_images}, max_num_images={self.max_num_images}"
+            )
+        if not 0.0 <= self.single_image_drop_prob <= 1.0:
+            raise ValueError(f"mmc4.single_image_drop_prob must be in [0, 1], got {self.single_image_drop_prob}")
+        if self.min_image_bytes < 0:
+            raise ValueError(f"mmc4.min_image_bytes must be >= 0, got {self.min_image_bytes}")
+
+
+def parse_mmc4_json(raw: str | bytes, *, key: str) -> dict:
+    """`KEY.json` payload -> document dict; bad UTF-8 / JSON raise SkipSample."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SkipSample("bad_utf8", f"document {key!r}: {err}") from None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise SkipSample("malformed_json", f"document {key!r}: {err}") from None
+    if not isinstance(doc, dict):
+        raise SkipSample("malformed_json", f"document {key!r} is a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _validated_fields(doc: Any, key: str) -> tuple[list[str], list[dict], np.ndarray]:
+    """text_list, image_info and similarity_matrix (images x sentences), each checked with the field named."""
+    if not isinstance(doc, dict):
+        raise SkipSample("malformed_json", f"document {key!r} is a {type(doc).__name__}, not a dict")
+    for field in ("text_list", "image_info", "similarity_matrix"):
+        if field not in doc:
+            raise SkipSample("malformed_json", f"document {key!r} has no field {field!r}")
+    sentences, image_info = doc["text_list"], doc["image_info"]
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise SkipSample("malformed_json", f"document {key!r}: field 'text_list' must be a list of strings")
+    if not isinstance(image_info, list) or not all(isinstance(info, dict) for info in image_info):
+        raise SkipSample("malformed_json", f"document {key!r}: field 'image_info' must be a list of objects")
+    if not image_info:
+        raise SkipSample("no_usable_image", f"document {key!r} has an empty 'image_info'")
+    expected = (len(image_info), len(sentences))
+    try:
+        sim = np.asarray(doc["similarity_matrix"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SkipSample(
+            "bad_similarity_matrix", f"document {key!r}: 'similarity_matrix' is not a numeric images x sentences matrix"
+        ) from None
+    if sim.shape != expected:
+        raise SkipSample(
+            "bad_similarity_matrix",
+            f"document {key!r}: 'similarity_matrix' has shape {sim.shape}, expected (images, sentences) = {expected}",
+        )
+    if not np.isfinite(sim).all():
+        raise SkipSample("bad_similarity_matrix", f"document {key!r}: 'similarity_matrix' holds NaN or inf")
+    return sentences, image_info, sim
+
+
+def _usable_images(image_info: list[dict], image_bytes: list[bytes | None] | None, cfg, key: str):
+    """Step 1: indices and decoded RGB images of the valid images; SkipSample when none is valid."""
+    if image_bytes is not None and len(image_bytes) != len(image_info):
+        raise SkipSample(
+            "malformed_json", f"document {key!r}: {len(image_bytes)} image byte strings for {len(image_info)} image_info entries"
+        )
+    indices, images, failures = [], [], []
+    for i, info in enumerate(image_info):
+        where = f"document {key!r} image_info[{i}]"
+        try:
+            if image_bytes is None:
+                raw = decode_base64(info.get("image_base64"), where=f"{where}.image_base64")
+            else:
+                raw = image_bytes[i]
+            images.append(decode_image(raw, min_bytes=cfg.min_image_bytes, where=where))
+            indices.append(i)
+        except SkipSample as skip:
+            failures.append(skip)
+    if not indices:
+        reasons = {skip.reason for skip in failures}
+        reason = reasons.pop() if len(reasons) == 1 else "no_usable_image"
+        raise SkipSample(reason, f"document {key!r} has no usable image ({'; '.join(map(str, failures))})")
+    return indices, images
+
+
+def _assign_images(sim: np.ndarray, threshold: float, max_num_images: int) -> list[tuple[int, int]]:
+    """Steps 2-3: one-to-one assignment on -sim, pairs below threshold dropped, ordered by sentence, cut.
+
+    sim is (valid images, sentences); returns (row in sim, sentence index) pairs.
+    """
+    rows, cols = linear_sum_assignment(-sim)
+    pairs = [(int(r), int(c)) for r, c in zip(rows, cols) if sim[r, c] >= threshold]
+    pairs.sort(key=lambda pair: pair[1])  # FIX: k-th <image> token <-> k-th image tensor
+    return pairs[:max_num_images]
+
+
+def format_interleaved_text(sentences: list[str], image_sentences: list[int], eos_token: str) -> str:
+    """Step 4: `<|endofchunk|><image>` before each image's sentence, joined, first `<|endofchunk|>` dropped,
+    spaces around `<image>` and before `<|endofchunk|>` removed, `<|endofchunk|>` + eos appended."""
+    sentences = list(sentences)
+    for index in image_sentences:
+        sentences[index] = f"{ENDOFCHUNK_TOKEN}{MEDIA_TOKEN}{sentences[index]}"
+    text = " ".join(sentences).replace(ENDOFCHUNK_TOKEN, "", 1)
+    text = (
+        text.replace(f" {ENDOFCHUNK_TOKEN}", ENDOFCHUNK_TOKEN)
+        .replace(f"{MEDIA_TOKEN} ", MEDIA_TOKEN)
+        .replace(f" {MEDIA_TOKEN}", MEDIA_TOKEN)
+    )
+    return f"{text}{ENDOFCHUNK_TOKEN}{eos_token}"
+
+
+def preprocess_mmc4(
+    doc: dict | str | bytes,
+    *,
+    key: str,
+    tokenizer,
+    image_transform,
+    cfg: MMC4PreprocessConfig,
+    rng: np.random.Generator,
+    image_bytes: list[bytes | None] | None = None,
+    special: SpecialTokens | None = None,
+) -> dict[str, torch.Tensor]:
+    """One document -> vision_x (T, 1, 3, H, W) zero-padded, image_mask (T,) bool, input_ids (L,), attention_mask (L,).
+
+    T = cfg.max_num_images. Images come from `image_info[i]['image_base64']` (webdataset layout) or, when given,
+    from `image_bytes` (MDS layout: original bytes, None for a missing image).
+    """
+    # Both coins drawn up front, so each decision depends only on (seed, epoch, key), not on the code path.
+    flip_coin, drop_coin = rng.random(), rng.random()
+    if isinstance(doc, str | bytes):
+        doc = parse_mmc4_json(doc, key=key)
+    sentences, image_info, sim = _validated_fields(doc, key)
+    valid_indices, images = _usable_images(image_info, image_bytes, cfg, key)
+
+    pairs = _assign_images(sim[valid_indices], cfg.sim_threshold, cfg.max_num_images)
+    if not pairs:
+        raise SkipSample(
+            "low_similarity", f"document {key!r}: no image-sentence similarity reaches {cfg.sim_threshold}"
+        )
+    special = special or SpecialTokens.from_tokenizer(tokenizer)
+    sentences = [clean_text(sentence, tokenizer) for sentence in sentences]
+    text = format_interleaved_text(sentences, [sentence for _, sentence in pairs], tokenizer.eos_token)
+    input_ids, attention_mask = tokenize_right_padded(tokenizer, text, cfg.max_tokens)  # (L,), (L,)
+
+    # Step 5: rejection after truncation.
+    num_image_tokens = int((input_ids == special.media).sum())
+    if num_image_tokens < cfg.min_num_images:
+        raise SkipSample(
+            "too_few_images",
+            f"document {key!r}: {num_image_tokens} <image> tokens survive truncation to {cfg.max_tokens} "
+            f"(min_num_images={cfg.min_num_images})",
+        )
+    if num_image_tokens == 1:
+        if drop_coin < cfg.single_image_drop_prob:
+            raise SkipSample("single_image_dropped", f"document {key!r} keeps a single image")
+        if input_ids[-1] == special.media:
+            raise SkipSample("no_supervised_tokens", f"document {key!r}: its only <image> is the last token")
+    if count_supervised_tokens(mmc4_labels(input_ids[None], special, attention_mask[None])) == 0:
+        raise SkipSample("no_supervised_tokens", f"document {key!r} keeps no supervised token")
+
+    # Step 6: images of the surviving <image> tokens, in token order; other slots zero.
+    flip = bool(cfg.random_flip) and bool(flip_coin < 0.5)  # one coin for all images of the document
+    kept = [images[row] for row, _ in pairs[:num_image_tokens]]
+    pixels = [image_to_tensor(image, image_transform, flip) for image in kept]  # each (3, H, W)
+    slots = torch.zeros((cfg.max_num_images, 1, *pixels[0].shape), dtype=pixels[0].dtype)  # (T, 1, 3, H, W)
+    slots[: len(pixels), 0] = torch.stack(pixels)
+    image_mask = torch.zeros(cfg.max_num_images, dtype=torch.bool)  # (T,)
+    image_mask[: len(pixels)] = True
+    return {"vision_x": slots, "image_mask": image_mask, "input_ids": input_ids, "attention_mask": attention_mask}
+

@@ -1,0 +1,66 @@
+"""One item per raw sample, and which DataLoader worker yields which item.
+
+Readers run the expensive part (read, decode, preprocess or reject) in DataLoader workers and yield exactly one
+item per raw sample: `{'sample': tensors, 'key': k}` or a rejection marker `{'skip': reason, 'key': k}`. The
+DataLoader runs with `batch_size=None`, so it hands items to the main process in strict round robin over its
+workers (item i comes from worker i % W). A reader therefore defines ONE endless item sequence per rank, lets
+worker w produce the items i = start + w + k*W, and the main process sees that sequence in order, whatever W
+is. The data position is then simply the number of items the main process has consumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from flamingo_composer.data.skips import SkipSample
+
+SampleProcessor = Callable[..., Mapping[str, torch.Tensor]]  # process(raw, *, epoch, key) -> tensors / SkipSample
+
+
+def accepted(sample: Mapping[str, torch.Tensor], key: Any) -> dict[str, Any]:
+    return {"sample": sample, "key": key}
+
+
+def rejected(reason: str, key: Any = None) -> dict[str, Any]:
+    return {"skip": reason, "key": key}
+
+
+def is_rejected(item: Mapping[str, Any]) -> bool:
+    return "skip" in item
+
+
+def process_to_item(process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, Any]:
+    """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason."""
+    try:
+        return accepted(process(raw, epoch=epoch, key=key), key)
+    except SkipSample as skip:
+        return rejected(skip.reason, key)
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the calling DataLoader worker; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def logical_worker(worker: int, num_workers: int, start: int) -> int:
+    """The role a worker plays in the rank's round robin when the stream restarts at item `start`.
+
+    The DataLoader always asks worker 0 first, so after consuming `start` items worker 0 must produce item
+    `start`, which belonged to worker `start % W` in the uninterrupted run.
+    """
+    return (worker + start) % num_workers
+
+
+def items_before(start: int, logical: int, num_workers: int) -> int:
+    """How many of the first `start` items of the round robin came from (logical) worker `logical`."""
+    return max(0, math.ceil((start - logical) / num_workers))
+
+
+def passthrough_collate(item: Any) -> Any:
+    """collate_fn for `batch_size=None`: hand each item to the main process unchanged."""
+    return item

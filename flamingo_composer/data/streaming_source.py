@@ -1,0 +1,123 @@
+"""MDS (mosaicml-streaming) readers for both layouts, with exact per-rank resume.
+
+The `StreamingDataset` is used as what it is best at: shard download/caching, hash checks and random access to
+raw MDS rows (`get_item`). The sample ORDER is ours, built from streaming's own shuffle (`py1e`, seeded by
+(seed, epoch), one canonical node):
+
+- epoch e's global order is `get_shuffle('py1e', shard sizes, 1, seed, e)`; rank r takes positions r, r+R, ...
+  of it, and its endless item sequence is its epoch-0 part, then its epoch-1 part, and so on;
+- item j of that sequence is produced by DataLoader worker (j - start) % W (see `stream_items`), so the main
+  process sees it in order for any number of workers, and the position is the number of items consumed.
+
+Why not streaming's own `__iter__` + `state_dict(num_samples)`: our batches hold exactly B *valid* samples, so
+ranks consume different numbers of raw samples (rejections differ per rank). Streaming stores one global
+`sample_in_epoch` (it cannot hold per-rank positions), and every `__iter__` waits at a node-wide barrier of all
+ranks' workers (`_resume_incr_epoch` -> `_shared_barrier`), so a rank that reaches the end of its epoch partition
+earlier than the others would block while they wait for it in the next collective. Here each rank's position is
+its own integer and epochs need no synchronisation. Resume at item n is O(1): nothing before it is read.
+
+Cost: each worker computes the epoch's shuffle (an int64 array of the dataset size) when it enters an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from streaming import StreamingDataset
+from streaming.base.shuffle import get_shuffle
+from torch.utils.data import IterableDataset
+
+from flamingo_composer.data.stream_items import SampleProcessor, process_to_item, rejected, worker_info
+
+log = logging.getLogger(__name__)
+
+SHARD_ERROR = "shard_error"
+SHUFFLE_ALGO = "py1e"
+
+
+def open_mds(local: str, remote: str | None = None, split: str | None = None) -> StreamingDataset:
+    """A StreamingDataset over one MDS directory, used for random access only (our own order)."""
+    if remote is None:
+        index = os.path.join(local, split or "", "index.json")
+        if not os.path.isfile(index):
+            raise ValueError(f"local: MDS index not found: {index}")
+    return StreamingDataset(local=local, remote=remote, split=split, batch_size=1, shuffle=False)
+
+
+def rank_epoch_order(
+    shard_sizes: np.ndarray, *, seed: int, epoch: int, shuffle: bool, block_size: int, rank: int, world_size: int
+) -> np.ndarray:
+    """Sample ids rank `rank` reads in epoch `epoch`, in order: (N - rank) / R ids, rounded up."""
+    num_samples = int(np.sum(shard_sizes))
+    if shuffle:
+        order = get_shuffle(SHUFFLE_ALGO, shard_sizes, 1, seed, epoch, block_size)  # (N,) sample ids
+    else:
+        order = np.arange(num_samples, dtype=np.int64)
+    return order[rank::world_size]
+
+
+class MDSItems(IterableDataset):
+    """One rank's endless item stream over an MDS dataset, starting at item `start` of that stream."""
+
+    def __init__(
+        self,
+        dataset: StreamingDataset,
+        process: SampleProcessor,
+        *,
+        seed: int,
+        shuffle: bool,
+        block_size: int,
+        rank: int,
+        world_size: int,
+        start: int = 0,
+    ):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"MDSItems: rank {rank} is not in [0, {world_size})")
+        self.dataset, self.process = dataset, process
+        self.shard_sizes = np.asarray(dataset.samples_per_shard, dtype=np.int64)
+        self.seed, self.shuffle, self.block_size = seed, shuffle, block_size
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.items_per_epoch = len(range(rank, int(self.shard_sizes.sum()), world_size))
+        if self.items_per_epoch == 0:
+            raise ValueError(
+                f"MDS dataset {dataset.streams[0].local!r} has {int(self.shard_sizes.sum())} samples, "
+                f"fewer than the {world_size} ranks"
+            )
+
+    def order(self, epoch: int) -> np.ndarray:
+        return rank_epoch_order(
+            self.shard_sizes,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            block_size=self.block_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def _read(self, sample_id: int) -> dict[str, Any] | None:
+        try:
+            return self.dataset.get_item(sample_id)
+        except Exception as err:  # a shard that fails to download or read: skipped and counted, never fatal
+            log.warning("MDS sample %d unreadable (%s: %s): skipped", sample_id, type(err).__name__, err)
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = worker_info()
+        current_epoch, order = -1, None
+        for item in range(self.start + worker, 2**62, num_workers):
+            epoch, position = divmod(item, self.items_per_epoch)
+            if epoch != current_epoch:
+                current_epoch, order = epoch, self.order(epoch)
+            sample_id = int(order[position])
+            raw = self._read(sample_id)
+            if raw is None:
+                yield rejected(SHARD_ERROR, sample_id)
+                continue
+            key = raw.get("key") or sample_id
+            yield process_to_item(self.process, raw, epoch=epoch, key=key)

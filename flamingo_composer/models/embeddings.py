@@ -1,0 +1,151 @@
+"""New-token embedding rows as their own trainable Parameter, spliced into a frozen embedding at look-up.
+
+Only `<|endofchunk|>` and `<image>` are learned (SPEC 1, FIX): instead of a trainable (V, D) matrix with a
+gradient mask, the frozen `weight` keeps every row exactly as loaded (the `<PAD>` row included) and
+`new_token_rows` (2, D) replaces the rows of the new ids wherever they are looked up. Works under FSDP and
+needs no hooks. For LMs with tied input/output embeddings, `SplicedLMHead` projects with the same spliced matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class NewTokenRows(nn.Module):
+    """The trainable new-token rows in a module of their own, so FSDP can give them a unit without frozen weights.
+
+    Read them by calling the module (not through `.weight`): under FSDP only a call gathers the sharded rows;
+    the clone keeps the result valid after FSDP frees the gathered copy.
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(rows)  # (K, D)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.clone()  # (K, D)
+
+
+class SplicedEmbedding(nn.Module):
+    """Embedding look-up over `weight` (V, D, frozen) with the rows of `new_token_ids` taken from `new_token_rows`."""
+
+    def __init__(self, weight: torch.Tensor, new_token_ids: list[int]):
+        super().__init__()
+        vocab_size, dim = weight.shape
+        for token_id in new_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"new token id {token_id} outside the embedding's {vocab_size} rows")
+        if len(set(new_token_ids)) != len(new_token_ids):
+            raise ValueError(f"new token ids must be distinct, got {new_token_ids}")
+        ids = torch.tensor(new_token_ids, dtype=torch.long, device=weight.device)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)  # (V, D)
+        self.trainable_rows = NewTokenRows(weight.detach()[ids].clone())  # holds (K, D), K = len(new_token_ids)
+        self.register_buffer("new_token_ids", ids, persistent=False)  # (K,)
+        slot_of_id = torch.full((vocab_size,), -1, dtype=torch.long, device=weight.device)
+        slot_of_id[ids] = torch.arange(len(new_token_ids), device=weight.device)
+        self.register_buffer("slot_of_id", slot_of_id, persistent=False)  # (V,): row of new_token_rows or -1
+
+    @property
+    def new_token_rows(self) -> nn.Parameter:
+        """The trainable (K, D) rows (a Parameter of the `trainable_rows` child)."""
+        return self.trainable_rows.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (...,) -> (..., D)."""
+        base = F.embedding(input_ids, self.weight)  # (..., D)
+        slot = self.slot_of_id[input_ids]  # (...,), -1 for original tokens
+        spliced = F.embedding(slot.clamp(min=0), self.trainable_rows())  # (..., D)
+        return torch.where((slot >= 0).unsqueeze(-1), spliced.to(base.dtype), base)  # (..., D)
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Output projection with the spliced matrix (tied LMs): (..., D) -> (..., V)."""
+        logits = F.linear(hidden_states, self.weight)  # (..., V)
+        new_logits = F.linear(hidden_states, self.trainable_rows().to(hidden_states.dtype))  # (..., K)
+        return logits.index_copy(-1, self.new_token_ids, new_logits.to(logits.dtype))  # (..., V)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, new_token_ids={self.new_token_ids.tolist()}"
+
+
+class SplicedLMHead(nn.Module):
+    """Output head of a tied LM: logits = hidden @ spliced_weight.T, sharing `SplicedEmbedding`'s parameters.
+
+    The embedding is referenced, not registered as a child, so its parameters appear once in the model.
+    """
+
+    def __init__(self, embedding: SplicedEmbedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self._embedding.project(hidden_states)  # (..., V)
+
+
+def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmbedding:
+    """Replace `lm`'s input embedding (and, if tied, its output head) by the spliced versions; return the embedding.
+
+    Call after `resize_token_embeddings`: the spliced rows start from the resized matrix's rows at those ids.
+    """
+    old_input = lm.get_input_embeddings()
+    old_output = lm.get_output_embeddings()
+    tied = old_output is not None and old_output.weight is old_input.weight
+    if tied and getattr(old_output, "bias", None) is not None:
+        raise ValueError(f"{type(lm).__name__}: tied output head with a bias is not supported")
+    embedding = SplicedEmbedding(old_input.weight, new_token_ids)
+    lm.set_input_embeddings(embedding)
+    if tied:
+        lm.set_output_embeddings(SplicedLMHead(embedding))
+        # The head now reads the spliced matrix explicitly; HF must not re-tie a `.weight` onto it.
+        lm.config.tie_word_embeddings = False
+    return embedding
+
+
+MEDIA_TOKEN = "<image>"
+ENDOFCHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+def add_flamingo_tokens(tokenizer) -> dict[str, int]:
+    """Add `<|endofchunk|>`, `<image>` (and `<PAD>` as pad if the tokenizer has none), as the reference does.
+
+    Returns the ids looked up from the tokenizer: {'media', 'endofchunk', 'pad', 'eos'}.
+    Idempotent: a tokenizer that already has the tokens keeps its ids.
+    """
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [ENDOFCHUNK_TOKEN, MEDIA_TOKEN]}, replace_additional_special_tokens=False
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    ids = {
+        "media": tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+        "endofchunk": tokenizer.convert_tokens_to_ids(ENDOFCHUNK_TOKEN),
+        "pad": tokenizer.pad_token_id,
+        "eos": tokenizer.eos_token_id,
+    }
+    for key, value in ids.items():
+        if value is None or (key != "eos" and value == tokenizer.unk_token_id):
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no id for the {key!r} token")
+    return ids
+
+
+def resize_and_splice(lm: nn.Module, tokenizer, special_token_ids: dict[str, int]) -> SplicedEmbedding:
+    """Resize `lm`'s embeddings to len(tokenizer) (may shrink a padded vocab) and splice in the new-token rows.
+
+    Rows that exist at both sizes keep their values; new rows are initialised by transformers' resize.
+    """
+    lm.resize_token_embeddings(len(tokenizer))
+    return splice_new_token_rows(lm, [special_token_ids["endofchunk"], special_token_ids["media"]])

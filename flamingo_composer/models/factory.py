@@ -1,0 +1,206 @@
+"""Build model, tokenizer and image transform from plain (omegaconf-friendly) config dataclasses."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
+from flamingo_composer.models.flamingo import Flamingo
+
+# A minimal text tower, filled in for custom vision configs that only describe the ViT (open_clip builds both).
+_PLACEHOLDER_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+
+
+@dataclass
+class VisionConfig:
+    """open_clip vision tower: `name` (+ `pretrained` tag, null = random init), or `custom_config`, or `config_path`."""
+
+    name: str | None = None
+    pretrained: str | None = None
+    custom_config: dict | None = None
+    config_path: str | None = None
+    ln_post_on_tokens: bool = False
+
+
+@dataclass
+class LMConfig:
+    """Causal LM: `name` (hub id or local dir, from_pretrained) or `config` (inline transformers config, random init)."""
+
+    name: str | None = None
+    config: dict | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer: `name` (hub id or local dir) or `builtin: tiny` (offline word-level tokenizer)."""
+
+    name: str | None = None
+    builtin: str | None = None
+
+
+@dataclass
+class FlamingoModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cross_attn_every_n_layers: int = 1
+    perceiver_depth: int = 6
+    perceiver_heads: int = 8
+    perceiver_dim_head: int = 64
+    perceiver_num_latents: int = 64
+    gradient_checkpointing: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FlamingoModelConfig:
+        """Nested plain dicts -> config; an unknown key raises ValueError naming it."""
+        nested = {"vision": VisionConfig, "lm": LMConfig, "tokenizer": TokenizerConfig}
+        kwargs = {}
+        for key, value in data.items():
+            if key in nested and isinstance(value, Mapping):
+                value = _dataclass_from_dict(nested[key], value, prefix=f"model.{key}")
+            kwargs[key] = value
+        return _dataclass_from_dict(cls, kwargs, prefix="model")
+
+
+def _dataclass_from_dict(cls, data: Mapping[str, Any], prefix: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; allowed: {sorted(known)}")
+    return cls(**data)
+
+
+class FlamingoBundle(NamedTuple):
+    model: Flamingo
+    tokenizer: Any
+    image_transform: Callable
+
+
+# ----------------------------------------------------------------------------------------------------- vision
+
+
+@contextlib.contextmanager
+def _registered_open_clip_config(vision: VisionConfig) -> Iterator[str]:
+    """Yield the open_clip model name for `vision`, registering a custom config with open_clip if needed."""
+    import open_clip
+
+    sources = [k for k in ("name", "custom_config", "config_path") if getattr(vision, k) is not None]
+    if len(sources) != 1:
+        raise ValueError(
+            f"vision config needs exactly one of name / custom_config / config_path, got {sources or 'none'}"
+        )
+    if vision.name is not None:
+        yield vision.name
+        return
+    if vision.pretrained is not None:
+        raise ValueError("vision.pretrained only applies with vision.name (custom configs are randomly initialised)")
+    if vision.config_path is not None:
+        path = Path(vision.config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"vision.config_path {path} does not exist")
+        model_cfg = json.loads(path.read_text())
+        _check_open_clip_config(model_cfg, f"vision.config_path {path}")
+        open_clip.add_model_config(path)
+        yield path.stem
+        return
+    model_cfg = dict(vision.custom_config)
+    _check_open_clip_config(model_cfg, "vision.custom_config")
+    model_cfg.setdefault("embed_dim", 32)
+    model_cfg.setdefault("text_cfg", dict(_PLACEHOLDER_TEXT_CFG))
+    digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"flamingo-custom-vision-{digest}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
+        yield path.stem
+
+
+def _check_open_clip_config(model_cfg: Any, where: str) -> None:
+    if not isinstance(model_cfg, Mapping) or not isinstance(model_cfg.get("vision_cfg"), Mapping):
+        raise ValueError(f"{where} must be an open_clip model config with a 'vision_cfg' mapping")
+
+
+def build_vision(vision: VisionConfig) -> tuple[nn.Module, Callable]:
+    """open_clip `.visual` (the text tower is dropped) and open_clip's eval image transform."""
+    import open_clip
+
+    with _registered_open_clip_config(vision) as model_name:
+        clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=vision.pretrained)
+    return clip.visual, eval_transform
+
+
+# --------------------------------------------------------------------------------------------- language model
+
+
+def build_lm(lm: LMConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (lm.name is None) == (lm.config is None):
+        raise ValueError("lm config needs exactly one of lm.name (hub id / local dir) or lm.config (inline config)")
+    if lm.name is not None:
+        return AutoModelForCausalLM.from_pretrained(lm.name)
+    config = dict(lm.config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("lm.config must contain 'model_type' (e.g. gpt_neox, llama, mpt)")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+
+
+def build_tokenizer(tokenizer: TokenizerConfig):
+    if (tokenizer.name is None) == (tokenizer.builtin is None):
+        raise ValueError("tokenizer config needs exactly one of tokenizer.name or tokenizer.builtin")
+    if tokenizer.builtin is not None:
+        if tokenizer.builtin != "tiny":
+            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: 'tiny'")
+        from flamingo_composer.vocab import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer.name)
+
+
+# -------------------------------------------------------------------------------------------------- assembly
+
+
+def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any]) -> FlamingoBundle:
+    """Tokenizer with the new tokens, LM resized to len(tokenizer) with spliced rows, ViT, perceiver, blocks.
+
+    With `cfg.seed` set, every random initialisation happens under that seed (the global RNG is left as it was).
+    """
+    if isinstance(cfg, Mapping):
+        cfg = FlamingoModelConfig.from_dict(cfg)
+    seeded = torch.random.fork_rng(devices=[]) if cfg.seed is not None else contextlib.nullcontext()
+    with seeded:
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        special_token_ids = add_flamingo_tokens(tokenizer)
+        vision_encoder, image_transform = build_vision(cfg.vision)
+        lang_encoder = build_lm(cfg.lm)
+        resize_and_splice(lang_encoder, tokenizer, special_token_ids)
+        model = Flamingo(
+            vision_encoder,
+            lang_encoder,
+            special_token_ids=special_token_ids,
+            cross_attn_every_n_layers=cfg.cross_attn_every_n_layers,
+            perceiver_depth=cfg.perceiver_depth,
+            perceiver_heads=cfg.perceiver_heads,
+            perceiver_dim_head=cfg.perceiver_dim_head,
+            perceiver_num_latents=cfg.perceiver_num_latents,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            vision_ln_post_on_tokens=cfg.vision.ln_post_on_tokens,
+        )
+    return FlamingoBundle(model, tokenizer, image_transform)

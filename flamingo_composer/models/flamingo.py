@@ -1,0 +1,166 @@
+"""Flamingo: frozen CLIP ViT -> trainable perceiver -> frozen causal LM with gated cross-attention (SPEC 1)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from flamingo_composer.models.cross_attention import media_text_time
+from flamingo_composer.models.embeddings import SplicedEmbedding
+from flamingo_composer.models.lm_adapter import MediaConditioning, MediaContext, insert_cross_attention
+from flamingo_composer.models.perceiver import PerceiverResampler
+from flamingo_composer.models.vision import (
+    freeze_vision,
+    patch_tokens,
+    use_patch_token_semantics,
+    vision_block_class,
+    vision_width,
+)
+
+SPECIAL_TOKEN_KEYS = ("media", "endofchunk", "pad", "eos")
+
+
+class Flamingo(nn.Module):
+    """The assembled model. `lang_encoder` must already have its `SplicedEmbedding` (see embeddings.py).
+
+    Children mirror the reference names: `vision_encoder` (open_clip `.visual`), `perceiver`, `lang_encoder`.
+    Trainable: perceiver, gated cross-attention blocks, the spliced new-token rows; everything else frozen.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lang_encoder: nn.Module,
+        *,
+        special_token_ids: dict[str, int],
+        cross_attn_every_n_layers: int = 1,
+        perceiver_depth: int = 6,
+        perceiver_heads: int = 8,
+        perceiver_dim_head: int = 64,
+        perceiver_num_latents: int = 64,
+        gradient_checkpointing: bool = False,
+        vision_ln_post_on_tokens: bool = False,
+    ):
+        super().__init__()
+        missing = [key for key in SPECIAL_TOKEN_KEYS if special_token_ids.get(key) is None]
+        if missing:
+            raise ValueError(f"special_token_ids lacks {missing}; expected keys {SPECIAL_TOKEN_KEYS}")
+        if not isinstance(lang_encoder.get_input_embeddings(), SplicedEmbedding):
+            raise ValueError("lang_encoder's input embedding must be a SplicedEmbedding (call resize_and_splice first)")
+        self.special_token_ids = {key: int(special_token_ids[key]) for key in SPECIAL_TOKEN_KEYS}
+        self.media_token_id = self.special_token_ids["media"]
+
+        self.vision_encoder = freeze_vision(use_patch_token_semantics(vision_encoder, vision_ln_post_on_tokens))
+        self.vis_dim = vision_width(vision_encoder)
+        self.vision_block_class = vision_block_class(vision_encoder)
+        self.perceiver = PerceiverResampler(
+            dim=self.vis_dim,
+            depth=perceiver_depth,
+            dim_head=perceiver_dim_head,
+            heads=perceiver_heads,
+            num_latents=perceiver_num_latents,
+        )
+
+        lang_encoder.requires_grad_(False)
+        self.media_context = MediaContext()
+        self.decoder_layer_class = insert_cross_attention(
+            lang_encoder,
+            vis_dim=self.vis_dim,
+            media_context=self.media_context,
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        lang_encoder.get_input_embeddings().new_token_rows.requires_grad_(True)
+        self.lang_encoder = lang_encoder
+        self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def train(self, mode: bool = True) -> Flamingo:
+        """The frozen vision tower stays in eval mode whatever the rest does."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
+
+    def encode_media(self, vision_x: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """vision_x (B, T_img, F, C, H, W) -> media latents (B, T_img, n, D); empty slots stay zero, never encoded.
+
+        Occupied slots come from `image_mask` (B, T_img) or, when it is None, from slots that are not all zero.
+        """
+        if vision_x.dim() != 6:
+            raise ValueError(f"vision_x must be (B, T_img, F, C, H, W), got shape {tuple(vision_x.shape)}")
+        b, t_img, frames = vision_x.shape[:3]
+        if image_mask is None:
+            image_mask = vision_x.flatten(2).ne(0).any(dim=-1)  # (B, T_img)
+        elif image_mask.shape != (b, t_img):
+            raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != vision_x slots {(b, t_img)}")
+        image_mask = image_mask.to(device=vision_x.device, dtype=torch.bool)  # (B, T_img)
+        images = vision_x[image_mask]  # (N, F, C, H, W), N = occupied slots
+        n_images = images.shape[0]
+        tokens = patch_tokens(self.vision_encoder, images.flatten(0, 1))  # (N*F, v, D)
+        tokens = tokens.reshape(n_images, 1, frames, *tokens.shape[1:])  # (N, 1, F, v, D)
+        latents = self.perceiver(tokens)[:, 0]  # (N, n, D)
+        media = latents.new_zeros(b, t_img, *latents.shape[1:])  # (B, T_img, n, D)
+        return media.index_put((image_mask,), latents)  # (B, T_img, n, D)
+
+    def forward(
+        self,
+        vision_x: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
+        """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels."""
+        if input_ids.dim() != 2 or vision_x.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"input_ids must be (B, L) with B = vision_x's batch {vision_x.shape[0]}, got {tuple(input_ids.shape)}"
+            )
+        media = self.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
+        text_time = media_text_time(input_ids, self.media_token_id)  # (B, L)
+        lm_kwargs.setdefault("use_cache", False)
+        with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
+            return self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        vision_x: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ):
+        """Encode the images once, then `lang_encoder.generate` with them held for the whole call.
+
+        Each step's tokens get text_time from the full sequence so far (prompt + generated), so incremental
+        tokens with a KV cache keep attending to the most recent image. Stops at `<|endofchunk|>` by default.
+        """
+        media = self.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
+        generate_kwargs.setdefault("eos_token_id", self.special_token_ids["endofchunk"])
+        generate_kwargs.setdefault("pad_token_id", self.special_token_ids["pad"])
+        conditioning = MediaConditioning(media=media)
+        lm = self.lang_encoder
+        prepare_inputs = lm.prepare_inputs_for_generation
+
+        @functools.wraps(prepare_inputs)
+        def prepare_inputs_with_media(full_ids: torch.Tensor, *args, **kwargs):
+            model_inputs = prepare_inputs(full_ids, *args, **kwargs)
+            step_ids = model_inputs.get("input_ids")
+            if step_ids is None:
+                raise ValueError("Flamingo.generate needs input_ids (inputs_embeds are not supported)")
+            # The step's tokens are the last ones of the full sequence (HF slices by cache_position).
+            full_time = media_text_time(full_ids, self.media_token_id)  # (B', L_full)
+            conditioning.text_time = full_time[:, full_time.shape[1] - step_ids.shape[1] :]  # (B', L_step)
+            if conditioning.media.shape[0] != full_ids.shape[0]:  # beams / num_return_sequences
+                conditioning.media = media.repeat_interleave(full_ids.shape[0] // media.shape[0], dim=0)
+            return model_inputs
+
+        lm.prepare_inputs_for_generation = prepare_inputs_with_media
+        try:
+            with self.media_context.activate(conditioning):
+                return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            del lm.prepare_inputs_for_generation  # back to the class method

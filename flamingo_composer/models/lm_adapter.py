@@ -1,0 +1,189 @@
+"""Interleave gated cross-attention blocks with a Hugging Face causal LM's decoder layers.
+
+Each decoder layer is replaced by a `FlamingoLayer` (children `decoder_layer`, the original untouched, and
+`gated_cross_attn_layer`, a block or None). The layer reads the media of the current call from a
+`MediaContext` that `Flamingo.forward` / `generate` activate for exactly the duration of the call, and passes
+them to the block as explicit arguments: nothing about one call's images stays on the layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+
+# config.model_type -> attribute path of the decoder-layer ModuleList (the reference's table).
+DECODER_LAYERS_PATH: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "mpt": "transformer.blocks",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+}
+
+
+def _supported_families() -> str:
+    return ", ".join(sorted(DECODER_LAYERS_PATH))
+
+
+def decoder_layers_path(lm: nn.Module) -> str:
+    """The attribute path of `lm`'s decoder-layer list; ValueError naming the class for unsupported LMs."""
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    path = DECODER_LAYERS_PATH.get(model_type)
+    if path is None:
+        raise ValueError(
+            f"Unsupported language model class {type(lm).__name__} (model_type={model_type!r}): "
+            f"Flamingo supports the decoder-only families {_supported_families()}"
+        )
+    return path
+
+
+def get_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's decoder-layer ModuleList (found by family, see `DECODER_LAYERS_PATH`)."""
+    path = decoder_layers_path(lm)
+    module = lm
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            raise ValueError(f"{type(lm).__name__} has no attribute path {path!r} for its decoder layers")
+    if not isinstance(module, nn.ModuleList):
+        raise ValueError(f"{type(lm).__name__}.{path} is a {type(module).__name__}, expected nn.ModuleList")
+    return module
+
+
+def lm_hidden_size(lm: nn.Module) -> int:
+    """Width of the LM's residual stream: config.hidden_size (MPT: config.d_model)."""
+    config = lm.config
+    if config.model_type == "mpt":
+        return int(config.d_model)
+    return int(config.hidden_size)
+
+
+@dataclass
+class MediaConditioning:
+    """The media of one call: latents (B, T_img, n, D_vis) and per-token image numbers (B, L) for this step."""
+
+    media: torch.Tensor
+    text_time: torch.Tensor | None = None
+
+
+class MediaContext:
+    """Holds the media conditioning of the call in progress, and nothing once it returns.
+
+    Shared by a Flamingo model and its FlamingoLayers. `activate` sets it and restores the previous value in
+    `finally`, so an exception or a nested call cannot leave stale media behind.
+    """
+
+    def __init__(self) -> None:
+        self._current: MediaConditioning | None = None
+
+    @contextlib.contextmanager
+    def activate(self, conditioning: MediaConditioning) -> Iterator[MediaConditioning]:
+        previous, self._current = self._current, conditioning
+        try:
+            yield conditioning
+        finally:
+            self._current = previous
+
+    @property
+    def current(self) -> MediaConditioning | None:
+        return self._current
+
+    def require(self) -> MediaConditioning:
+        if self._current is None or self._current.text_time is None:
+            raise RuntimeError(
+                "FlamingoLayer called without media conditioning: run the language model through "
+                "Flamingo.forward or Flamingo.generate, not directly"
+            )
+        return self._current
+
+
+def _checkpointed(fn, *args, enabled: bool, **kwargs):
+    """Non-reentrant activation checkpoint of fn(*args, **kwargs) when enabled and autograd is recording."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+class FlamingoLayer(nn.Module):
+    """A decoder layer with an optional gated cross-attention block run on its input hidden states first.
+
+    Keeps the wrapped layer's call signature and return value: hidden states are the first positional
+    argument (or `hidden_states=`), everything else passes through untouched (caches, masks, rotary args).
+    Never checkpoint this module itself (it reads the media context); `gradient_checkpointing` checkpoints
+    its two children, each with its inputs passed explicitly.
+    """
+
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        gated_cross_attn_layer: GatedCrossAttentionBlock | None,
+        media_context: MediaContext,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.gated_cross_attn_layer = gated_cross_attn_layer
+        self.media_context = media_context  # plain object, not a Module: holds no tensors between calls
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def __getattr__(self, name: str):
+        # LM code may read attributes of its layers (e.g. `attention_type`); answer for the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["decoder_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        if self.gated_cross_attn_layer is not None:
+            conditioning = self.media_context.require()
+            if args:
+                hidden_states, args = args[0], args[1:]
+            else:
+                hidden_states = kwargs.pop("hidden_states")
+            hidden_states = _checkpointed(
+                self.gated_cross_attn_layer,
+                hidden_states,  # (B, L, D_lm)
+                conditioning.media,  # (B, T_img, n, D_vis)
+                conditioning.text_time,  # (B, L)
+                enabled=self.gradient_checkpointing,
+            )
+            args = (hidden_states, *args)
+        return _checkpointed(self.decoder_layer, *args, enabled=self.gradient_checkpointing, **kwargs)
+
+
+def insert_cross_attention(
+    lm: nn.Module,
+    *,
+    vis_dim: int,
+    media_context: MediaContext,
+    cross_attn_every_n_layers: int = 1,
+    gradient_checkpointing: bool = False,
+    dim_head: int = 64,
+    heads: int = 8,
+) -> type[nn.Module]:
+    """Replace every decoder layer of `lm` (in place) by a FlamingoLayer; returns the original layer class.
+
+    A block goes before layer i when (i + 1) % cross_attn_every_n_layers == 0.
+    """
+    if cross_attn_every_n_layers < 1:
+        raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
+    layers = get_decoder_layers(lm)
+    if any(isinstance(layer, FlamingoLayer) for layer in layers):
+        raise ValueError(f"{type(lm).__name__} already has Flamingo layers")
+    dim = lm_hidden_size(lm)
+    decoder_layer_class = type(layers[0])
+    for i, layer in enumerate(layers):
+        block = None
+        if (i + 1) % cross_attn_every_n_layers == 0:
+            block = GatedCrossAttentionBlock(dim=dim, dim_visual=vis_dim, dim_head=dim_head, heads=heads)
+        layers[i] = FlamingoLayer(layer, block, media_context, gradient_checkpointing)
+    return decoder_layer_class

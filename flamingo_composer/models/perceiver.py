@@ -1,0 +1,97 @@
+"""Perceiver resampler: turns each image's patch tokens into a fixed set of latents (SPEC 1).
+
+Parameter names mirror the reference OpenFlamingo implementation (`latents`,
+`layers.{i}.0.{norm_media,norm_latents,to_q,to_kv,to_out}`, `layers.{i}.1.{0,1,3}`, `norm`) so released
+checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    """LayerNorm -> Linear(D, mult*D) -> GELU -> Linear(mult*D, D), bias-free (children 0, 1, 2, 3)."""
+    inner_dim = int(dim * mult)
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, inner_dim, bias=False),
+        nn.GELU(),
+        nn.Linear(inner_dim, dim, bias=False),
+    )
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., N, heads * d) -> (..., heads, N, d)."""
+    *lead, n, inner = x.shape
+    return x.reshape(*lead, n, heads, inner // heads).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., heads, N, d) -> (..., N, heads * d)."""
+    *lead, heads, n, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, n, heads * d)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media, latents); separate LayerNorms for media and latents."""
+
+    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
+        super().__init__()
+        self.heads = heads
+        inner_dim = dim_head * heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """media (B, T, v, D), latents (B, T, n, D) -> (B, T, n, D)."""
+        media = self.norm_media(media)  # (B, T, v, D)
+        latents = self.norm_latents(latents)  # (B, T, n, D)
+        q = split_heads(self.to_q(latents), self.heads)  # (B, T, h, n, d)
+        kv_input = torch.cat((media, latents), dim=-2)  # (B, T, v + n, D)
+        k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # 2 x (B, T, v + n, h*d)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, v + n, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, T, h, n, d)
+        return self.to_out(merge_heads(out))  # (B, T, n, D)
+
+
+class PerceiverResampler(nn.Module):
+    """(B, T_img, F, v, D) patch tokens -> (B, T_img, num_latents, D), each image resampled independently.
+
+    No media-time or frame embeddings (the released models have none); the F frames of one image are
+    concatenated along the token axis.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int = 6,
+        dim_head: int = 64,
+        heads: int = 8,
+        num_latents: int = 64,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))  # (n, D), init std 1
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"PerceiverResampler expects (B, T_img, F, v, D) patch tokens, got shape {tuple(x.shape)}")
+        b, t, f, v, d = x.shape
+        media = x.reshape(b, t, f * v, d)  # (B, T, F*v, D)
+        latents = self.latents.expand(b, t, *self.latents.shape)  # (B, T, n, D)
+        for attn, ff in self.layers:
+            latents = attn(media, latents) + latents  # (B, T, n, D)
+            latents = ff(latents) + latents  # (B, T, n, D)
+        return self.norm(latents)  # (B, T, n, D)

@@ -1,0 +1,100 @@
+"""Callbacks: data-skip counts per reason, and the data position of both loaders in every checkpoint.
+
+Composer saves a monolithic checkpoint from rank 0 only and every rank loads that file, so state must be the same
+on every rank when written: counts are summed over ranks, positions gathered from all ranks. `state_dict()` is
+called on every rank while saving, which makes a collective safe there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+
+def _gather(obj: Any) -> list[Any]:
+    """`[obj of rank 0, obj of rank 1, ...]` (a plain list on one process)."""
+    return dist.all_gather_object(obj) if dist.get_world_size() > 1 else [obj]
+
+
+class DataSkipLogger(Callback):
+    """Logs `data/skipped/<dataset>/<reason>`: samples dropped by the loaders since the run began (all ranks).
+
+    Each sub-batch carries `skipped` = {reason: count} since the previous batch (made in DataLoader workers), read
+    here at AFTER_DATALOADER on the full per-rank batch. Totals are summed across ranks when logged (every
+    `log_interval` batches and at the end) and survive resume through the checkpoint.
+    """
+
+    def __init__(self, log_interval: int = 1):
+        if log_interval < 1:
+            raise ValueError(f"log_interval: must be >= 1, got {log_interval}")
+        self.log_interval = log_interval
+        self._resumed: Counter[str] = Counter()  # global totals from the checkpoint we resumed from
+        self._local: Counter[str] = Counter()  # this rank's counts since this process started
+        self._global: Counter[str] = Counter()  # last all-rank total computed
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        batch = state.batch
+        if not isinstance(batch, dict):
+            return
+        for dataset, sub in batch.items():
+            skipped = sub.get("skipped") if isinstance(sub, dict) else None
+            for reason, count in (skipped or {}).items():
+                self._local[f"{dataset}/{reason}"] += int(count)
+
+    def _refresh(self) -> Counter[str]:
+        total = Counter(self._resumed)
+        for counts in _gather(dict(self._local)):
+            total.update(counts)
+        self._global = total
+        return total
+
+    def _log(self, logger: Logger) -> None:
+        totals = self._refresh()
+        if totals:
+            logger.log_metrics({f"data/skipped/{key}": count for key, count in sorted(totals.items())})
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.log_interval == 0:
+            self._log(logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._log(logger)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """All-rank totals as of the last log (keys `<dataset>/<reason>`)."""
+        return dict(self._global)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": dict(self._refresh())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed = Counter(state.get("totals", {}))
+        self._local = Counter()
+        self._global = Counter(self._resumed)
+
+
+class DataPositionCallback(Callback):
+    """Puts the DualBatchLoader's position (both streams, every rank) into each checkpoint and restores it.
+
+    The loader's own `state_dict()` gathers every rank's raw-stream positions (it is called on every rank while
+    saving), and its `load_state_dict()` picks this rank's. Use with `Trainer(spin_dataloaders=False)`: the loader
+    continues at the saved position itself, so Composer must not re-read and discard the consumed batches. Restored
+    at checkpoint load (Trainer init), i.e. before the first batch of the resumed run.
+    """
+
+    def __init__(self, loader: Any):
+        for method in ("state_dict", "load_state_dict"):
+            if not callable(getattr(loader, method, None)):
+                raise TypeError(f"{type(loader).__name__} has no {method}(): its position cannot be checkpointed")
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,202 @@
+"""FlamingoComposerModel: the Composer wrapper that turns a dual LAION + MMC4 batch into the SPEC 2 loss.
+
+Loss per optimizer step: `m_laion * CE_laion + m_mmc4 * CE_mmc4`, where each CE is the mean over ALL supervised
+tokens of that dataset in the global batch (all microbatches, all ranks). Each microbatch contributes
+`sum of its token CEs / N_global`, with `N_global` = all-reduce of the sub-batch's `num_supervised_tokens`
+(the whole per-rank sub-batch count that `split_batch` copies into every microbatch). Summed over microbatches
+and ranks this is exactly the global token mean, whatever the microbatch size or world size.
+
+Composer does not sum: it backpropagates `loss * w` per microbatch and DDP averages gradients over ranks. This
+model needs the trainer to weight microbatches by loss-generating tokens
+(`Trainer(accumulate_train_batch_on_tokens=True)`, see `REQUIRED_TRAINER_KWARGS`), with the DataSpec counting
+`labels[:, 1:] != -100` over both sub-batches as `'loss_generating'` (what `num_supervised_tokens` counts). Then
+`w = t_mb * W / T_global` (t_mb: the microbatch's supervised tokens, T_global: all ranks' and datasets' total,
+W: world size), and every returned value is multiplied by `T_global / t_mb`: gradients become
+`sum_ranks sum_mb d(loss_mb)` and the logged `loss/train/*` (Composer's `sum_mb w * value`, averaged over ranks)
+becomes the true global CE of each dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
+from composer.models import ComposerModel
+from composer.utils import dist
+from torch import nn
+from torchmetrics import Metric
+
+from flamingo_composer.training.flops import flamingo_flops_per_batch
+
+DATASETS = ("laion", "mmc4")  # forward order: LAION then MMC4, as the reference does
+IGNORE_INDEX = -100
+# Trainer settings this model's loss normalisation relies on (see the module docstring).
+REQUIRED_TRAINER_KWARGS = {"accumulate_train_batch_on_tokens": True}
+MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, L) -> next-token targets (B, L-1): position t predicts labels[t + 1]."""
+    return labels[:, 1:]
+
+
+def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """0-d long: how many shifted targets of `labels` (B, L) are supervised (the `num_supervised_tokens` rule)."""
+    return (shifted_targets(labels) != IGNORE_INDEX).sum()
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over supervised shifted targets of the token CE: logits (B, L, V), labels (B, L) -> 0-d.
+
+    Exactly 0 (not NaN) when no target is supervised.
+    """
+    vocab = logits.shape[-1]
+    pred = logits[:, :-1].reshape(-1, vocab)  # (B*(L-1), V)
+    target = shifted_targets(labels).reshape(-1)  # (B*(L-1),)
+    return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _rows(sub: Mapping[str, Any]) -> int:
+    return int(sub["input_ids"].shape[0]) if "input_ids" in sub else 0
+
+
+class _DatasetMetric:
+    """Marks a torchmetrics Metric with the dataset whose sub-batch feeds it (survives Composer's deepcopy)."""
+
+    @staticmethod
+    def tag(metric: Metric, dataset: str) -> Metric:
+        metric.flamingo_dataset = dataset
+        return metric
+
+
+class FlamingoComposerModel(ComposerModel):
+    """Wraps one `Flamingo` module (its single child `self.model`, so FSDP1 clips one global norm)."""
+
+    def __init__(self, model: nn.Module, loss_multiplier_laion: float = 0.2, loss_multiplier_mmc4: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.loss_multipliers = {"laion": float(loss_multiplier_laion), "mmc4": float(loss_multiplier_mmc4)}
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    @staticmethod
+    def present_datasets(batch: Mapping[str, Any]) -> list[str]:
+        """The datasets of `batch` in forward order; a batch must hold at least one and nothing unknown."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict {{'laion': ..., 'mmc4': ...}}, got {type(batch).__name__}")
+        unknown = sorted(set(batch) - set(DATASETS))
+        if unknown:
+            raise KeyError(f"batch has unknown dataset key(s) {unknown}; expected a subset of {list(DATASETS)}")
+        present = [name for name in DATASETS if name in batch]
+        if not present:
+            raise KeyError(f"batch holds no dataset; expected at least one of {list(DATASETS)}")
+        return present
+
+    def _forward_dataset(self, name: str, sub: Mapping[str, Any]) -> torch.Tensor:
+        missing = [k for k in MODEL_INPUT_KEYS if k not in sub]
+        if missing:
+            raise KeyError(f"batch['{name}'] lacks {missing} (needs {list(MODEL_INPUT_KEYS)})")
+        output = self.model(
+            vision_x=sub["vision_x"],  # (B, T_img, 1, 3, H, W)
+            input_ids=sub["input_ids"],  # (B, L)
+            attention_mask=sub["attention_mask"],  # (B, L)
+            image_mask=sub.get("image_mask"),  # (B, T_img) or None
+        )
+        return output.logits  # (B, L, V)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """One Flamingo forward per present sub-batch (LAION, then MMC4) -> {dataset: logits (B, L, V)}.
+
+        A zero-row part (a microbatch that got no row of a smaller dataset) has no forward and no logits.
+        """
+        return {
+            name: self._forward_dataset(name, batch[name])
+            for name in self.present_datasets(batch)
+            if _rows(batch[name]) > 0
+        }
+
+    # -------------------------------------------------------------------------------------------------- loss
+
+    def _global_supervised_counts(self, batch: Mapping[str, Any], device) -> dict[str, torch.Tensor]:
+        """{dataset: 0-d long} supervised-token counts of the present datasets, summed over all ranks.
+
+        One all-reduce of a fixed-size vector (absent datasets count 0), so every rank makes the same collective
+        even when a microbatch lacks a part.
+        """
+        counts = torch.zeros(len(DATASETS), dtype=torch.long)  # (n_datasets,)
+        for i, name in enumerate(DATASETS):
+            if name not in batch:
+                continue
+            if "num_supervised_tokens" not in batch[name]:
+                raise KeyError(
+                    f"batch['{name}'] lacks 'num_supervised_tokens' (the per-rank whole-sub-batch count of "
+                    "labels[:, 1:] != -100 that split_batch copies into every microbatch)"
+                )
+            counts[i] = int(batch[name]["num_supervised_tokens"])
+        counts = counts.to(device)
+        dist.all_reduce(counts, reduce_operation="SUM")
+        return {name: counts[i] for i, name in enumerate(DATASETS) if name in batch}
+
+    def loss(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args, **kwargs) -> dict:
+        """{'total', 'laion', 'mmc4'} for this microbatch, scaled for Composer (see the module docstring).
+
+        An absent dataset has no key. A dataset with no supervised token anywhere, or no row in this microbatch,
+        contributes exactly 0.
+        """
+        names = self.present_datasets(batch)
+        device = next(iter(outputs.values())).device
+        n_global = self._global_supervised_counts(batch, device)  # {dataset: 0-d long}
+        microbatch_tokens = sum(int(count_supervised_tokens(batch[name]["labels"])) for name in names)
+        # T_global: supervised tokens of all datasets in the global batch, what Composer's token weights sum to.
+        total_global = float(sum(n_global.values()))
+        # Undo Composer's token weight w = t_mb * W / T_global: its sum over microbatches then ranks is a plain sum.
+        compensation = total_global / microbatch_tokens if microbatch_tokens > 0 else 1.0
+
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
+        for name in names:
+            if name not in outputs:  # zero-row part: no forward, contributes nothing
+                losses[name] = torch.zeros((), device=device)
+                continue
+            ce_sum = token_cross_entropy_sum(outputs[name], batch[name]["labels"])  # 0-d
+            ce_share = ce_sum / n_global[name].clamp(min=1).to(ce_sum.dtype)  # share of the global CE mean
+            losses[name] = ce_share * compensation
+            total = total + self.loss_multipliers[name] * ce_share
+        losses["total"] = total * compensation
+        return losses
+
+    # ------------------------------------------------------------------------------------------------ eval
+
+    def eval_forward(self, batch: Mapping[str, Any], outputs: Any | None = None) -> dict[str, torch.Tensor]:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        """Held-out token CE and accuracy per dataset; none during training (they would cost a batch copy)."""
+        if is_train:
+            return {}
+        metrics = {}
+        for name in DATASETS:
+            metrics[f"{name}/LanguageCrossEntropy"] = _DatasetMetric.tag(LanguageCrossEntropy(), name)
+            metrics[f"{name}/TokenAccuracy"] = _DatasetMetric.tag(MaskedAccuracy(), name)
+        return metrics
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        name = getattr(metric, "flamingo_dataset", None)
+        if name is None:
+            raise ValueError(f"metric {type(metric).__name__} was not created by FlamingoComposerModel.get_metrics")
+        if name not in outputs:  # e.g. a LAION-only evaluator: the MMC4 metrics see no data
+            return
+        logits = outputs[name]  # (B, L, V)
+        vocab = logits.shape[-1]
+        pred = logits[:, :-1].reshape(-1, vocab).float()  # (B*(L-1), V)
+        target = shifted_targets(batch[name]["labels"]).reshape(-1)  # (B*(L-1),)
+        metric.update(pred, target)
+
+    # ----------------------------------------------------------------------------------------------- flops
+
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> float:
+        """Frozen-aware training FLOPs of one per-rank batch (SpeedMonitor reports throughput and MFU from it)."""
+        return sum(flamingo_flops_per_batch(self.model, batch).values())

@@ -1,0 +1,172 @@
+"""The training entry point: validated config -> model, data, optimizer, callbacks -> Composer Trainer.fit().
+
+`composer train.py yamls/run.yaml [dotted.key=value ...]` calls `main`. Config problems exit non-zero with the
+message before the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from composer import Trainer
+from composer.core import Evaluator
+from composer.utils import dist, get_device, reproducibility
+
+from flamingo_composer.training.builders import (
+    build_algorithms,
+    build_callbacks,
+    build_loggers,
+    build_optimizer,
+    build_scheduler,
+)
+from flamingo_composer.training.callbacks import DataPositionCallback
+from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
+from flamingo_composer.training.fsdp import install_fsdp_policies
+
+__all__ = ["ConfigError", "load_config", "main", "train_from_config", "trainable_only_filter"]
+
+log = logging.getLogger(__name__)
+
+
+def trainable_only_filter(trainable_names: set[str]) -> Callable[[dict], None]:
+    """A `save_ignore_keys` callable dropping every model tensor that is not a trainable parameter.
+
+    Checkpoints then hold the perceiver, cross-attention blocks and new-token rows (plus optimizer, scheduler,
+    RNG, timestamp, callbacks); the frozen CLIP and LM weights are rebuilt from the recipe on load
+    (`load_strict_model_weights=False`). `trainable_names` are names in the ComposerModel (`model.perceiver...`).
+    """
+
+    def drop_frozen(checkpoint: dict) -> None:
+        model_state = checkpoint.get("state", {}).get("model")
+        if model_state is None:
+            return
+        for key in [k for k in model_state if k not in trainable_names]:
+            del model_state[key]
+
+    return drop_frozen
+
+
+def _model_config(cfg: TrainConfig):
+    """The model config, with the model-level activation checkpointing switched on when asked for (no FSDP)."""
+    if cfg.activation_checkpointing:
+        return dataclasses.replace(cfg.model, gradient_checkpointing=True)
+    return cfg.model
+
+
+def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
+    """One Evaluator over the held-out dual loader (it rewinds each time, so every evaluation sees the same data).
+
+    The model's metrics are per dataset (`laion/...`, `mmc4/...`), so one dual batch feeds both.
+    """
+    from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+
+    if cfg.eval_loader is None:
+        return []
+    loader = build_dual_loader(cfg.eval_loader, bundle.tokenizer, bundle.image_transform, for_eval=True)
+    return [
+        Evaluator(
+            label="eval",
+            dataloader=build_dataspec(loader),
+            subset_num_batches=cfg.eval_subset_num_batches,
+            device_eval_microbatch_size=loader.batch_size,
+        )
+    ]
+
+
+def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), fit: bool = True) -> Trainer:
+    """Build everything from a validated config and train; returns the Trainer (tests inspect it)."""
+    from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+
+    device = get_device(cfg.device)
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    reproducibility.seed_all(cfg.seed)
+
+    bundle = build_flamingo(_model_config(cfg))
+    if cfg.load_reference_checkpoint:
+        from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
+
+        report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
+        log.info("reference checkpoint: %s", report.summary())
+    composer_model = FlamingoComposerModel(
+        bundle.model, loss_multiplier_laion=cfg.loss_multiplier_laion, loss_multiplier_mmc4=cfg.loss_multiplier_mmc4
+    )
+    if cfg.fsdp_config is not None:
+        install_fsdp_policies(composer_model)
+    trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
+
+    train_loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform)
+    optimizer = build_optimizer(cfg.optimizer, bundle.model)
+    callbacks = [*build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), *extra_callbacks]
+    sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
+
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=build_dataspec(train_loader),
+        spin_dataloaders=False,  # the loader resumes itself (DataPositionCallback)
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg.scheduler),
+        step_schedulers_every_batch=True,
+        algorithms=build_algorithms(cfg.algorithms),
+        callbacks=callbacks,
+        loggers=build_loggers(cfg.loggers),
+        run_name=cfg.run_name,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        python_log_level=cfg.python_log_level,
+        eval_dataloader=_evaluators(cfg, bundle) or None,
+        eval_interval=cfg.eval_interval if cfg.eval_loader is not None else 0,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        save_ignore_keys=trainable_only_filter(trainable),
+        save_latest_filename="latest-sharded-rank{rank}" if sharded else "latest-rank{rank}.pt",
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_strict_model_weights=False,  # frozen weights are not in our checkpoints
+        device=device,
+        precision=cfg.precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        parallelism_config={"fsdp": cfg.fsdp_config.to_composer()} if cfg.fsdp_config is not None else None,
+        seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
+        **REQUIRED_TRAINER_KWARGS,
+    )
+    hparams = config_to_dict(cfg)
+    # Both conventions of the decay: the config's torch-AdamW value and what each param group really uses.
+    hparams["optimizer_groups"] = [
+        {"tensors": len(g["params"]), "weight_decay": g["weight_decay"], "lr": g["lr"]} for g in optimizer.param_groups
+    ]
+    trainer.logger.log_hyperparameters(hparams)
+    if fit:
+        trainer.fit()
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`train.py YAML [dotted.key=value ...]`: 0 on success, 2 on a config error (message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: composer train.py yamls/run.yaml [dotted.key=value ...]", file=sys.stderr)
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    package_log = logging.getLogger("flamingo_composer")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    train_from_config(cfg)
+    return 0

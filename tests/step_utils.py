@@ -1,0 +1,254 @@
+"""Shared helpers of the training-step tests: models, dual batches, one-step Trainers, gradient capture.
+
+Also a script: `composer -n 2 tests/step_utils.py OUT.pt` runs one optimizer step of the tiny model on each
+rank's half of `dual_batch(seed=0)` (DDP over gloo) and saves rank 0's gradients to OUT.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from composer import Callback, Event, State, Trainer
+from composer.core import DataSpec
+from composer.loggers import InMemoryLogger, Logger
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "openflamingo-tiny-gptneox"
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def reference_bundle():
+    """The fixture's model (tiny ViT, GPT-NeoX from lm/, xattn every 2 layers) with `full_state.pt` loaded."""
+    from flamingo_composer.models.factory import FlamingoModelConfig, LMConfig, TokenizerConfig, VisionConfig, build_flamingo
+    from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
+
+    cfg = FlamingoModelConfig(
+        vision=VisionConfig(config_path=str(REFERENCE_FIXTURE / "vision" / "of-tiny-vit-small.json")),
+        lm=LMConfig(name=str(REFERENCE_FIXTURE / "lm")),
+        tokenizer=TokenizerConfig(name=str(REFERENCE_FIXTURE / "lm")),
+        cross_attn_every_n_layers=2,
+        seed=0,
+    )
+    bundle = build_flamingo(cfg)
+    load_reference_state_dict(bundle.model, REFERENCE_FIXTURE / "full_state.pt")
+    return bundle
+
+
+def tiny_bundle(seed: int = 0, gate: float = 0.5, **overrides):
+    """The built-in tiny GPT-NeoX Flamingo with non-zero gates, so images and every block get gradients."""
+    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    bundle = build_flamingo(tiny_model_config("gpt_neox", seed=seed, **overrides))
+    with torch.no_grad():
+        for block in bundle.model.modules():
+            if isinstance(block, GatedCrossAttentionBlock):
+                block.attn_gate.fill_(gate)
+                block.ff_gate.fill_(gate)
+    return bundle
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def reference_batch() -> dict:
+    """The fixture's batch in our schema (`lang_x` -> `input_ids`, image masks, supervised-token counts)."""
+    from flamingo_composer.data.masking import count_supervised_tokens
+
+    raw = torch.load(REFERENCE_FIXTURE / "batch.pt", weights_only=True)
+    batch = {}
+    for name in ("laion", "mmc4"):
+        sub = raw[name]
+        vision_x = sub["vision_x"]  # (B, T_img, 1, 3, H, W)
+        batch[name] = {
+            "vision_x": vision_x,
+            "image_mask": vision_x.flatten(2).ne(0).any(-1),  # (B, T_img)
+            "input_ids": sub["lang_x"],
+            "attention_mask": sub["attention_mask"],
+            "labels": sub["labels"],
+            "num_supervised_tokens": count_supervised_tokens(sub["labels"]),
+            "skipped": {},
+        }
+    return batch
+
+
+def _word_ids(tokenizer) -> list[int]:
+    from flamingo_composer.vocab import WORDS
+
+    return [tokenizer.convert_tokens_to_ids(w) for w in WORDS]
+
+
+def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len: int = 16, mmc4_len: int = 48,
+               image_size: int = 32, max_images: int = 3, seed: int = 0) -> dict:
+    """A collated {'laion', 'mmc4'} batch whose rows hold different numbers of supervised tokens.
+
+    Token sequences follow SPEC 2's formats (`<image>caption<|endofchunk|>eos`, interleaved documents with a
+    varying number of images and some empty image slots); labels come from the data pipeline's collate.
+    """
+    from flamingo_composer.data.collate import collate_laion, collate_mmc4
+    from flamingo_composer.data.text import SpecialTokens
+
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    words = torch.tensor(_word_ids(tokenizer))
+    gen = torch.Generator().manual_seed(seed)
+
+    def pad(ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids[:length]
+        mask = [1] * len(ids) + [0] * (length - len(ids))
+        return torch.tensor(ids + [special.pad] * (length - len(ids))), torch.tensor(mask)
+
+    def rand_words(n: int) -> list[int]:
+        return words[torch.randint(len(words), (n,), generator=gen)].tolist()
+
+    laion = []
+    for row in range(laion_rows):
+        caption = rand_words(2 + (3 * row + 1) % (laion_len - 5))
+        ids, mask = pad([special.media, *caption, special.endofchunk, special.eos], laion_len)
+        image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)
+        laion.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
+    mmc4 = []
+    for row in range(mmc4_rows):
+        n_images = 1 + row % max_images
+        ids = rand_words(2 + row)  # text before the first image (unsupervised)
+        for k in range(n_images):
+            ids += [special.media, *rand_words(3 + (row + 2 * k) % 5), special.endofchunk]
+        ids, mask = pad(ids + [special.eos], mmc4_len)
+        images = torch.zeros(max_images, 1, 3, image_size, image_size)
+        images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
+        image_mask = torch.arange(max_images) < n_images
+        mmc4.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
+    return {"laion": collate_laion(laion, special), "mmc4": collate_mmc4(mmc4, special)}
+
+
+def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
+    """Rank `rank`'s share of a global batch (contiguous rows), with its own supervised-token counts."""
+    from flamingo_composer.data.masking import count_supervised_tokens
+
+    out = {}
+    for name, sub in batch.items():
+        part = {}
+        for key, value in sub.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                part[key] = value.tensor_split(world_size)[rank]
+            else:
+                part[key] = value
+        part["num_supervised_tokens"] = count_supervised_tokens(part["labels"])
+        out[name] = part
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- trainers
+
+
+class GradCapture(Callback):
+    """Copies every trainable gradient at AFTER_TRAIN_BATCH (after gradient clipping, before the step)."""
+
+    def __init__(self):
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        model = state.model.module if hasattr(state.model, "module") else state.model
+        self.grads.append({
+            n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        })
+
+
+class LossRecorder(Callback):
+    """Per-step logged losses (`state.total_loss_dict`, what Composer logs as loss/train/*)."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, dict[str, float]]] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.losses.append((int(state.timestamp.batch), dict(state.total_loss_dict)))
+
+
+class BatchList:
+    """A fixed list of batches as a dataloader (with the `batch_size` Composer reads for microbatching)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        self.batch_size = batches[0]["laion"]["input_ids"].shape[0]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def dual_dataspec(batches: list[dict]) -> DataSpec:
+    """The data pipeline's DataSpec functions (split, sample and token counts) over fixed batches."""
+    from flamingo_composer.data import dual_loader
+
+    return DataSpec(
+        BatchList(batches),
+        split_batch=dual_loader.split_batch,
+        get_num_samples_in_batch=dual_loader.get_num_samples_in_batch,
+        get_num_tokens_in_batch=dual_loader.get_num_tokens_in_batch,
+    )
+
+
+def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,
+                     lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), multipliers=(0.2, 1.0),
+                     algorithms=None) -> Trainer:
+    """A real Composer Trainer for one optimizer step of `flamingo` on `batch` (fp32, CPU), as run.py builds it."""
+    from flamingo_composer.training.builders import build_optimizer
+    from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+    from flamingo_composer.training.config import OptimizerConfig
+
+    model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1])
+    optimizer = build_optimizer(OptimizerConfig(lr=lr, weight_decay=weight_decay), flamingo)
+    if algorithms is None:
+        from composer.algorithms import GradientClipping
+
+        algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=clip)] if clip is not None else []
+    return Trainer(
+        model=model,
+        train_dataloader=dual_dataspec([batch]),
+        max_duration="1ba",
+        optimizers=optimizer,
+        algorithms=algorithms,
+        callbacks=list(callbacks),
+        loggers=[InMemoryLogger()],
+        device="cpu",
+        precision="fp32",
+        device_train_microbatch_size=microbatch_size or batch["laion"]["input_ids"].shape[0],
+        progress_bar=False,
+        seed=0,
+        **REQUIRED_TRAINER_KWARGS,
+    )
+
+
+def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(gradients the optimizer saw, logged losses) of one step."""
+    grads, losses = GradCapture(), LossRecorder()
+    trainer = one_step_trainer(flamingo, batch, callbacks=[grads, losses, *kwargs.pop("callbacks", ())], **kwargs)
+    trainer.fit()
+    trainer.close()
+    return grads.grads[0], losses.losses[0][1]
+
+
+# ------------------------------------------------------------------------------------------- 2-rank script
+
+
+def _two_rank_main(out_path: str) -> None:
+    from composer.utils import dist
+
+    dist.initialize_dist("cpu")
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    bundle = tiny_bundle()
+    batch = rank_slice(dual_batch(bundle.tokenizer), rank, world)
+    grads, losses = run_one_step(bundle.model, batch, microbatch_size=1, clip=None)
+    if rank == 0:
+        torch.save({"grads": grads, "losses": losses, "world_size": world}, out_path)
+
+
+if __name__ == "__main__":
+    _two_rank_main(sys.argv[1])

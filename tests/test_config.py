@@ -1,0 +1,181 @@
+"""Config validation: every mistake stops the run at load time with the dotted key or the path named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flamingo_composer.training.config import ConfigError, TrainConfig, config_from_dict, load_config
+from flamingo_composer.training.fsdp import FSDPSettings
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> dict[str, str]:
+    """Two existing (empty) local shard files; config loading only checks that they exist."""
+    paths = {}
+    for name in ("laion", "mmc4"):
+        for i in range(2):
+            (tmp_path / f"{name}-{i}.tar").write_bytes(b"")
+        paths[name] = str(tmp_path / f"{name}-{{0..1}}.tar")
+    return paths
+
+
+def base_config(shards: dict[str, str]) -> dict:
+    return {
+        "variables": {"lr": 2.0e-3, "run": "unit"},
+        "run_name": "${variables.run}",
+        "model": {
+            "vision": {"custom_config": {"vision_cfg": {"width": 64, "layers": 2, "image_size": 32, "patch_size": 16}}},
+            "lm": {"config": {"model_type": "gpt_neox", "hidden_size": 32}},
+            "tokenizer": {"builtin": "tiny"},
+        },
+        "data": {
+            "laion": {"shards": shards["laion"], "batch_size": 4},
+            "mmc4": {"shards": shards["mmc4"], "batch_size": 2},
+        },
+        "max_duration": "10ba",
+        "optimizer": {"lr": "${variables.lr}"},
+        "device": "cpu",
+    }
+
+
+def write_yaml(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def load_error(tmp_path: Path, data: dict, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml(tmp_path, data), overrides or [])
+    return str(info.value)
+
+
+def test_valid_config_with_overrides_and_interpolation(tmp_path, shards):
+    cfg = load_config(
+        write_yaml(tmp_path, base_config(shards)),
+        ["variables.lr=0.5", "scheduler.t_warmup=3", "data.mmc4.batch_size=1", "loggers.inmemory={}"],
+    )
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.run_name == "unit"
+    assert cfg.optimizer.lr == 0.5  # the override reached the interpolated value
+    assert cfg.optimizer.betas == (0.9, 0.999) and isinstance(cfg.optimizer.betas, tuple)
+    assert cfg.scheduler.t_warmup == "3ba" and cfg.max_duration == "10ba"
+    assert cfg.data.mmc4.batch_size == 1 and cfg.data.laion.batch_size == 4
+    assert cfg.model.tokenizer.builtin == "tiny"
+    assert cfg.algorithms == {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}
+    assert cfg.loggers == {"inmemory": {}}
+
+
+@pytest.mark.parametrize(
+    ("section", "bad_key", "named"),
+    [
+        (None, "optimzer", "'optimzer' (did you mean 'optimizer'?)"),
+        ("fsdp_config", "cpu_offload", "'fsdp_config.cpu_offload'"),
+        ("data.laion", "shard", "'data.laion.shard'"),
+        ("data.mmc4.preprocess", "max_tokenz", "'data.mmc4.preprocess.max_tokenz'"),
+        ("model.lm", "nme", "'model.lm.nme'"),
+        ("optimizer", "momentum", "'optimizer.momentum'"),
+    ],
+)
+def test_unknown_key_anywhere_is_named(tmp_path, shards, section, bad_key, named):
+    data = base_config(shards)
+    if section == "fsdp_config":
+        data["fsdp_config"] = {}
+    target = data
+    for part in (section.split(".") if section else []):
+        target = target.setdefault(part, {})
+    target[bad_key] = 1
+    message = load_error(tmp_path, data)
+    assert f"unknown key {named}" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lr=fast", "optimizer.lr: expected float, got str 'fast'"),
+        ("seed=1.5", "seed: expected int"),
+        ("optimizer.betas=[0.9,0.99,0.5]", "optimizer.betas: expected a list of 2 values"),
+        ("max_duration=2ep", "max_duration: '2ep' must be counted in batches"),
+        ("precision=bf16", "precision: must be one of ['fp32', 'amp_bf16', 'amp_fp16']"),
+        ("data.laion.batch_size=many", "data.laion.batch_size: expected int"),
+        ("progress_bar=3", "progress_bar: expected bool"),
+        ("device_train_microbatch_size=half", "device_train_microbatch_size: expected int | 'auto' | null"),
+        ("optimizer.lr=-1", "optimizer.lr: must be > 0"),
+    ],
+)
+def test_wrong_type_or_value_is_named(tmp_path, shards, override, named):
+    assert named in load_error(tmp_path, base_config(shards), [override])
+
+
+def test_missing_shard_path_is_named(tmp_path, shards):
+    data = base_config(shards)
+    data["data"]["mmc4"]["shards"] = str(tmp_path / "nowhere-{0..2}.tar")
+    message = load_error(tmp_path, data)
+    assert "data.mmc4.shards" in message and str(tmp_path / "nowhere-0.tar") in message
+
+
+def test_missing_reference_checkpoint_is_named(tmp_path, shards):
+    message = load_error(tmp_path, base_config(shards), [f"load_reference_checkpoint={tmp_path}/of3b/checkpoint.pt"])
+    assert "load_reference_checkpoint" in message and "of3b/checkpoint.pt" in message
+
+
+def test_fsdp_use_orig_params_false_rejected_with_reason(tmp_path, shards):
+    data = base_config(shards)
+    data["fsdp_config"] = {"use_orig_params": False}
+    message = load_error(tmp_path, data)
+    assert message.startswith("fsdp_config.use_orig_params:")
+    assert "partly frozen" in message and "decay groups" in message
+
+
+def test_fsdp_settings_accepts_composer_keys_and_hybrid_shard():
+    settings = FSDPSettings(sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2, mixed_precision="PURE")
+    composer_kwargs = settings.to_composer()
+    assert composer_kwargs["sharding_strategy"] == "HYBRID_SHARD"
+    assert composer_kwargs["activation_checkpointing_reentrant"] is False
+    from composer.utils import FSDPConfig
+
+    known = {f for f in FSDPConfig.__dataclass_fields__}
+    assert set(composer_kwargs) <= known  # every key we pass means something to Composer
+
+
+def test_cross_field_checks(tmp_path, shards):
+    data = base_config(shards)
+    assert "autoresume: true needs both run_name and save_folder" in load_error(tmp_path, data, ["autoresume=true"])
+    assert "precision: amp_bf16 needs a GPU" in load_error(tmp_path, data, ["precision=amp_bf16"])
+    assert "'auto' needs a GPU" in load_error(tmp_path, data, ["device_train_microbatch_size=auto"])
+    data["fsdp_config"] = {}
+    assert "fsdp_config: FSDP needs GPUs" in load_error(tmp_path, data)
+
+
+def test_component_names_and_kwargs_checked_against_registries(tmp_path, shards):
+    message = load_error(tmp_path, base_config(shards), ["loggers.tensorbored={}"])
+    assert "loggers.tensorbored: unknown name 'tensorbored'" in message and "'wandb'" in message
+    message = load_error(tmp_path, base_config(shards), ["loggers.wandb.projekt=x"])
+    assert "unknown key 'loggers.wandb.projekt'" in message
+    message = load_error(tmp_path, base_config(shards), ["algorithms.gradient_clipping.clip=1"])
+    assert "algorithms.gradient_clipping.clip" in message
+    message = load_error(tmp_path, base_config(shards), ["callbacks.speed_monitor.window=3"])
+    assert "callbacks.speed_monitor.window" in message
+    assert "optimizer.name: unknown name 'lion'" in load_error(tmp_path, base_config(shards), ["optimizer.name=lion"])
+    cfg = load_config(write_yaml(tmp_path, base_config(shards)), ["algorithms.ema={half_life: 10ba}"])
+    assert "ema" in cfg.algorithms  # any composer algorithm by its name
+
+
+def test_interpolation_error_and_bad_override_syntax(tmp_path, shards):
+    data = base_config(shards)
+    data["seed"] = "${variables.nope}"
+    assert "variables.nope" in load_error(tmp_path, data)
+    assert "dotted.key=value" in load_error(tmp_path, base_config(shards), ["max_duration"])
+
+
+def test_missing_required_section(shards):
+    data = base_config(shards)
+    del data["model"]
+    del data["variables"]
+    data["run_name"] = "x"
+    data["optimizer"] = {}
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        config_from_dict(data)

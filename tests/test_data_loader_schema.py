@@ -1,0 +1,130 @@
+"""Dual-batch loader output: SPEC 2's schema, single-dataset runs, seeded order, config errors at build time."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from data_loader_helpers import (
+    IMAGE_SIDE,
+    MAX_IMAGES,
+    MMC4_TOKENS,
+    data_config,
+    laion_config,
+    mmc4_config,
+    small_data,
+    tokenizer,
+)
+from data_loader_helpers import image_transform as transform
+
+from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
+from flamingo_composer.data.dual_loader import build_dual_loader
+from flamingo_composer.data.text import SpecialTokens
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return small_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens) -> None:
+    assert sub["vision_x"].shape == (batch_size, num_slots, 1, 3, IMAGE_SIDE, IMAGE_SIDE)
+    assert sub["vision_x"].dtype == torch.float32
+    assert sub["image_mask"].shape == (batch_size, num_slots) and sub["image_mask"].dtype == torch.bool
+    for name in ("input_ids", "attention_mask", "labels"):
+        assert sub[name].shape == (batch_size, length) and sub[name].dtype == torch.long, name
+    # image_mask marks exactly the slots holding an image, one per surviving <image> token.
+    filled = sub["vision_x"].flatten(2).abs().sum(-1) > 0  # (B, T_img)
+    assert torch.equal(sub["image_mask"], filled)
+    assert torch.equal(sub["image_mask"].sum(1), (sub["input_ids"] == special.media).sum(1))
+    supervised = sub["labels"][:, 1:] != -100
+    assert sub["num_supervised_tokens"].dim() == 0
+    assert int(sub["num_supervised_tokens"]) == int(supervised.sum())
+    assert supervised.any(1).all(), "a row with every label -100 reached the batch"
+    assert isinstance(sub["skipped"], dict) and isinstance(sub["position"], int)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_batches_follow_the_schema(root, tok, fmt):
+    special = SpecialTokens.from_tokenizer(tok)
+    loader = build_dual_loader(data_config(root, fmt, laion={"num_workers": 2}), tok, transform, rank=0, world_size=1)
+    assert loader.batch_size == 4
+    batches = list(itertools.islice(iter(loader), 3))
+    loader.close()
+    positions = {"laion": 0, "mmc4": 0}
+    for batch in batches:
+        assert set(batch) == {"laion", "mmc4"}
+        _check_sub(batch["laion"], 4, 1, 32, special)
+        _check_sub(batch["mmc4"], 2, MAX_IMAGES, MMC4_TOKENS, special)
+        for name, sub in batch.items():
+            # Every raw item consumed went into the batch or into its skip counts.
+            consumed = sub["position"] - positions[name]
+            assert consumed == sub["input_ids"].shape[0] + sum(sub["skipped"].values())
+            positions[name] = sub["position"]
+
+
+@pytest.mark.parametrize("only", ["laion", "mmc4"])
+def test_single_dataset_runs(root, tok, only):
+    other = "mmc4" if only == "laion" else "laion"
+    cfg = data_config(root, "mds", **{other: {"enabled": False}})
+    loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
+    assert loader.batch_size == (4 if only == "laion" else 2)
+    batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    assert all(set(batch) == {only} for batch in batches)
+
+
+def test_len_counts_batches_per_epoch(root, tok):
+    # MDS: samples // (world x B), min over both datasets: LAION 96 // 4 = 24, MMC4 40 // 2 = 20.
+    loader = build_dual_loader(data_config(root, "mds"), tok, transform, rank=0, world_size=1)
+    assert len(loader) == 20
+    # epoch_size (global samples per epoch) wins: 2 ranks x 4 = 8 per batch -> 40 // 8 = 5.
+    cfg = data_config(root, "wds", laion={"epoch_size": 40}, mmc4={"epoch_size": 1000})
+    assert len(build_dual_loader(cfg, tok, transform, rank=1, world_size=2)) == 5
+
+
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_order_is_fixed_by_the_seed(root, tok, fmt):
+    def keys(seed: int, workers: int) -> list[str]:
+        cfg = data_config(root, fmt, laion={"seed": seed, "num_workers": workers}, mmc4={"enabled": False})
+        loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1, return_keys=True)
+        out = [key for batch in itertools.islice(iter(loader), 5) for key in batch["laion"]["keys"]]
+        loader.close()
+        return out
+
+    first = keys(seed=11, workers=0)
+    assert keys(seed=11, workers=0) == first
+    assert keys(seed=12, workers=0) != first
+    if fmt == "mds":  # the MDS order does not depend on the number of workers
+        assert keys(seed=11, workers=2) == first
+
+
+def test_missing_local_shard_fails_at_build_naming_it(root):
+    with pytest.raises(ValueError, match=r"train-000006.tar.*94 of 100 missing"):
+        LaionDatasetConfig(shards=f"{root}/wds/laion/train-{{000000..000099}}.tar")
+    with pytest.raises(ValueError, match="empty"):
+        LaionDatasetConfig(shards=[])
+    with pytest.raises(ValueError, match="no shards"):
+        MMC4DatasetConfig(format="wds")
+    with pytest.raises(ValueError, match="nowhere/index.json"):
+        MMC4DatasetConfig(format="mds", local=str(root / "nowhere"))
+    # Remote URLs and pipe: commands are only opened while training; a disabled dataset is not checked.
+    LaionDatasetConfig(shards=["pipe:false", "s3://bucket/shard-{0..3}.tar"])
+    LaionDatasetConfig(enabled=False, shards="/does/not/exist.tar")
+    with pytest.raises(ValueError, match="both datasets are disabled"):
+        DataConfig()
+
+
+def test_remote_webdataset_needs_epoch_size(root, tok):
+    cfg = DataConfig(laion=laion_config(root, "wds", shards=f"pipe:cat {root}/wds/laion/train-000000.tar"))
+    with pytest.raises(ValueError, match="epoch_size"):
+        build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
+    cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4))
+    loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
+    assert len(list(loader)) == len(loader) == 2

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Data-loader throughput on the built-in synthetic data: samples/s for LAION, MMC4 and both together, for
+webdataset and MDS, at each requested number of DataLoader workers.
+
+    python tools/bench_data.py                               # generate synthetic data in a temp dir, then bench
+    python tools/bench_data.py --data data/synthetic --num-workers 0 2 4 --batches 50
+
+Prints one JSON line per (format, num_workers) configuration on stdout (progress goes to stderr):
+  laion / mmc4: that dataset's loader alone (the full pipeline: read, decode, preprocess at --image-size,
+      collate into SPEC 2 batches): valid samples/s, raw samples/s (rejected ones included), samples/s per
+      worker, and the skip counts seen;
+  total: both through the dual-batch loader, as training reads them: samples/s of both, and per worker.
+"workers" counts the processes doing data work: num_workers per dataset (the main process alone when 0).
+A benchmark, not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+FORMATS = ("wds", "mds")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="synthetic data folder (tools/make_synthetic_data.py); default: generate one")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="shard formats to bench")
+    parser.add_argument("--num-workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers per dataset")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
+    parser.add_argument("--laion-batch-size", type=int, default=16)
+    parser.add_argument("--mmc4-batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224, help="image transform size (SPEC 2: 224)")
+    parser.add_argument("--tokenizer", default="tiny", help="'tiny' (built-in) or a Hugging Face tokenizer name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-laion", type=int, default=2000, help="pairs to generate when --data is not given")
+    parser.add_argument("--num-mmc4", type=int, default=500, help="documents to generate when --data is not given")
+    args = parser.parse_args(argv)
+    for name in ("batches", "laion_batch_size", "mmc4_batch_size", "image_size", "num_laion", "num_mmc4"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or min(args.num_workers) < 0:
+        parser.error("--warmup and --num-workers must be >= 0")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_manifest(root: Path) -> dict:
+    from flamingo_composer.data.synthetic import MANIFEST_NAME
+
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {root}: no {MANIFEST_NAME} (generate it with tools/make_synthetic_data.py)")
+    return json.loads(path.read_text())
+
+
+def dataset_config(dataset: str, fmt: str, root: Path, manifest: dict, args, num_workers: int):
+    """LAION or MMC4 loader config reading the synthetic training split in `fmt`."""
+    from flamingo_composer.data.config import LaionDatasetConfig, MMC4DatasetConfig
+    from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
+
+    if fmt not in manifest.get("formats", []):
+        raise ValueError(f"--data {root} holds no {fmt} shards (formats: {manifest.get('formats')})")
+    location = (
+        {"shards": str(root / manifest["wds"][dataset]["train_pattern"])}
+        if fmt == "wds"
+        else {"local": str(root / manifest["mds"][dataset]["train"])}
+    )
+    common = {"format": fmt, "num_workers": num_workers, "seed": args.seed, **location}
+    if dataset == "laion":
+        return LaionDatasetConfig(batch_size=args.laion_batch_size, **common)
+    min_bytes = manifest.get("recommended", {}).get("mmc4.min_image_bytes", 0)
+    return MMC4DatasetConfig(
+        batch_size=args.mmc4_batch_size, preprocess=MMC4PreprocessConfig(min_image_bytes=min_bytes), **common
+    )
+
+
+def endless(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def measure(loader, warmup: int, batches: int) -> dict:
+    """Time `batches` batches after `warmup`; per dataset: valid samples, raw items read, skips by reason."""
+    stream = endless(loader)
+    for _ in range(warmup):
+        next(stream)
+    start_positions = {name: batcher.position for name, batcher in loader.batchers.items()}
+    samples, skipped = Counter(), {name: Counter() for name in loader.batchers}
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(stream)
+        for name, sub in batch.items():
+            samples[name] += int(sub["input_ids"].shape[0])
+            skipped[name].update(sub.get("skipped", {}))
+    seconds = time.perf_counter() - start
+    raw = {name: batcher.position - start_positions[name] for name, batcher in loader.batchers.items()}
+    loader.close()
+    return {"seconds": seconds, "samples": dict(samples), "raw": raw, "skipped": skipped}
+
+
+def bench_configuration(fmt: str, num_workers: int, root: Path, manifest: dict, args, tokenizer, transform) -> dict:
+    from flamingo_composer.data.config import DataConfig
+    from flamingo_composer.data.dual_loader import build_dual_loader
+
+    workers = max(num_workers, 1)
+    configs = {name: dataset_config(name, fmt, root, manifest, args, num_workers) for name in ("laion", "mmc4")}
+    result: dict = {"format": fmt, "num_workers": num_workers, "image_size": args.image_size, "batches": args.batches}
+    for name, cfg in configs.items():
+        log(f"[bench_data] {fmt} num_workers={num_workers}: {name} alone")
+        loader = build_dual_loader(DataConfig(**{name: cfg}), tokenizer, transform, rank=0, world_size=1)
+        run = measure(loader, args.warmup, args.batches)
+        rate = run["samples"][name] / run["seconds"]
+        result[name] = {
+            "batch_size": cfg.batch_size,
+            "workers": workers,
+            "samples_per_s": round(rate, 2),
+            "samples_per_s_per_worker": round(rate / workers, 2),
+            "raw_samples_per_s": round(run["raw"][name] / run["seconds"], 2),
+            "skipped": dict(sorted(run["skipped"][name].items())),
+        }
+    log(f"[bench_data] {fmt} num_workers={num_workers}: laion + mmc4 (dual loader)")
+    loader = build_dual_loader(DataConfig(**configs), tokenizer, transform, rank=0, world_size=1)
+    run = measure(loader, args.warmup, args.batches)
+    total = sum(run["samples"].values()) / run["seconds"]
+    total_workers = 2 * num_workers if num_workers else 1  # with 0 workers, both run in the main process
+    result["total"] = {
+        "workers": total_workers,
+        "samples_per_s": round(total, 2),
+        "samples_per_s_per_worker": round(total / total_workers, 2),
+        **{f"{name}_samples_per_s": round(count / run["seconds"], 2) for name, count in run["samples"].items()},
+    }
+    return result
+
+
+def build_tokenizer_and_transform(args):
+    """The tokenizer with the Flamingo tokens (as the model factory adds them) and open_clip's eval transform."""
+    from open_clip.transform import image_transform
+
+    from flamingo_composer.models.embeddings import add_flamingo_tokens
+    from flamingo_composer.models.factory import TokenizerConfig, build_tokenizer
+
+    spec = TokenizerConfig(builtin="tiny") if args.tokenizer == "tiny" else TokenizerConfig(name=args.tokenizer)
+    tokenizer = build_tokenizer(spec)
+    add_flamingo_tokens(tokenizer)
+    return tokenizer, image_transform(args.image_size, is_train=False)
+
+
+def run(args, root: Path) -> int:
+    manifest = load_manifest(root)
+    tokenizer, transform = build_tokenizer_and_transform(args)
+    for fmt in args.formats:
+        for num_workers in args.num_workers:
+            result = bench_configuration(fmt, num_workers, root, manifest, args, tokenizer, transform)
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.data:
+            return run(args, Path(args.data))
+        from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+            root = Path(tmp) / "synthetic"
+            log(f"[bench_data] generating {args.num_laion} pairs and {args.num_mmc4} documents in {root}")
+            cfg = SyntheticConfig(
+                seed=args.seed, num_laion=args.num_laion, num_laion_val=0, num_mmc4=args.num_mmc4, num_mmc4_val=0
+            )
+            write_synthetic_dataset(root, cfg, FORMATS)
+            return run(args, root)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bench_data: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

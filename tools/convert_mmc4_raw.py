@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Convert raw MMC4 (as published: `docs_shard_N_v2.jsonl.zip`, or plain / gzipped `.jsonl`, plus a folder of
+the downloaded images named by `image_name`) to webdataset or MDS shards.
+
+    python tools/convert_mmc4_raw.py --input 'mmc4/docs_shard_{0..9}_v2.jsonl.zip' --images mmc4/images \\
+        --format wds --out mmc4-wds
+
+Images are looked up as IMAGES/<image_name>, then IMAGES/<N>/<image_name> for docs_shard_N. `--format wds`
+writes KEY.json documents with image_base64 (the reference's MMC4 shard layout); `--format mds` writes the MDS
+layout of flamingo_composer.data.mds_format. Both keep each image's original bytes. Missing and undecodable
+images are reported (their image_info entry is kept without bytes, so the similarity matrix still lines up);
+documents with no usable image are skipped. Exit status 1 when nothing was written, 2 on bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--input", required=True, nargs="+",
+        help="jsonl / jsonl.gz / zipped jsonl files, brace patterns, or directories holding them",
+    )
+    parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name")
+    parser.add_argument("--format", required=True, choices=["wds", "mds"], help="output shard format")
+    parser.add_argument("--out", required=True, help="output directory (new or empty)")
+    parser.add_argument("--docs-per-shard", type=int, default=1000, help="documents per webdataset tar (wds)")
+    parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (mds)")
+    parser.add_argument("--size-limit", default="64mb", help="MDS shard size limit (mds, default: 64mb)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported after parsing, so --help does not wait for torch and streaming.
+    from flamingo_composer.data.convert import convert_raw_mmc4
+
+    try:
+        report = convert_raw_mmc4(
+            args.input, args.images, args.out, output_format=args.format, compression=args.compression,
+            size_limit=args.size_limit, docs_per_shard=args.docs_per_shard, progress=not args.no_progress,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"convert_mmc4_raw: {err}", file=sys.stderr)
+        return 2
+    print(report.summary(args.out))
+    return 0 if report.written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
