@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from composer import Callback, Event, State, Trainer
+from composer import Callback, State, Trainer
 from composer.core import DataSpec
 from composer.loggers import InMemoryLogger, Logger
 
@@ -23,7 +23,13 @@ REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "openflamingo
 
 def reference_bundle():
     """The fixture's model (tiny ViT, GPT-NeoX from lm/, xattn every 2 layers) with `full_state.pt` loaded."""
-    from flamingo_composer.models.factory import FlamingoModelConfig, LMConfig, TokenizerConfig, VisionConfig, build_flamingo
+    from flamingo_composer.models.factory import (
+        FlamingoModelConfig,
+        LMConfig,
+        TokenizerConfig,
+        VisionConfig,
+        build_flamingo,
+    )
     from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
 
     cfg = FlamingoModelConfig(

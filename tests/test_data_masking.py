@@ -53,7 +53,9 @@ def test_attention_mask_masks_padding_even_when_pad_equals_eos():
     # Following the reference (mask by pad id) would also mask the real eos...
     assert laion_labels(ids, pad_is_eos).tolist() == [[X, 5, EOC, X, X, X]]
     # ... while a plain pad id with an attention mask masks exactly the padded positions.
-    assert laion_labels(row(IMG, 5, EOC, EOS, PAD, PAD), SPECIAL, attention).tolist() == [[X, 5, EOC, EOS, X, X]]
+    assert laion_labels(row(IMG, 5, EOC, EOS, PAD, PAD), SPECIAL, attention).tolist() == [
+        [X, 5, EOC, EOS, X, X]
+    ]
     assert laion_labels(row(IMG, 5, 6, 7, 8, 9), SPECIAL, attention).tolist() == [[X, 5, 6, 7, X, X]]
 
 

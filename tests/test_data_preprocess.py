@@ -14,7 +14,12 @@ from transformers import AutoTokenizer
 
 from flamingo_composer.data.collate import collate_laion, collate_mmc4
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
-from flamingo_composer.data.mds_format import LAION_MDS_COLUMNS, MMC4_MDS_COLUMNS, mmc4_doc_from_mds, mmc4_doc_to_mds
+from flamingo_composer.data.mds_format import (
+    LAION_MDS_COLUMNS,
+    MMC4_MDS_COLUMNS,
+    mmc4_doc_from_mds,
+    mmc4_doc_to_mds,
+)
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, preprocess_mmc4
 from flamingo_composer.data.rng import sample_rng
 from flamingo_composer.data.skips import SkipCounter, SkipSample
@@ -98,7 +103,9 @@ def mmc4(doc, tok, transform, rng=None, image_bytes=None, **cfg):
 def make_doc(sentences, colors, sim):
     return {
         "text_list": sentences,
-        "image_info": [{"image_name": f"{i}.jpg", "image_base64": b64(jpeg(c))} for i, c in enumerate(colors)],
+        "image_info": [
+            {"image_name": f"{i}.jpg", "image_base64": b64(jpeg(c))} for i, c in enumerate(colors)
+        ],
         "similarity_matrix": sim,
     }
 
@@ -157,7 +164,9 @@ def reference():
 def test_laion_from_fixture_raw_equals_reference_batch(reference):
     tokenizer, batch, transform = reference
     raw, special = batch["raw"], SpecialTokens.from_tokenizer(tokenizer)
-    assert special == SpecialTokens(**{k: batch["token_ids"][k] for k in ("media", "endofchunk", "pad", "eos")})
+    assert special == SpecialTokens(
+        **{k: batch["token_ids"][k] for k in ("media", "endofchunk", "pad", "eos")}
+    )
     coin = 0.0 if raw["laion_flipped"] else 0.9
     samples = [
         laion(base64.b64decode(image), caption, tokenizer, transform, rng=ScriptedRng(coin), random_flip=True)
@@ -203,7 +212,9 @@ def test_mmc4_from_fixture_raw_equals_reference_batch(reference):
 def test_laion_sample_shapes_dtypes_and_text(tok, special, transform):
     image = jpeg(RED)
     out = laion(image, "  a red circle at the left  ", tok, transform, max_tokens=12)
-    assert out["vision_x"].shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["vision_x"].dtype == torch.float32
+    assert (
+        out["vision_x"].shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["vision_x"].dtype == torch.float32
+    )
     assert out["input_ids"].shape == (12,) and out["input_ids"].dtype == torch.long
     assert out["attention_mask"].tolist() == [1] * 9 + [0] * 3
     assert tokens(tok, out["input_ids"]) == (
@@ -227,7 +238,9 @@ def test_laion_flip_is_one_seeded_coin(tok, transform):
     never = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.1), random_flip=False)["vision_x"]
     assert torch.equal(never, plain)
     runs = [
-        laion(image, "a red circle", tok, transform, rng=sample_rng(7, 0, "key-3"), random_flip=True)["vision_x"]
+        laion(image, "a red circle", tok, transform, rng=sample_rng(7, 0, "key-3"), random_flip=True)[
+            "vision_x"
+        ]
         for _ in range(2)
     ]
     assert torch.equal(*runs)
@@ -251,6 +264,7 @@ def test_laion_literal_special_tokens_are_removed(tok, special, transform):
         (jpeg(), "   \n ", "empty_caption"),
         (jpeg(), " <image><|endofchunk|> ", "empty_caption"),
         (jpeg(), b"a red \xff\xfe circle", "bad_utf8"),
+        (jpeg(), "a red \udcff circle", "bad_utf8"),
     ],
 )
 def test_laion_bad_input_is_skipped_with_reason(tok, transform, image, caption, reason):
@@ -260,7 +274,7 @@ def test_laion_bad_input_is_skipped_with_reason(tok, transform, image, caption, 
 
 
 def test_laion_utf8_bytes_caption_accepted(tok, transform):
-    out = laion(jpeg(), "a red circle".encode(), tok, transform, max_tokens=8)
+    out = laion(jpeg(), b"a red circle", tok, transform, max_tokens=8)
     assert tokens(tok, out["input_ids"])[1:4] == ["a", "red", "circle"]
 
 
@@ -284,7 +298,9 @@ def test_mmc4_non_monotonic_assignment_orders_images_by_sentence(tok, special, t
     torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(jpeg(GREEN), transform))
     torch.testing.assert_close(out["vision_x"][1, 0], pixels_of(jpeg(RED), transform))
     assert not out["vision_x"][2].any()
-    assert out["vision_x"].shape == (3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["image_mask"].dtype == torch.bool
+    assert (
+        out["vision_x"].shape == (3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["image_mask"].dtype == torch.bool
+    )
 
 
 def test_mmc4_text_formatting(tok, transform):
@@ -292,10 +308,13 @@ def test_mmc4_text_formatting(tok, transform):
     sentences = ["this is a story .", "a red circle .", "more text .", "a blue square ."]
     doc = make_doc(sentences, [BLUE, RED], [[0.1, 0.1, 0.1, 0.3], [0.1, 0.3, 0.1, 0.1]])
     out = mmc4(doc, tok, transform, max_tokens=32)
-    assert tokens(tok, out["input_ids"]) == (
-        "this is a story . <image> a red circle . more text . <|endofchunk|> <image> a blue square . "
-        "<|endofchunk|> <|endoftext|>"
-    ).split()
+    assert (
+        tokens(tok, out["input_ids"])
+        == (
+            "this is a story . <image> a red circle . more text . <|endofchunk|> <image> a blue square . "
+            "<|endofchunk|> <|endoftext|>"
+        ).split()
+    )
 
 
 def test_mmc4_threshold_drops_low_similarity_pairs(tok, transform):
@@ -315,9 +334,12 @@ def test_mmc4_max_num_images_cut_in_sentence_order(tok, transform):
     colors = [BLUE, GREEN, RED]  # image i describes sentence 2 - i; highest similarity on the last sentence
     sim = [[0.1, 0.1, 0.40], [0.1, 0.35, 0.1], [0.30, 0.1, 0.1]]
     out = mmc4(make_doc(sentences, colors, sim), tok, transform, max_tokens=32, max_num_images=2)
-    assert tokens(tok, out["input_ids"]) == (
-        "<image> a red circle . <|endofchunk|> <image> a green bar . a blue star . <|endofchunk|> <|endoftext|>"
-    ).split()
+    assert (
+        tokens(tok, out["input_ids"])
+        == (
+            "<image> a red circle . <|endofchunk|> <image> a green bar . a blue star . <|endofchunk|> <|endoftext|>"
+        ).split()
+    )
     torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(jpeg(RED), transform))
     torch.testing.assert_close(out["vision_x"][1, 0], pixels_of(jpeg(GREEN), transform))
 
@@ -330,7 +352,11 @@ def test_mmc4_truncation_removes_an_image(tok, special, transform):
     assert out["image_mask"].tolist() == [True, False, False]
     assert not out["vision_x"][1:].any()
     # The same document with room for both images keeps both.
-    assert mmc4(doc, tok, transform, max_tokens=24, max_num_images=3)["image_mask"].tolist() == [True, True, False]
+    assert mmc4(doc, tok, transform, max_tokens=24, max_num_images=3)["image_mask"].tolist() == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_mmc4_single_image_drop_and_last_token_rule(tok, transform):
@@ -391,7 +417,9 @@ def test_mmc4_literal_special_tokens_in_sentences_are_removed(tok, special, tran
     doc = make_doc(["a <image>red circle<|endofchunk|> .", "<image> text ."], [RED], [[0.3, 0.1]])
     out = mmc4(doc, tok, transform, max_tokens=16)
     assert int((out["input_ids"] == special.media).sum()) == 1
-    assert tokens(tok, out["input_ids"]) == "<image> a red circle . text . <|endofchunk|> <|endoftext|>".split()
+    assert (
+        tokens(tok, out["input_ids"]) == "<image> a red circle . text . <|endofchunk|> <|endoftext|>".split()
+    )
 
 
 def test_mmc4_default_min_image_bytes_filters_small_images(tok, transform):
@@ -403,7 +431,12 @@ def test_mmc4_default_min_image_bytes_filters_small_images(tok, transform):
         "similarity_matrix": [[0.1, 0.35], [0.3, 0.1]],
     }
     out = preprocess_mmc4(
-        doc, key="d", tokenizer=tok, image_transform=transform, cfg=MMC4PreprocessConfig(), rng=ScriptedRng(0.9, 0.9)
+        doc,
+        key="d",
+        tokenizer=tok,
+        image_transform=transform,
+        cfg=MMC4PreprocessConfig(),
+        rng=ScriptedRng(0.9, 0.9),
     )
     assert out["image_mask"].sum() == 1  # the small image is not used even though it matches better
     torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(big, transform))
@@ -429,6 +462,11 @@ def _set_all_images(doc, value):
     [
         (b"{not json", "malformed_json", None),
         (b"\xff\xfe{}", "bad_utf8", None),
+        (
+            '{"text_list": ["a red \\udcff circle ."], "image_info": [{}], "similarity_matrix": [[0.3]]}',
+            "bad_utf8",
+            "text_list[0]",
+        ),
         ("[1, 2]", "malformed_json", None),
         (_with(lambda d: d.pop("text_list")), "malformed_json", "text_list"),
         (_with(lambda d: d.update(text_list="a red circle .")), "malformed_json", "text_list"),
@@ -439,8 +477,16 @@ def _set_all_images(doc, value):
         (_with(lambda d: d.update(similarity_matrix=[[0.3, 0.1]])), "bad_similarity_matrix", "(1, 2)"),
         (_with(lambda d: d.update(similarity_matrix=[[0.3], [0.1]])), "bad_similarity_matrix", None),
         (_with(lambda d: d.update(similarity_matrix=[[0.3, 0.1], [0.1]])), "bad_similarity_matrix", None),
-        (_with(lambda d: d.update(similarity_matrix=[[0.3, "x"], [0.1, 0.3]])), "bad_similarity_matrix", None),
-        (_with(lambda d: d.update(similarity_matrix=[[0.3, float("nan")], [0.1, 0.3]])), "bad_similarity_matrix", None),
+        (
+            _with(lambda d: d.update(similarity_matrix=[[0.3, "x"], [0.1, 0.3]])),
+            "bad_similarity_matrix",
+            None,
+        ),
+        (
+            _with(lambda d: d.update(similarity_matrix=[[0.3, float("nan")], [0.1, 0.3]])),
+            "bad_similarity_matrix",
+            None,
+        ),
         (_with(lambda d: _set_all_images(d, "@@not base64@@")), "bad_base64", None),
         (_with(lambda d: _set_all_images(d, b64(jpeg())[:-3])), "bad_base64", None),
         (_with(lambda d: _set_all_images(d, None)), "missing_image", None),
@@ -449,7 +495,10 @@ def _set_all_images(doc, value):
         (_with(lambda d: _set_all_images(d, b64(b"garbage bytes, not a jpeg"))), "corrupt_image", None),
         (_with(lambda d: _set_all_images(d, b64(jpeg()[:300]))), "corrupt_image", None),
         (
-            _with(lambda d: d["image_info"][0].update(image_base64="!!") or d["image_info"][1].pop("image_base64")),
+            _with(
+                lambda d: d["image_info"][0].update(image_base64="!!")
+                or d["image_info"][1].pop("image_base64")
+            ),
             "no_usable_image",
             "bad_base64",
         ),
@@ -490,9 +539,15 @@ def test_configs_reject_impossible_values():
 
 
 def test_collate_schema_labels_and_supervised_count(tok, special, transform):
-    laion_samples = [laion(jpeg(c), f"a {name} circle", tok, transform, max_tokens=8) for c, name in [(RED, "red"), (BLUE, "blue")]]
+    laion_samples = [
+        laion(jpeg(c), f"a {name} circle", tok, transform, max_tokens=8)
+        for c, name in [(RED, "red"), (BLUE, "blue")]
+    ]
     batch = collate_laion(laion_samples, special, skipped={"corrupt_image": 2})
-    assert batch["vision_x"].shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["vision_x"].dtype == torch.float32
+    assert (
+        batch["vision_x"].shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        and batch["vision_x"].dtype == torch.float32
+    )
     assert batch["image_mask"].shape == (2, 1) and batch["image_mask"].all()
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 8)
     # per row: a, <color>, circle, <|endofchunk|>, eos supervised -> 5 targets each
@@ -501,7 +556,9 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
 
     docs = [
         mmc4(_good_doc(), tok, transform, max_tokens=20),
-        mmc4(make_doc(["intro text .", "a red circle ."], [RED], [[0.1, 0.3]]), tok, transform, max_tokens=20),
+        mmc4(
+            make_doc(["intro text .", "a red circle ."], [RED], [[0.1, 0.3]]), tok, transform, max_tokens=20
+        ),
     ]
     batch = collate_mmc4(docs, special)
     assert batch["vision_x"].shape == (2, 6, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -548,7 +605,10 @@ def test_mmc4_mds_round_trip_keeps_original_bytes(tok, transform):
 
     restored, images = mmc4_doc_from_mds(sample)
     assert images == originals + [None, None]
-    assert restored["text_list"] == doc["text_list"] and restored["similarity_matrix"] == doc["similarity_matrix"]
+    assert (
+        restored["text_list"] == doc["text_list"]
+        and restored["similarity_matrix"] == doc["similarity_matrix"]
+    )
     from_wds = mmc4(doc, tok, transform, max_tokens=20)
     from_mds = mmc4(restored, tok, transform, max_tokens=20, image_bytes=images)
     for name in from_wds:

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention, media_text_time
+from flamingo_composer.models.cross_attention import (
+    GatedCrossAttentionBlock,
+    MaskedCrossAttention,
+    media_text_time,
+)
 from flamingo_composer.models.perceiver import PerceiverResampler
 
 IMAGE = 99  # media token id used in these block-level tests

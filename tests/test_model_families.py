@@ -5,7 +5,13 @@ import copy
 import pytest
 import torch
 
-from flamingo_composer.models import Flamingo, FlamingoLayer, build_flamingo, get_decoder_layers, tiny_model_config
+from flamingo_composer.models import (
+    Flamingo,
+    FlamingoLayer,
+    build_flamingo,
+    get_decoder_layers,
+    tiny_model_config,
+)
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.factory import LMConfig, build_lm, build_tokenizer, build_vision
 from flamingo_composer.models.lm_adapter import lm_hidden_size

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flamingo_composer.models.factory import FlamingoModelConfig, LMConfig, TokenizerConfig, VisionConfig, build_flamingo
+from flamingo_composer.models.factory import (
+    FlamingoModelConfig,
+    LMConfig,
+    TokenizerConfig,
+    VisionConfig,
+    build_flamingo,
+)
 from flamingo_composer.models.reference_checkpoint import (
     ReferenceCheckpointError,
     convert_reference_checkpoint,
@@ -88,12 +94,20 @@ def import_model(full_state):
     return model
 
 
-def losses(model, batch) -> dict[str, float]:
+def losses(model, batch, datasets=("laion", "mmc4")) -> dict[str, float]:
     with torch.no_grad():
         return {
             name: model(sub["vision_x"], sub["lang_x"], sub["attention_mask"], labels=sub["labels"]).loss.item()
-            for name, sub in ((name, batch[name]) for name in ("laion", "mmc4"))
+            for name, sub in ((name, batch[name]) for name in datasets)
         }
+
+
+def wipe_trainable(model) -> None:
+    """Zero the perceiver, blocks and new-token rows, so a later check sees only what a load put there."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.zero_()
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -174,8 +188,9 @@ def test_cached_step_logits_equal_full_forward_logits(parity_model, batch, expec
 def test_checkpoint_import_reproduces_losses(import_model, batch, checkpoint, expected):
     model = import_model
     trainable_names = {name for name, p in model.named_parameters() if p.requires_grad}
-    before = losses(model, batch)
-    assert before["mmc4"] != pytest.approx(expected["import_check"]["losses"]["mmc4"], rel=1e-3)  # not yet loaded
+    wipe_trainable(model)
+    before = losses(model, batch, datasets=("mmc4",))
+    assert before["mmc4"] != pytest.approx(expected["import_check"]["losses"]["mmc4"], rel=1e-5)  # not loaded yet
 
     report = load_reference_state_dict(model, checkpoint)
     assert report.layout == "checkpoint"
@@ -198,14 +213,31 @@ def test_convert_gives_trainable_only_state_dict_that_loads_back(import_model, b
     assert sum(t.numel() for t in trainable.values()) == sum(
         p.numel() for p in model.parameters() if p.requires_grad)
 
-    with torch.no_grad():  # wipe the trainable parameters, then restore them from our own layout
-        for p in model.parameters():
-            if p.requires_grad:
-                p.zero_()
+    wipe_trainable(model)  # then restore the trainable parameters from our own layout
     back = load_reference_state_dict(model, trainable)
     assert back.layout == "checkpoint" and back.new_token_rows_from == new_token_rows_key(model)
-    for name, value in losses(model, batch).items():
-        assert value == pytest.approx(expected["import_check"]["losses"][name], rel=1e-5)
+    assert sorted(back.loaded) == sorted(trainable)
+    for name, value in trainable_state(model).items():
+        assert torch.equal(value, trainable[name]), name
+    assert losses(model, batch, datasets=("laion",))["laion"] == pytest.approx(
+        expected["import_check"]["losses"]["laion"], rel=1e-5)
+
+
+def test_trained_embedding_rows_reach_new_token_rows(import_model, checkpoint):
+    """after_step.pt (checkpoint layout, after one reference step) differs from checkpoint.pt only in its trained
+    rows 618/619 of the embedding (and the other trainables): those rows must land in our new-token rows."""
+    model = import_model
+    after_step = load("after_step.pt")
+    ids = [model.special_token_ids["endofchunk"], model.special_token_ids["media"]]
+    assert not torch.equal(after_step[EMBED_IN][ids], checkpoint[EMBED_IN][ids])
+    load_reference_state_dict(model, checkpoint)
+    report = load_reference_state_dict(model, after_step)
+    assert report.new_token_rows_from == EMBED_IN
+    state = model.state_dict()
+    assert torch.equal(state[new_token_rows_key(model)], after_step[EMBED_IN][ids])
+    assert torch.equal(state[EMBED_IN], after_step[EMBED_IN])
+    for key, value in after_step.items():
+        assert torch.equal(state[key], value), key
 
 
 def test_wrapper_prefixes_and_resumable_layout_load(import_model, checkpoint):

@@ -29,19 +29,39 @@ FORMATS = ("wds", "mds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="synthetic data folder (tools/make_synthetic_data.py); default: generate one")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="shard formats to bench")
-    parser.add_argument("--num-workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers per dataset")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", help="synthetic data folder (tools/make_synthetic_data.py); default: generate one"
+    )
+    parser.add_argument(
+        "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="shard formats to bench"
+    )
+    parser.add_argument(
+        "--num-workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers per dataset"
+    )
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up)")
     parser.add_argument("--laion-batch-size", type=int, default=16)
     parser.add_argument("--mmc4-batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224, help="image transform size (SPEC 2: 224)")
-    parser.add_argument("--tokenizer", default="tiny", help="'tiny' (built-in) or a Hugging Face tokenizer name")
+    parser.add_argument(
+        "--tokenizer", default="tiny", help="'tiny' (built-in) or a Hugging Face tokenizer name"
+    )
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="webdataset sample shuffle buffer per worker (default: the loader's default); it fills during warm-up",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-laion", type=int, default=2000, help="pairs to generate when --data is not given")
-    parser.add_argument("--num-mmc4", type=int, default=500, help="documents to generate when --data is not given")
+    parser.add_argument(
+        "--num-laion", type=int, default=2000, help="pairs to generate when --data is not given"
+    )
+    parser.add_argument(
+        "--num-mmc4", type=int, default=500, help="documents to generate when --data is not given"
+    )
     args = parser.parse_args(argv)
     for name in ("batches", "laion_batch_size", "mmc4_batch_size", "image_size", "num_laion", "num_mmc4"):
         if getattr(args, name) < 1:
@@ -60,7 +80,9 @@ def load_manifest(root: Path) -> dict:
 
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"--data {root}: no {MANIFEST_NAME} (generate it with tools/make_synthetic_data.py)")
+        raise FileNotFoundError(
+            f"--data {root}: no {MANIFEST_NAME} (generate it with tools/make_synthetic_data.py)"
+        )
     return json.loads(path.read_text())
 
 
@@ -77,6 +99,8 @@ def dataset_config(dataset: str, fmt: str, root: Path, manifest: dict, args, num
         else {"local": str(root / manifest["mds"][dataset]["train"])}
     )
     common = {"format": fmt, "num_workers": num_workers, "seed": args.seed, **location}
+    if args.shuffle_buffer is not None:
+        common["shuffle_buffer"] = args.shuffle_buffer
     if dataset == "laion":
         return LaionDatasetConfig(batch_size=args.laion_batch_size, **common)
     min_bytes = manifest.get("recommended", {}).get("mmc4.min_image_bytes", 0)
@@ -109,13 +133,22 @@ def measure(loader, warmup: int, batches: int) -> dict:
     return {"seconds": seconds, "samples": dict(samples), "raw": raw, "skipped": skipped}
 
 
-def bench_configuration(fmt: str, num_workers: int, root: Path, manifest: dict, args, tokenizer, transform) -> dict:
+def bench_configuration(
+    fmt: str, num_workers: int, root: Path, manifest: dict, args, tokenizer, transform
+) -> dict:
     from flamingo_composer.data.config import DataConfig
     from flamingo_composer.data.dual_loader import build_dual_loader
 
     workers = max(num_workers, 1)
-    configs = {name: dataset_config(name, fmt, root, manifest, args, num_workers) for name in ("laion", "mmc4")}
-    result: dict = {"format": fmt, "num_workers": num_workers, "image_size": args.image_size, "batches": args.batches}
+    configs = {
+        name: dataset_config(name, fmt, root, manifest, args, num_workers) for name in ("laion", "mmc4")
+    }
+    result: dict = {
+        "format": fmt,
+        "num_workers": num_workers,
+        "image_size": args.image_size,
+        "batches": args.batches,
+    }
     for name, cfg in configs.items():
         log(f"[bench_data] {fmt} num_workers={num_workers}: {name} alone")
         loader = build_dual_loader(DataConfig(**{name: cfg}), tokenizer, transform, rank=0, world_size=1)
@@ -138,7 +171,10 @@ def bench_configuration(fmt: str, num_workers: int, root: Path, manifest: dict, 
         "workers": total_workers,
         "samples_per_s": round(total, 2),
         "samples_per_s_per_worker": round(total / total_workers, 2),
-        **{f"{name}_samples_per_s": round(count / run["seconds"], 2) for name, count in run["samples"].items()},
+        **{
+            f"{name}_samples_per_s": round(count / run["seconds"], 2)
+            for name, count in run["samples"].items()
+        },
     }
     return result
 
@@ -150,7 +186,9 @@ def build_tokenizer_and_transform(args):
     from flamingo_composer.models.embeddings import add_flamingo_tokens
     from flamingo_composer.models.factory import TokenizerConfig, build_tokenizer
 
-    spec = TokenizerConfig(builtin="tiny") if args.tokenizer == "tiny" else TokenizerConfig(name=args.tokenizer)
+    spec = (
+        TokenizerConfig(builtin="tiny") if args.tokenizer == "tiny" else TokenizerConfig(name=args.tokenizer)
+    )
     tokenizer = build_tokenizer(spec)
     add_flamingo_tokens(tokenizer)
     return tokenizer, image_transform(args.image_size, is_train=False)
@@ -177,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp) / "synthetic"
             log(f"[bench_data] generating {args.num_laion} pairs and {args.num_mmc4} documents in {root}")
             cfg = SyntheticConfig(
-                seed=args.seed, num_laion=args.num_laion, num_laion_val=0, num_mmc4=args.num_mmc4, num_mmc4_val=0
+                seed=args.seed,
+                num_laion=args.num_laion,
+                num_laion_val=0,
+                num_mmc4=args.num_mmc4,
+                num_mmc4_val=0,
             )
             write_synthetic_dataset(root, cfg, FORMATS)
             return run(args, root)

@@ -16,10 +16,14 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", required=True, help="img2dataset output folder")
     parser.add_argument("--out", required=True, help="output directory for the MDS shards (new or empty)")
-    parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
+    parser.add_argument(
+        "--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)"
+    )
     parser.add_argument("--size-limit", default="64mb", help="MDS shard size limit (default: 64mb)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
@@ -32,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = convert_img2dataset_to_mds(
-            args.input, args.out, compression=args.compression, size_limit=args.size_limit,
+            args.input,
+            args.out,
+            compression=args.compression,
+            size_limit=args.size_limit,
             progress=not args.no_progress,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -20,9 +20,13 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--input", required=True, nargs="+",
+        "--input",
+        required=True,
+        nargs="+",
         help="jsonl / jsonl.gz / zipped jsonl files, brace patterns, or directories holding them",
     )
     parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name")
@@ -42,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = convert_raw_mmc4(
-            args.input, args.images, args.out, output_format=args.format, compression=args.compression,
-            size_limit=args.size_limit, docs_per_shard=args.docs_per_shard, progress=not args.no_progress,
+            args.input,
+            args.images,
+            args.out,
+            output_format=args.format,
+            compression=args.compression,
+            size_limit=args.size_limit,
+            docs_per_shard=args.docs_per_shard,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"convert_mmc4_raw: {err}", file=sys.stderr)

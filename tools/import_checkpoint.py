@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from flamingo_composer.models.factory import build_flamingo
-    from flamingo_composer.models.reference_checkpoint import ReferenceCheckpointError, convert_reference_checkpoint
+    from flamingo_composer.models.reference_checkpoint import (
+        ReferenceCheckpointError,
+        convert_reference_checkpoint,
+    )
 
     try:
         model_cfg = read_model_config(args.config)

@@ -12,22 +12,38 @@ import argparse
 import sys
 import time
 
-from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+# Defaults mirror flamingo_composer.data.synthetic.SyntheticConfig; imported lazily so --help stays instant.
+DEFAULTS = dict(
+    seed=0, num_laion=4000, num_laion_val=256, num_mmc4=1000, num_mmc4_val=128, image_size=64,
+    laion_shard_size=500, mmc4_shard_size=125, bad_every=0,
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = SyntheticConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = argparse.Namespace(**DEFAULTS)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--format", choices=["wds", "mds", "both"], default="both", help="shard formats to write")
+    parser.add_argument(
+        "--format", choices=["wds", "mds", "both"], default="both", help="shard formats to write"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--num-laion", type=int, default=defaults.num_laion, help="LAION training pairs")
-    parser.add_argument("--num-laion-val", type=int, default=defaults.num_laion_val, help="LAION held-out pairs")
+    parser.add_argument(
+        "--num-laion-val", type=int, default=defaults.num_laion_val, help="LAION held-out pairs"
+    )
     parser.add_argument("--num-mmc4", type=int, default=defaults.num_mmc4, help="MMC4 training documents")
-    parser.add_argument("--num-mmc4-val", type=int, default=defaults.num_mmc4_val, help="MMC4 held-out documents")
+    parser.add_argument(
+        "--num-mmc4-val", type=int, default=defaults.num_mmc4_val, help="MMC4 held-out documents"
+    )
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
-    parser.add_argument("--laion-shard-size", type=int, default=defaults.laion_shard_size, help="pairs per tar")
-    parser.add_argument("--mmc4-shard-size", type=int, default=defaults.mmc4_shard_size, help="documents per tar")
+    parser.add_argument(
+        "--laion-shard-size", type=int, default=defaults.laion_shard_size, help="pairs per tar"
+    )
+    parser.add_argument(
+        "--mmc4-shard-size", type=int, default=defaults.mmc4_shard_size, help="documents per tar"
+    )
     parser.add_argument(
         "--bad-every", type=int, default=defaults.bad_every,
         help="break every k-th sample (corrupt/missing image, empty caption, bad base64, bad similarity, "
@@ -38,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
     cfg = SyntheticConfig(
         seed=args.seed,
         num_laion=args.num_laion,

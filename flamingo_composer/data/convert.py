@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 from tqdm import tqdm
 from webdataset import tariterators
+from webdataset.shardlists import expand_urls
 
+from flamingo_composer.data.config import is_remote_url, local_path
 from flamingo_composer.data.images import decode_image
 from flamingo_composer.data.mds_format import (
     BYTES_RANGE_FIELD,
@@ -38,7 +39,6 @@ from flamingo_composer.data.mmc4 import parse_mmc4_json
 from flamingo_composer.data.skips import SkipSample
 
 LAION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MAX_EXAMPLES_PER_REASON = 3
 
 
@@ -95,27 +95,34 @@ class ConversionReport:
 # Inputs
 
 
-def expand_inputs(patterns: Iterable[str], *, suffixes: tuple[str, ...]) -> list[str]:
-    """Brace-expand each pattern; a local directory stands for its files ending in `suffixes` (sorted, recursive).
+def expand_inputs(patterns: list[str], *, suffixes: tuple[str, ...]) -> list[str]:
+    """Brace-expand each pattern (as the loaders do); a local directory stands for its files ending in
+    `suffixes` (sorted, recursive); remote URLs and `pipe:` commands pass through unchecked.
 
     A local path that does not exist, or an empty result, raises FileNotFoundError naming it.
     """
     paths: list[str] = []
     for pattern in patterns:
-        for path in braceexpand.braceexpand(str(pattern)):
-            if path.startswith(REMOTE_PREFIXES):
-                paths.append(path)
-            elif os.path.isdir(path):
-                found = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        for url in expand_urls(str(pattern)):
+            if is_remote_url(url):
+                paths.append(url)
+                continue
+            path = local_path(url)
+            if os.path.isdir(path):
+                found = sorted(
+                    str(p) for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(suffixes)
+                )
                 if not found:
-                    raise FileNotFoundError(f"input directory {path!r} holds no file ending in {', '.join(suffixes)}")
+                    raise FileNotFoundError(
+                        f"input directory {path!r} holds no file ending in {', '.join(suffixes)}"
+                    )
                 paths.extend(found)
             elif os.path.isfile(path):
                 paths.append(path)
             else:
                 raise FileNotFoundError(f"input {path!r} (from {pattern!r}) does not exist")
     if not paths:
-        raise FileNotFoundError(f"no input files given (patterns: {list(patterns)!r})")
+        raise FileNotFoundError(f"no input files given (patterns: {patterns!r})")
     return paths
 
 
@@ -146,7 +153,9 @@ def iter_tar_samples(shard: str, report: ConversionReport) -> Iterator[dict[str,
     files = tariterators.tar_file_expander(streams, handler=on_tar_error)
     yield from tariterators.group_by_keys(files, handler=on_member_error)
     if tar_errors:
-        report.skip("corrupt_tar", f"{shard}: {_first_arg(tar_errors[0])} (samples before the damage were kept)")
+        report.skip(
+            "corrupt_tar", f"{shard}: {_first_arg(tar_errors[0])} (samples before the damage were kept)"
+        )
     for exc in member_errors:
         report.skip("duplicate_member", f"{shard}: {_first_arg(exc)}")
 
@@ -192,7 +201,9 @@ def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
             yield from _numbered_lines(path, "", handle)
 
 
-def _numbered_lines(where: str, label: str, handle: io.BufferedIOBase) -> Iterator[tuple[str, str, int, bytes]]:
+def _numbered_lines(
+    where: str, label: str, handle: io.BufferedIOBase
+) -> Iterator[tuple[str, str, int, bytes]]:
     for number, line in enumerate(handle):
         if line.strip():
             yield where, label, number, line
@@ -207,7 +218,8 @@ def laion_record(sample: dict[str, Any], report: ConversionReport, where: str) -
     key = sample["__key__"]
     image = next((sample[ext] for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
     if not image:
-        report.skip("missing_image", f"{where}: sample {key!r} has no (or an empty) {'/'.join(LAION_IMAGE_EXTENSIONS)} member")
+        names = "/".join(LAION_IMAGE_EXTENSIONS)
+        report.skip("missing_image", f"{where}: sample {key!r} has no (or an empty) {names} member")
         return None
     if "txt" not in sample:
         report.skip("missing_caption", f"{where}: sample {key!r} has no .txt member")
@@ -237,7 +249,8 @@ def mmc4_record(sample: dict[str, Any], report: ConversionReport, where: str) ->
     except SkipSample as skip:
         report.skip(skip.reason, f"{where}: {skip.detail}")
         return None
-    spans = [stored[BYTES_RANGE_FIELD] for stored in record["doc"]["image_info"]]  # [start, end) into image_bytes
+    # [start, end) of each image in record["image_bytes"]; empty when the base64 was missing or invalid
+    spans = [stored[BYTES_RANGE_FIELD] for stored in record["doc"]["image_info"]]
     empty = [i for i, (start, end) in enumerate(spans) if start == end]
     if len(empty) == len(doc["image_info"]):
         report.skip("no_usable_image", f"{where}: document {key!r} has no image with valid base64 bytes")
@@ -266,13 +279,14 @@ def embed_raw_mmc4_images(doc: dict, image_dirs: list[Path], report: ConversionR
     """
     embedded = 0
     for i, info in enumerate(doc["image_info"]):
-        name = info.get("image_name") if isinstance(info, dict) else None
+        name = info.get("image_name")
         if not isinstance(name, str) or not name:
             report.drop_image("missing_image", f"{where} image_info[{i}] has no 'image_name'")
             continue
         path = next((d / name for d in image_dirs if (d / name).is_file()), None)
         if path is None:
-            report.drop_image("missing_image", f"{where} image_info[{i}]: {name!r} not found in {image_dirs[0]}")
+            searched = " or ".join(str(d) for d in image_dirs)
+            report.drop_image("missing_image", f"{where} image_info[{i}]: {name!r} not found in {searched}")
             continue
         try:
             raw = path.read_bytes()
@@ -308,15 +322,20 @@ def raw_mmc4_documents(
                 except SkipSample as skip:
                     report.skip(skip.reason, f"{where}: {skip.detail}")
                     continue
-                if not isinstance(doc.get("image_info"), list) or not isinstance(doc.get("text_list"), list):
-                    report.skip("malformed_json", f"{where}: fields 'image_info' and 'text_list' must be lists")
+                infos = doc.get("image_info")
+                if not isinstance(infos, list) or not all(isinstance(info, dict) for info in infos):
+                    report.skip("malformed_json", f"{where}: field 'image_info' must be a list of objects")
                     continue
                 if embed_raw_mmc4_images(doc, image_dirs, report, where) == 0:
-                    report.skip("no_usable_image", f"{where}: none of its {len(doc['image_info'])} images is usable")
+                    report.skip(
+                        "no_usable_image", f"{where}: none of its {len(doc['image_info'])} images is usable"
+                    )
                     continue
                 yield key, doc
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-            report.skip("corrupt_input", f"{path}: {type(err).__name__}: {err} (documents before it were kept)")
+            report.skip(
+                "corrupt_input", f"{path}: {type(err).__name__}: {err} (documents before it were kept)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

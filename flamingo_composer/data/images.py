@@ -46,5 +46,7 @@ def image_to_tensor(image: Image.Image, image_transform, flip: bool) -> torch.Te
     """Apply the (open_clip eval) transform, then the optional horizontal flip: (3, H, W) float."""
     pixels = image_transform(image)  # (3, H, W)
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 3:
-        raise TypeError(f"image_transform must return a (3, H, W) tensor, got {getattr(pixels, 'shape', pixels)!r}")
+        raise TypeError(
+            f"image_transform must return a (3, H, W) tensor, got {getattr(pixels, 'shape', pixels)!r}"
+        )
     return torch.flip(pixels, dims=[-1]) if flip else pixels

@@ -10,7 +10,7 @@ import torch
 from flamingo_composer.data.images import decode_image, image_to_tensor
 from flamingo_composer.data.masking import count_supervised_tokens, laion_labels
 from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text
+from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
 from flamingo_composer.data.tokenize import tokenize_right_padded
 
 
@@ -35,7 +35,7 @@ def decode_caption(caption: str | bytes | None, *, key: str) -> str:
             raise SkipSample("bad_utf8", f"caption of sample {key!r}: {err}") from None
     if not isinstance(caption, str):
         raise SkipSample("empty_caption", f"caption of sample {key!r} is a {type(caption).__name__}")
-    return caption
+    return require_utf8(caption, where=f"caption of sample {key!r}")
 
 
 def preprocess_laion(
@@ -65,7 +65,9 @@ def preprocess_laion(
         tokenizer, f"{MEDIA_TOKEN}{text}{ENDOFCHUNK_TOKEN}{tokenizer.eos_token}", cfg.max_tokens
     )  # (L,), (L,)
     if count_supervised_tokens(laion_labels(input_ids[None], special, attention_mask[None])) == 0:
-        raise SkipSample("no_supervised_tokens", f"sample {key!r} keeps no caption token at max_tokens={cfg.max_tokens}")
+        raise SkipSample(
+            "no_supervised_tokens", f"sample {key!r} keeps no caption token at max_tokens={cfg.max_tokens}"
+        )
 
     pixels = image_to_tensor(image, image_transform, flip)  # (3, H, W)
     return {

@@ -33,7 +33,9 @@ def mmc4_doc_to_mds(doc: dict, key: str) -> dict[str, Any]:
             raise SkipSample("malformed_json", f"document {key!r}: image_info[{i}] is not an object")
         entry = {name: copy.deepcopy(value) for name, value in info.items() if name != "image_base64"}
         try:
-            raw = decode_base64(info.get("image_base64"), where=f"document {key!r} image_info[{i}].image_base64")
+            raw = decode_base64(
+                info.get("image_base64"), where=f"document {key!r} image_info[{i}].image_base64"
+            )
         except SkipSample:
             raw = b""  # missing or invalid: empty range
         entry[BYTES_RANGE_FIELD] = [len(blob), len(blob) + len(raw)]

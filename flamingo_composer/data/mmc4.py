@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from flamingo_composer.data.images import decode_base64, decode_image, image_to_tensor
 from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
 from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text
+from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
 from flamingo_composer.data.tokenize import tokenize_right_padded
 
 
@@ -42,7 +42,9 @@ class MMC4PreprocessConfig:
                 f"min_num_images={self.min_num_images}, max_num_images={self.max_num_images}"
             )
         if not 0.0 <= self.single_image_drop_prob <= 1.0:
-            raise ValueError(f"mmc4.single_image_drop_prob must be in [0, 1], got {self.single_image_drop_prob}")
+            raise ValueError(
+                f"mmc4.single_image_drop_prob must be in [0, 1], got {self.single_image_drop_prob}"
+            )
         if self.min_image_bytes < 0:
             raise ValueError(f"mmc4.min_image_bytes must be >= 0, got {self.min_image_bytes}")
 
@@ -73,6 +75,8 @@ def _validated_fields(doc: Any, key: str) -> tuple[list[str], list[dict], np.nda
     sentences, image_info = doc["text_list"], doc["image_info"]
     if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
         raise SkipSample("malformed_json", f"document {key!r}: field 'text_list' must be a list of strings")
+    for i, sentence in enumerate(sentences):
+        require_utf8(sentence, where=f"document {key!r} text_list[{i}]")
     if not isinstance(image_info, list) or not all(isinstance(info, dict) for info in image_info):
         raise SkipSample("malformed_json", f"document {key!r}: field 'image_info' must be a list of objects")
     if not image_info:
@@ -82,7 +86,8 @@ def _validated_fields(doc: Any, key: str) -> tuple[list[str], list[dict], np.nda
         sim = np.asarray(doc["similarity_matrix"], dtype=np.float64)
     except (TypeError, ValueError):
         raise SkipSample(
-            "bad_similarity_matrix", f"document {key!r}: 'similarity_matrix' is not a numeric images x sentences matrix"
+            "bad_similarity_matrix",
+            f"document {key!r}: 'similarity_matrix' is not a numeric images x sentences matrix",
         ) from None
     if sim.shape != expected:
         raise SkipSample(
@@ -98,7 +103,8 @@ def _usable_images(image_info: list[dict], image_bytes: list[bytes | None] | Non
     """Step 1: indices and decoded RGB images of the valid images; SkipSample when none is valid."""
     if image_bytes is not None and len(image_bytes) != len(image_info):
         raise SkipSample(
-            "malformed_json", f"document {key!r}: {len(image_bytes)} image byte strings for {len(image_info)} image_info entries"
+            "malformed_json",
+            f"document {key!r}: {len(image_bytes)} image byte strings for {len(image_info)} image_info entries",
         )
     indices, images, failures = [], [], []
     for i, info in enumerate(image_info):
@@ -202,5 +208,9 @@ def preprocess_mmc4(
     slots[: len(pixels), 0] = torch.stack(pixels)
     image_mask = torch.zeros(cfg.max_num_images, dtype=torch.bool)  # (T,)
     image_mask[: len(pixels)] = True
-    return {"vision_x": slots, "image_mask": image_mask, "input_ids": input_ids, "attention_mask": attention_mask}
-
+    return {
+        "vision_x": slots,
+        "image_mask": image_mask,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+    }

@@ -45,7 +45,13 @@ COLOR_RGB = {
 }  # fmt: skip
 SHAPE_NAMES = ["circle", "square", "triangle", "star", "cross", "ring", "diamond", "bar"]
 SIZE_SCALE = {"small": 0.11, "large": 0.2}  # shape radius as a fraction of the image side
-POSITION_XY = {"left": (0.24, 0.5), "right": (0.76, 0.5), "top": (0.5, 0.24), "bottom": (0.5, 0.76), "center": (0.5, 0.5)}
+POSITION_XY = {
+    "left": (0.24, 0.5),
+    "right": (0.76, 0.5),
+    "top": (0.5, 0.24),
+    "bottom": (0.5, 0.76),
+    "center": (0.5, 0.5),
+}
 TEXTURE_NAMES = ["plain", "striped", "dotted", "checkered", "noisy", "speckled"]
 # Every description word must be one token of the tiny tokenizer (a test checks all generated text).
 assert set(COLOR_RGB) <= set(vocab.COLORS) and set(SHAPE_NAMES) <= set(vocab.SHAPES)
@@ -117,7 +123,9 @@ def random_scene(rng: np.random.Generator, max_shapes: int = 1) -> Scene:
                 position=str(position),
             )
         )
-    return Scene(shapes=shapes, background=background, texture=TEXTURE_NAMES[rng.integers(len(TEXTURE_NAMES))])
+    return Scene(
+        shapes=shapes, background=background, texture=TEXTURE_NAMES[rng.integers(len(TEXTURE_NAMES))]
+    )
 
 
 def _shade(rgb: np.ndarray) -> np.ndarray:
@@ -358,7 +366,9 @@ def _write_wds(folder: Path, split: str, samples, shard_size: int, encode) -> li
             if writer is not None:
                 writer.close()
             names.append(f"{split}-{len(names):06d}.tar")
-            writer = wds.TarWriter(str(folder / names[-1]), encoder=False, mtime=0.0, user="", group="", mode=0o644)
+            writer = wds.TarWriter(
+                str(folder / names[-1]), encoder=False, mtime=0.0, user="", group="", mode=0o644
+            )
         writer.write(encode(sample))
     if writer is not None:
         writer.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flamingo_composer.data.skips import SkipSample
+
 MEDIA_TOKEN = "<image>"
 ENDOFCHUNK_TOKEN = "<|endofchunk|>"
 
@@ -21,6 +23,15 @@ def clean_text(text: str, tokenizer) -> str:
     for literal in (MEDIA_TOKEN, ENDOFCHUNK_TOKEN, _pad_token_string(tokenizer)):
         if literal:
             text = text.replace(literal, "")
+    return text
+
+
+def require_utf8(text: str, *, where: str) -> str:
+    """Reject strings that cannot be encoded as UTF-8 (lone surrogates from broken JSON escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SkipSample("bad_utf8", f"{where}: {err}") from None
     return text
 
 

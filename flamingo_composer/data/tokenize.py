@@ -13,6 +13,9 @@ def tokenize_right_padded(tokenizer, text: str, max_tokens: int) -> tuple[torch.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        # MMC4 relies on truncation cutting the end: the surviving <image> tokens are then the first ones.
+        raise ValueError(f"tokenizer truncation_side must be 'right', got {tokenizer.truncation_side!r}")
     encoded = tokenizer(
         text,
         max_length=max_tokens,

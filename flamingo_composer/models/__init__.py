@@ -1,6 +1,10 @@
 """The Flamingo model: frozen open_clip ViT, perceiver resampler, causal LM with gated cross-attention."""
 
-from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention, media_text_time
+from flamingo_composer.models.cross_attention import (
+    GatedCrossAttentionBlock,
+    MaskedCrossAttention,
+    media_text_time,
+)
 from flamingo_composer.models.embeddings import SplicedEmbedding, add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.factory import (
     FlamingoBundle,

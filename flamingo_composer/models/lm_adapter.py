@@ -140,7 +140,10 @@ class FlamingoLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["decoder_layer"], name)
+            decoder_layer = self.__dict__.get("_modules", {}).get("decoder_layer")
+            if decoder_layer is None:  # half-built object (copy / unpickling): no fallback
+                raise
+            return getattr(decoder_layer, name)
 
     def forward(self, *args, **kwargs):
         if self.gated_cross_attn_layer is not None:

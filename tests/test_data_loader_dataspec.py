@@ -1,0 +1,120 @@
+"""Composer DataSpec of the dual batch: microbatch split, sample and token counts, microbatch-size checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from composer.core import DataSpec
+
+from flamingo_composer.data.dual_loader import (
+    DualBatchLoader,
+    build_dataspec,
+    get_num_samples_in_batch,
+    get_num_tokens_in_batch,
+    split_batch,
+    validate_microbatch_size,
+)
+
+
+def _sub(rows: int, slots: int, length: int, offset: int) -> dict:
+    """A sub-batch whose rows are numbered offset, offset+1, ... in every tensor (to trace them)."""
+    ids = torch.arange(offset, offset + rows)
+    input_ids = ids[:, None].repeat(1, length)  # (B, L)
+    attention_mask = torch.ones(rows, length, dtype=torch.long)
+    attention_mask[:, length - 1 - (ids % 2)] = 0  # rows differ in padding
+    labels = input_ids.clone()
+    labels[:, : 1 + ids[0] % 3] = -100
+    return {
+        "vision_x": ids.float()[:, None, None, None, None, None].expand(rows, slots, 1, 3, 2, 2).clone(),
+        "image_mask": torch.ones(rows, slots, dtype=torch.bool),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "num_supervised_tokens": (labels[:, 1:] != -100).sum(),
+        "skipped": {"corrupt_image": 2},
+        "position": 99,
+    }
+
+
+def _batch(laion_rows: int | None, mmc4_rows: int | None) -> dict:
+    batch = {}
+    if laion_rows:
+        batch["laion"] = _sub(laion_rows, 1, 6, offset=0)
+    if mmc4_rows:
+        batch["mmc4"] = _sub(mmc4_rows, 3, 10, offset=100)
+    return batch
+
+
+@pytest.mark.parametrize(
+    "laion_rows,mmc4_rows,microbatch,chunks",
+    [(8, 4, 4, 2), (8, 4, 2, 4), (6, 3, 2, 3), (8, 4, 8, 1), (8, 2, 1, 8), (None, 4, 2, 2), (4, None, 1, 4)],
+)
+def test_split_batch_keeps_every_sample_exactly_once(laion_rows, mmc4_rows, microbatch, chunks):
+    batch = _batch(laion_rows, mmc4_rows)
+    pieces = split_batch(batch, microbatch)
+    assert len(pieces) == chunks
+    for name, sub in batch.items():
+        present = [piece[name] for piece in pieces if name in piece]
+        for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
+            assert torch.equal(torch.cat([part[field] for part in present]), sub[field]), (name, field)
+        for part in present:
+            assert torch.equal(part["num_supervised_tokens"], sub["num_supervised_tokens"])  # whole-batch count
+            assert len({int(row) for row in part["input_ids"][:, 0]}) == part["input_ids"].shape[0]
+        assert present[0]["skipped"] == sub["skipped"] and present[0]["position"] == 99
+        assert all("skipped" not in part and "position" not in part for part in present[1:])
+    lead = "laion" if laion_rows else "mmc4"
+    assert all(piece[lead]["input_ids"].shape[0] <= microbatch for piece in pieces)
+    assert sum(get_num_samples_in_batch(piece) for piece in pieces) == get_num_samples_in_batch(batch)
+
+
+def test_split_batch_takes_any_size_auto_microbatching_may_pick():
+    batch = _batch(6, 4)
+    for microbatch in (6, 3, 1, 4, 2.0):  # halving from an odd size, floats as Composer may pass them
+        pieces = split_batch(batch, microbatch)
+        assert sum(piece["laion"]["input_ids"].shape[0] for piece in pieces) == 6
+        assert sum(piece["mmc4"]["input_ids"].shape[0] for piece in pieces if "mmc4" in piece) == 4
+
+
+def test_sample_and_token_counts_cover_both_datasets():
+    batch = _batch(8, 4)
+    assert get_num_samples_in_batch(batch) == 12
+    tokens = get_num_tokens_in_batch(batch)
+    expected_total = int(batch["laion"]["attention_mask"].sum() + batch["mmc4"]["attention_mask"].sum())
+    assert tokens["total"] == expected_total < 8 * 6 + 4 * 10
+    assert tokens["loss_generating"] == int(batch["laion"]["num_supervised_tokens"] + batch["mmc4"]["num_supervised_tokens"])
+
+
+def test_validate_microbatch_size_names_the_sizes():
+    validate_microbatch_size(64, 32, 16)  # 4 chunks: 16 LAION + 8 MMC4 each
+    validate_microbatch_size(None, 32, 8)  # MMC4 only: counts documents
+    validate_microbatch_size(64, None, 64)
+    with pytest.raises(ValueError, match=r"laion batch_size=64, mmc4 batch_size=32, microbatch_size=24"):
+        validate_microbatch_size(64, 32, 24)
+    with pytest.raises(ValueError, match=r"laion batch_size=8, mmc4 batch_size=6, microbatch_size=2"):
+        validate_microbatch_size(8, 6, 2)  # 4 LAION chunks cannot cut 6 MMC4 docs equally
+    with pytest.raises(ValueError, match="microbatch_size=0"):
+        validate_microbatch_size(8, 4, 0)
+
+
+class _FixedBatcher:
+    """Stand-in for a SourceBatcher: same batch every time."""
+
+    def __init__(self, sub: dict):
+        self.sub, self.batch_size, self.num_workers, self.position = sub, sub["input_ids"].shape[0], 0, 0
+
+    def next_batch(self) -> dict:
+        self.position += 1
+        return self.sub
+
+
+def test_build_dataspec_wires_our_functions():
+    loader = DualBatchLoader({"mmc4": _FixedBatcher(_sub(4, 3, 10, 0)), "laion": _FixedBatcher(_sub(8, 1, 6, 0))}, 3)
+    spec = build_dataspec(loader)
+    assert isinstance(spec, DataSpec) and spec.dataloader is loader
+    assert loader.batch_size == 8 and len(loader) == 3
+    batch = next(iter(spec.dataloader))
+    assert list(batch) == ["laion", "mmc4"]  # LAION first whatever the construction order
+    assert spec.get_num_samples_in_batch(batch) == 12
+    assert spec.get_num_tokens_in_batch(batch) == get_num_tokens_in_batch(batch)["total"]
+    assert spec.get_num_tokens_in_batch(batch, token_type="loss_generating") > 0
+    assert len(spec.split_batch(batch, 4)) == 2

@@ -1,0 +1,117 @@
+"""Splitting over ranks and workers: disjoint and complete, no hang with few shards, equal batch counts."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+from data_loader_helpers import data_config, deadline, small_data, tokenizer
+from data_loader_helpers import image_transform as transform
+from torch.utils.data import DataLoader
+
+from flamingo_composer.data.dual_loader import build_dual_loader
+from flamingo_composer.data.processors import LaionProcessor
+from flamingo_composer.data.stream_items import passthrough_collate
+from flamingo_composer.data.streaming_source import MDSItems, open_mds
+from flamingo_composer.data.webdataset_source import WebDatasetItems, split_plan
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return small_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def process(root):
+    return LaionProcessor(tokenizer(), transform, data_config(root, "wds").laion.preprocess, seed=0)
+
+
+def _keys(dataset, workers: int, count: int) -> list[str]:
+    """Keys of the first `count` items (accepted or rejected) a rank's DataLoader delivers."""
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate)
+    return [item["key"] for item in itertools.islice(loader, count)]
+
+
+def _shards(root, split: str) -> list[str]:
+    return sorted(str(p) for p in (root / "wds" / "laion").glob(f"{split}-*.tar"))
+
+
+def test_split_plan_falls_back_to_sample_level():
+    assert split_plan(num_shards=8, world_size=2, num_workers=4) == (True, True)
+    assert split_plan(num_shards=6, world_size=2, num_workers=4) == (True, False)  # 3 shards per rank < 4 workers
+    assert split_plan(num_shards=1, world_size=2, num_workers=2) == (False, False)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fewer_shards_than_readers_does_not_hang_and_covers_the_data(root, process, shuffle):
+    """One 16-sample shard, 2 ranks x 2 workers: every reader gets data; one pass = every sample once."""
+    (url,) = _shards(root, "val")
+    with deadline(120, "reading 1 shard with 2 ranks x 2 workers"):
+        per_rank = [
+            _keys(
+                WebDatasetItems([url], process, seed=4, shuffle=shuffle, shuffle_buffer=4, resample=False,
+                                rank=rank, world_size=2),
+                workers=2, count=8,
+            )
+            for rank in range(2)
+        ]  # fmt: skip
+    assert all(len(keys) == 8 for keys in per_rank)
+    everything = Counter(f"val-{i:07d}" for i in range(16))
+    if shuffle:  # the sample buffer mixes passes, so a pass is no longer a clean set; still every reader reads
+        assert set(per_rank[0] + per_rank[1]) <= set(everything) and per_rank[0] != per_rank[1]
+    else:
+        assert Counter(per_rank[0] + per_rank[1]) == everything
+
+
+def test_shard_level_split_is_disjoint_and_complete(root, process):
+    """4 shards, 2 ranks x 2 workers: each worker reads one shard per pass, so (without the sample buffer, which
+    mixes passes) both ranks' first 32 items are the 64 samples, each once."""
+    urls = _shards(root, "train")[:4]
+    per_rank = [
+        _keys(
+            WebDatasetItems(urls, process, seed=4, shuffle=True, shuffle_buffer=0, resample=False, rank=rank,
+                            world_size=2),
+            workers=2, count=32,
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(f"train-{i:07d}" for i in range(64))
+
+
+def test_mds_ranks_are_disjoint_and_complete(root, process):
+    dataset = open_mds(str(root / "mds" / "laion" / "train"))
+    per_rank = [
+        _keys(MDSItems(dataset, process, seed=2, shuffle=True, block_size=1 << 18, rank=rank, world_size=3), 2, 32)
+        for rank in range(3)
+    ]
+    assert Counter(sum(per_rank, [])) == Counter(f"train-{i:07d}" for i in range(96))
+
+
+def test_resampling_draws_different_streams_per_rank(root, process):
+    urls = _shards(root, "train")
+    keys = [
+        _keys(WebDatasetItems(urls, process, seed=4, shuffle=True, shuffle_buffer=8, resample=True, rank=rank,
+                              world_size=2), 0, 40)
+        for rank in range(2)
+    ]  # fmt: skip
+    assert keys[0] != keys[1]
+    assert all(len(k) == 40 for k in keys)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "mds"])
+def test_every_rank_yields_the_same_number_of_batches(root, fmt):
+    """Ranks reject different numbers of samples but yield exactly len(loader) batches per epoch, each."""
+    tok = tokenizer()
+    cfg = data_config(root, fmt, laion={"num_workers": 2, "batch_size": 3}, mmc4={"num_workers": 1})
+    lengths, positions = [], []
+    with deadline(240, "two loader epochs on each of 3 ranks"):
+        for rank in range(3):
+            loader = build_dual_loader(cfg, tok, transform, rank=rank, world_size=3)
+            counts = [sum(1 for _ in loader) for _ in range(2)]
+            assert counts == [len(loader)] * 2
+            lengths.append(len(loader))
+            positions.append(loader.state_dict()["positions"]["laion"][0])
+            loader.close()
+    assert len(set(lengths)) == 1
+    assert len(set(positions)) > 1, "ranks should have consumed different raw counts (rejections differ)"

@@ -1,0 +1,62 @@
+"""Shared set-up for the training-entry-point tests: small synthetic data and short-run overrides of run.yaml."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flamingo_composer.data.synthetic import (
+    SYNTHETIC_MIN_IMAGE_BYTES,
+    SyntheticConfig,
+    write_synthetic_dataset,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_YAML = REPO_ROOT / "yamls" / "run.yaml"
+
+# Every 9th sample is broken, so the runs also exercise (and log) skipped samples.
+SMALL_DATA = SyntheticConfig(
+    num_laion=96, num_laion_val=16, num_mmc4=48, num_mmc4_val=8, image_size=32,
+    laion_shard_size=24, mmc4_shard_size=12, mds_size_limit=1 << 14, bad_every=9,
+)  # fmt: skip
+
+_GENERATED: dict[str, Path] = {}
+
+
+def small_data(tmp_path_factory) -> Path:
+    """The small synthetic data set (wds + mds), generated once per test session."""
+    if "root" not in _GENERATED:
+        root = tmp_path_factory.mktemp("train-data") / "synthetic"
+        write_synthetic_dataset(root, SMALL_DATA)
+        _GENERATED["root"] = root
+    return _GENERATED["root"]
+
+
+def short_run_overrides(data_root: Path, out_dir: Path, max_duration: int = 3) -> list[str]:
+    """run.yaml made tiny: small batches, short sequences, no workers, no eval, checkpoints every 2 batches."""
+    return [
+        f"variables.data_root={data_root}",
+        f"max_duration={max_duration}",
+        "run_name=short-run",
+        "data.laion.batch_size=4",
+        "data.laion.num_workers=0",
+        "data.mmc4.batch_size=2",
+        "data.mmc4.num_workers=0",
+        "data.mmc4.preprocess.max_tokens=64",
+        f"data.mmc4.preprocess.min_image_bytes={SYNTHETIC_MIN_IMAGE_BYTES}",
+        "eval_loader=null",
+        "scheduler.t_warmup=1",
+        "callbacks.speed_monitor.window_size=1",
+        "callbacks.data_skips.log_interval=1",
+        "console_log_interval=1",
+        f"save_folder={out_dir}/checkpoints",
+        "save_interval=2",
+        f"loggers.file.filename={out_dir}/logs-rank{{rank}}.txt",
+        "loggers.file.flush_interval=1",
+    ]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    return env
