@@ -1,5 +1,7 @@
 """The assembled Flamingo module: media flow, frozen/trainable split, padded slots, generation, checkpointing."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,3 +227,15 @@ def test_gradient_checkpointing_gives_equal_gradients_over_two_forwards():
     assert calls == {"plain": 2, "ckpt": 4}  # checkpointing really recomputed each block in backward
     for name, grad in grads["plain"].items():
         torch.testing.assert_close(grads["ckpt"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_deepcopy_gets_its_own_media_context():
+    model, tokenizer = build_with_tokenizer()
+    model.eval()
+    clone = copy.deepcopy(model)
+    assert clone.media_context is not model.media_context
+    assert all(layer.media_context is clone.media_context for layer in clone.lang_encoder.gpt_neox.layers)
+    ids, mask = encode(tokenizer, ["<image> a red circle"])
+    vision_x = torch.randn(1, 1, 1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clone(vision_x, ids, mask).logits, model(vision_x, ids, mask).logits)

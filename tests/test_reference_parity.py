@@ -337,3 +337,25 @@ def test_mismatched_alias_is_named(import_model, full_state):
 def test_full_layout_requires_every_tensor(import_model, full_state):
     partial = {k: v for k, v in full_state.items() if k != "vision_encoder.ln_post.bias"}
     assert_rejected_unchanged(import_model, partial, "'vision_encoder.ln_post.bias'", "missing from the 'full' layout")
+
+
+def test_tied_lm_head_key_folds_into_the_spliced_embedding():
+    """Tied LMs (MPT, as in the released 3B/9B): the reference lists the head weight under its own name too; it must
+    equal the embedding matrix, whose new-token rows (trained in place by the reference) fill our spliced rows."""
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    source_model = build_flamingo(tiny_model_config("mpt", seed=1)).model
+    target = build_flamingo(tiny_model_config("mpt", seed=2)).model
+    embedding = source_model.lang_encoder.get_input_embeddings()
+    with torch.no_grad():
+        embedding.weight[embedding.new_token_ids] += 1.0  # the reference trains these rows inside the matrix
+    reference = {k: v for k, v in source_model.state_dict().items() if k != new_token_rows_key(source_model)}
+    embed_key = "lang_encoder.transformer.wte.weight"
+    reference["lang_encoder.lm_head.weight"] = reference[embed_key]
+
+    report = load_reference_state_dict(target, reference)
+    assert report.aliases_folded == ["lang_encoder.lm_head.weight"] and report.missing == []
+    assert torch.equal(target.lang_encoder.get_input_embeddings().new_token_rows,
+                       embedding.weight[embedding.new_token_ids])
+    reference["lang_encoder.lm_head.weight"] = reference[embed_key] + 1.0
+    assert_rejected_unchanged(target, reference, f"alias 'lang_encoder.lm_head.weight' differs from '{embed_key}'")

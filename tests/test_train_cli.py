@@ -78,5 +78,9 @@ def test_composer_n2_ddp_over_gloo(data_root, tmp_path):
     result = run([COMPOSER, "-n", "2", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 2)])
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run(tmp_path, world_size=2, max_duration=2)
-    assert "world_size" in (tmp_path / "logs-rank0.txt").read_text()
-    assert re.search(r"num_nodes: 1", (tmp_path / "logs-rank1.txt").read_text())
+    for rank in (0, 1):
+        assert "num_cpus_per_node: 2" in (tmp_path / f"logs-rank{rank}.txt").read_text()  # 2 local ranks
+    # Composer all-reduces the logged losses: both ranks report the same global values.
+    for key in ("loss/train/laion", "loss/train/mmc4"):
+        values = [logged_values(tmp_path / f"logs-rank{rank}.txt", key) for rank in (0, 1)]
+        assert len(values[0]) == 2 and values[0] == pytest.approx(values[1], rel=1e-5)

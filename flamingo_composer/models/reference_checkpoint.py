@@ -5,7 +5,8 @@ Our module names mirror the reference's, so most keys map one-to-one. What needs
   = the decoder layers, `lang_encoder.gated_cross_attn_layers.{i}.*` = the cross-attention blocks): each is checked
   equal to its canonical tensor and folded;
 - the reference keeps the whole input-embedding matrix (new-token rows included) in one tensor; we keep the
-  `<|endofchunk|>` / `<image>` rows as their own parameter (`SplicedEmbedding.new_token_rows`), so that tensor fills both;
+  `<|endofchunk|>` / `<image>` rows as their own parameter (`SplicedEmbedding.new_token_rows`), so that tensor
+  fills both; a tied LM's head weight listed under its own name (`lang_encoder.lm_head.weight`) is one more alias;
 - wrappers (`module.` from DDP, `_orig_mod.` from torch.compile, `_fsdp_wrapped_module.` /
   `_checkpoint_wrapped_module.` from FSDP and activation checkpointing) are stripped from both sides.
 
@@ -189,47 +190,48 @@ def _detect_layout(source_keys) -> str:
     return "full" if any(k.startswith("vision_encoder.") for k in source_keys) else "checkpoint"
 
 
-def load_reference_state_dict(
-    model: nn.Module,
-    state_dict_or_path,
-    *,
-    layout: str = "auto",
-    strict: bool | None = None,
-) -> LoadReport:
-    """Load a reference OpenFlamingo state dict into `model` (our `Flamingo`) and report what was done.
+@dataclass
+class _ModelKeys:
+    """What the mapping needs to know about the target model, in wrapper-free key names."""
 
-    layout: 'full' = the whole reference model (`full_state.pt`); 'checkpoint' = the released `checkpoint.pt`
-    (trainable parameters + every parameter named '*embed*', no vision encoder); 'auto' = 'full' when the
-    source holds `vision_encoder.*` keys.
-    strict: which model tensors must be provided. None (default): all of them for 'full', the trainable ones
-    for 'checkpoint' (frozen CLIP/LM weights stay as built). True: all of them. False: none.
-    Keys the model has no place for, shape mismatches and differing aliases are always errors.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    source_sd, source = read_state_dict(state_dict_or_path)
-    if layout == "auto":
-        layout = _detect_layout(source_sd)
+    tensors: dict[str, torch.Tensor]  # clean key -> parameter / buffer
+    actual: dict[str, str]  # clean key -> key `model.load_state_dict` expects
+    layers_path: str | None  # e.g. 'gpt_neox.layers'
+    embed_weight: str  # frozen (V, D) input-embedding matrix
+    new_token_rows: str | None  # trainable (K, D) rows of SplicedEmbedding; None if the model has none
+    new_token_ids: list[int]  # token ids of those rows, in row order
+    vocab: set[str]  # keys with one row per token (input embedding, output head)
+    tied_head: str | None  # source-side name of a tied head's weight (an alias of `embed_weight`)
 
-    model_sd = model.state_dict(keep_vars=True)
-    actual_key = {_clean_key(k): k for k in model_sd}  # clean name -> name load_state_dict expects
-    model_tensors = {clean: model_sd[k] for clean, k in actual_key.items()}
-    layers_path = _decoder_layers_path(model_tensors)
-    embed_name, embedding = _input_embedding(model)
-    embed_weight_key = f"{embed_name}.weight"
-    # SplicedEmbedding.new_token_rows, found by identity (it lives in its own submodule for FSDP); None: no rows.
-    rows_key = _key_of(model_tensors, getattr(embedding, "new_token_rows", None))
-    vocab_keys = {embed_weight_key, _key_of(model_tensors, _output_weight(model))} - {None}
-    tied_head_key = _tied_head_key(model, embedding)
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModelKeys:
+        state = model.state_dict(keep_vars=True)
+        actual = {_clean_key(k): k for k in state}
+        tensors = {clean: state[k] for clean, k in actual.items()}
+        embed_name, embedding = _input_embedding(model)
+        # Found by identity: the rows live in their own submodule (an FSDP unit), whatever it is called.
+        rows = _key_of(tensors, getattr(embedding, "new_token_rows", None))
+        return cls(
+            tensors=tensors,
+            actual=actual,
+            layers_path=_decoder_layers_path(tensors),
+            embed_weight=f"{embed_name}.weight",
+            new_token_rows=rows,
+            new_token_ids=_new_token_ids(model, embedding) if rows is not None else [],
+            vocab={f"{embed_name}.weight", _key_of(tensors, _output_weight(model))} - {None},
+            tied_head=_tied_head_key(model, embedding),
+        )
 
-    problems: list[str] = []
-    targets: dict[str, tuple[torch.Tensor, str]] = {}  # model clean key -> (tensor, source key)
+
+def _map_keys(source_sd: dict[str, torch.Tensor], keys: _ModelKeys, problems: list[str]):
+    """Source keys -> `{model key: (tensor, source key)}` and the folded aliases; misfits go to `problems`."""
+    targets: dict[str, tuple[torch.Tensor, str]] = {}
     aliases: list[tuple[str, str]] = []  # (alias source key, canonical key)
     for key, tensor in source_sd.items():
-        canonical = embed_weight_key if key == tied_head_key else _alias_target(key, layers_path)
+        canonical = keys.embed_weight if key == keys.tied_head else _alias_target(key, keys.layers_path)
         if canonical is not None:
             aliases.append((key, canonical))
-        elif key in model_tensors:
+        elif key in keys.tensors:
             targets[key] = (tensor, key)
         else:
             problems.append(f"unexpected key {key!r}: the model has no parameter or buffer of that name")
@@ -246,55 +248,90 @@ def load_reference_state_dict(
                 )
             else:
                 folded.append(key)
-        elif canonical in model_tensors:
+        elif canonical in keys.tensors:
             targets[canonical] = (tensor, key)  # only the alias was saved: it is the value
             folded.append(key)
         else:
             problems.append(f"unexpected key {key!r}: alias of {canonical or '?'!r}, which the model does not have")
+    return targets, sorted(folded)
 
-    # Shapes, with a precise hint for the embedding row count (a different tokenizer or vocab padding).
+
+def _shape_problems(targets, keys: _ModelKeys) -> list[str]:
+    """One line per shape mismatch, with a hint when an embedding's row count (vocabulary size) differs."""
+    problems = []
     for clean, (tensor, src_key) in targets.items():
-        want = tuple(model_tensors[clean].shape)
-        if tuple(tensor.shape) != want:
-            hint = ""
-            if clean in vocab_keys and tensor.dim() == 2 and tensor.shape[1:] == want[1:]:
-                hint = (
-                    f" (embedding rows {tensor.shape[0]} vs {want[0]} = len(tokenizer): the checkpoint was made"
-                    " with a different tokenizer or an un-resized vocabulary)"
-                )
-            problems.append(f"shape of {src_key!r} is {tuple(tensor.shape)}, model expects {want}{hint}")
+        want = tuple(keys.tensors[clean].shape)
+        if tuple(tensor.shape) == want:
+            continue
+        hint = ""
+        if clean in keys.vocab and tensor.dim() == 2 and tuple(tensor.shape[1:]) == want[1:]:
+            hint = (
+                f" (embedding rows {tensor.shape[0]} vs {want[0]} = len(tokenizer): the checkpoint was made"
+                " with a different tokenizer or an un-resized vocabulary)"
+            )
+        problems.append(f"shape of {src_key!r} is {tuple(tensor.shape)}, model expects {want}{hint}")
+    return problems
 
-    # The reference's single embedding matrix also gives our separate new-token rows.
-    rows_from = targets[rows_key][1] if rows_key in targets else None
-    if rows_key is not None and rows_from is None and embed_weight_key in targets:
-        weight, src_key = targets[embed_weight_key]
-        ids = _new_token_ids(model, embedding)
-        if tuple(weight.shape) == tuple(model_tensors[embed_weight_key].shape):
-            targets[rows_key] = (weight[ids], src_key)  # (2, D): rows of <|endofchunk|>, <image>
+
+def _missing(targets, keys: _ModelKeys) -> list[str]:
+    """Model keys no source key provided; tied tensors (same object) count as provided through any name."""
+    provided = {id(keys.tensors[k]) for k in targets}
+    return sorted(k for k, t in keys.tensors.items() if k not in targets and id(t) not in provided)
+
+
+def load_reference_state_dict(
+    model: nn.Module,
+    state_dict_or_path,
+    *,
+    layout: str = "auto",
+    strict: bool | None = None,
+) -> LoadReport:
+    """Load a reference OpenFlamingo state dict into `model` (our `Flamingo`) and report what was done.
+
+    layout: 'full' = the whole reference model (`full_state.pt`); 'checkpoint' = the released `checkpoint.pt`
+    (trainable parameters + every parameter named '*embed*', no vision encoder); 'auto' = 'full' when the
+    source holds `vision_encoder.*` keys. Our own trainable-only state dicts load as 'checkpoint'.
+    strict: which model tensors must be provided. None (default): all of them for 'full', the trainable ones
+    for 'checkpoint' (frozen CLIP/LM weights stay as built). True: all of them. False: none.
+    Keys the model has no place for, shape mismatches and differing aliases are always errors; on any error
+    nothing is loaded.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    source_sd, source = read_state_dict(state_dict_or_path)
+    if layout == "auto":
+        layout = _detect_layout(source_sd)
+    keys = _ModelKeys.of(model)
+
+    problems: list[str] = []
+    targets, folded = _map_keys(source_sd, keys, problems)
+    problems += _shape_problems(targets, keys)
+
+    # The reference's single embedding matrix also gives our separate new-token rows (unless given by name).
+    rows_from = targets[keys.new_token_rows][1] if keys.new_token_rows in targets else None
+    if keys.new_token_rows is not None and rows_from is None and keys.embed_weight in targets:
+        weight, src_key = targets[keys.embed_weight]
+        if tuple(weight.shape) == tuple(keys.tensors[keys.embed_weight].shape):
+            targets[keys.new_token_rows] = (weight[keys.new_token_ids], src_key)  # (K=2, D)
             rows_from = src_key
 
-    # Which model tensors had to be provided; tied tensors (same object) count as provided through any name.
-    provided_ids = {id(model_tensors[k]) for k in targets}
-    if strict is None:
-        strict_all = layout == "full"
-    else:
-        strict_all = strict
-    missing = sorted(k for k, t in model_tensors.items() if k not in targets and id(t) not in provided_ids)
+    missing = _missing(targets, keys)
+    require_all = layout == "full" if strict is None else strict
     if strict is not False:
         required = [
             k for k in missing
-            if strict_all or (isinstance(model_tensors[k], nn.Parameter) and model_tensors[k].requires_grad)
+            if require_all or (isinstance(keys.tensors[k], nn.Parameter) and keys.tensors[k].requires_grad)
         ]
         if required:
             shown = ", ".join(repr(k) for k in required[:20])
             more = f" and {len(required) - 20} more" if len(required) > 20 else ""
-            what = "model tensors" if strict_all else "trainable parameters"
+            what = "model tensors" if require_all else "trainable parameters"
             problems.append(f"{len(required)} {what} missing from the {layout!r} layout: {shown}{more}")
 
     if problems:
         raise ReferenceCheckpointError(_format_problems(source, problems))
 
-    result = model.load_state_dict({actual_key[k]: t for k, (t, _) in targets.items()}, strict=False)
+    result = model.load_state_dict({keys.actual[k]: t for k, (t, _) in targets.items()}, strict=False)
     if result.unexpected_keys:  # cannot happen: every target key came from the model's own state dict
         raise ReferenceCheckpointError(_format_problems(source, [f"unexpected {result.unexpected_keys}"]))
     return LoadReport(
@@ -302,7 +339,7 @@ def load_reference_state_dict(
         source=source,
         loaded=sorted(targets),
         missing=missing,
-        aliases_folded=sorted(folded),
+        aliases_folded=folded,
         new_token_rows_from=rows_from,
     )
 
