@@ -179,3 +179,69 @@ def test_missing_required_section(shards):
     data["optimizer"] = {}
     with pytest.raises(ConfigError, match="missing required key 'model'"):
         config_from_dict(data)
+
+
+def _recipe(name: str, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(Path(__file__).resolve().parent.parent / "yamls" / name, overrides or [])
+
+
+@pytest.mark.parametrize(
+    ("name", "lm", "every", "gpus"),
+    [
+        ("openflamingo-3b.yaml", "anas-awadalla/mpt-1b-redpajama-200b", 1, 8),
+        ("openflamingo-4b.yaml", "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, 8),
+        ("openflamingo-9b.yaml", "anas-awadalla/mpt-7b", 4, 64),
+    ],
+)
+def test_released_model_recipes(name, lm, every, gpus):
+    """SPEC 3 and the released-model table; max_duration = 60M MMC4 + 120M LAION samples at the stated GPU count."""
+    cfg = _recipe(name)
+    assert (cfg.model.lm.name, cfg.model.tokenizer.name, cfg.model.cross_attn_every_n_layers) == (lm, lm, every)
+    assert (cfg.model.vision.name, cfg.model.vision.pretrained) == ("ViT-L-14", "openai")
+    assert cfg.variables["num_gpus"] == gpus
+    assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size) == (64, 32)
+    steps = int(cfg.max_duration.removesuffix("ba"))
+    assert steps == -(-60_000_000 // (32 * gpus)) == -(-120_000_000 // (64 * gpus))
+    assert (cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.weight_decay) == (
+        1e-4, (0.9, 0.999), 1e-8, 0.1
+    )
+    assert (cfg.scheduler.name, cfg.scheduler.t_warmup) == ("constant_with_warmup", "1875ba")
+    assert (cfg.loss_multiplier_laion, cfg.loss_multiplier_mmc4) == (0.2, 1.0)
+    assert cfg.data.mmc4.preprocess.sim_threshold == 0.24
+    assert cfg.precision == "amp_bf16" and cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing
+    assert cfg.algorithms["gradient_clipping"] == {"clipping_type": "norm", "clipping_threshold": 1.0}
+    assert "wandb" in cfg.loggers and cfg.autoresume and cfg.save_folder
+
+
+def test_gpu_smoke_and_main_recipes_validate(tmp_path_factory):
+    from train_helpers import small_data
+
+    root = small_data(tmp_path_factory)
+    smoke = _recipe("gpu-smoke.yaml", [f"variables.data_root={root}"])
+    assert smoke.model.vision.pretrained is None and smoke.model.lm.config["d_model"] == 2048
+    assert smoke.precision == "amp_bf16" and smoke.fsdp_config is not None
+    assert isinstance(smoke.device_train_microbatch_size, int)
+    main = _recipe("run.yaml", [f"variables.data_root={root}"])
+    assert main.device == "cpu" and main.precision == "fp32" and main.fsdp_config is None
+    assert main.data.laion.enabled and main.data.mmc4.enabled and "file" in main.loggers
+
+
+def test_microbatch_size_checked_against_both_batch_sizes(tmp_path, shards):
+    data = base_config(shards)  # LAION 4, MMC4 2 per rank
+    assert load_config(write_yaml(tmp_path, data), ["device_train_microbatch_size=2"]).device_train_microbatch_size == 2
+    message = load_error(tmp_path, data, ["device_train_microbatch_size=3"])
+    assert message.startswith("device_train_microbatch_size:") and "laion batch_size=4" in message
+    message = load_error(tmp_path, data, ["device_train_microbatch_size=1"])  # 4 chunks cannot cut MMC4's 2
+    assert "mmc4 batch_size=2" in message and "microbatch_size=1" in message
+
+
+def test_model_level_activation_checkpointing(tmp_path, shards):
+    from flamingo_composer.training.run import _model_config
+
+    cfg = load_config(write_yaml(tmp_path, base_config(shards)), ["activation_checkpointing=true"])
+    assert _model_config(cfg).gradient_checkpointing is True and cfg.model.gradient_checkpointing is False
+    data = base_config(shards)
+    data["fsdp_config"] = {}
+    data["device"] = "gpu"
+    message = load_error(tmp_path, data, ["activation_checkpointing=true"])
+    assert "set fsdp_config.activation_checkpointing instead" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections import Counter
 
 import pytest
@@ -11,6 +12,7 @@ from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig
 from flamingo_composer.data.dual_loader import build_dual_loader
+from flamingo_composer.data.streaming_source import open_mds
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,35 @@ def test_nothing_usable_stops_with_a_clear_error_instead_of_spinning(root, tok):
     with deadline(60, "a stream of failing shards"), pytest.raises(RuntimeError, match="shard_error"):
         next(iter(loader))
     loader.close()
+
+
+def test_remote_mds_is_cached_and_a_missing_remote_shard_is_skipped(root, tok, tmp_path):
+    """MDS from a remote (here a directory streaming copies from): same stream as local; a shard missing on
+    the remote is counted as shard_error for each of its samples, and never blocks the other workers."""
+
+    def run(**laion):
+        cfg = data_config(root, "mds", laion={"num_workers": 2, **laion}, mmc4={"enabled": False})
+        loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1, return_keys=True)
+        try:
+            return _totals(loader, 20)
+        finally:
+            loader.close()
+
+    local_skips, local_keys = run()
+    remote = tmp_path / "remote"
+    shutil.copytree(root / "mds" / "laion" / "train", remote)
+    cached_skips, cached_keys = run(remote=str(remote), local=str(tmp_path / "cache1"))
+    assert (cached_skips, cached_keys) == (local_skips, local_keys)
+    assert sorted(p.name for p in (tmp_path / "cache1").glob("shard.*.mds")) == sorted(
+        p.name for p in remote.glob("shard.*.mds")
+    )
+
+    (remote / "shard.00002.mds").unlink()
+    with deadline(120, "reading an MDS remote with a missing shard"):
+        broken_skips, broken_keys = run(remote=str(remote), local=str(tmp_path / "cache2"))
+    assert broken_skips["laion"]["shard_error"] > 0
+    local = open_mds(str(root / "mds" / "laion" / "train"))
+    first = int(local.samples_per_shard[:2].sum())
+    lost = {local.get_item(i)["key"] for i in range(first, first + int(local.samples_per_shard[2]))}
+    assert lost and not lost & set(broken_keys["laion"])
+    assert len(broken_keys["laion"]) == len(local_keys["laion"])  # batches are still full

@@ -115,3 +115,10 @@ def test_every_rank_yields_the_same_number_of_batches(root, fmt):
             loader.close()
     assert len(set(lengths)) == 1
     assert len(set(positions)) > 1, "ranks should have consumed different raw counts (rejections differ)"
+
+
+def test_few_shards_warn_at_build(root, caplog):
+    cfg = data_config(root, "wds", laion={"shards": _shards(root, "val"), "num_workers": 2}, mmc4={"enabled": False})
+    with caplog.at_level("WARNING"):
+        build_dual_loader(cfg, tokenizer(), transform, rank=0, world_size=2)
+    assert "splitting at sample level" in caplog.text

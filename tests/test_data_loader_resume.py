@@ -104,3 +104,18 @@ def test_item_stream_restarts_at_any_position(root, tok, fmt):
     assert {kind for kind, *_ in reference} == {"sample", "skip"}
     for start in (1, 5, 96, 97):
         assert _items(items(start), 2, total - start) == reference[start:], start
+
+
+def test_state_from_another_world_size_keeps_the_global_progress(root, tok, caplog):
+    cfg = data_config(root, "mds")
+    state = {
+        "version": 1, "world_size": 4, "batches_in_epoch": 2, "num_workers": {"laion": 0, "mmc4": 0},
+        "positions": {"laion": [10, 12, 11, 13], "mmc4": [5, 6, 5, 6]},
+    }  # fmt: skip
+    loader = build_dual_loader(cfg, tok, transform, rank=1, world_size=2)
+    with caplog.at_level("WARNING"):
+        loader.load_state_dict(state)
+    assert "resumed on 2" in caplog.text
+    assert loader.state_dict()["positions"] == {"laion": [23], "mmc4": [11]}  # (sum over 4 ranks) / 2
+    with pytest.raises(ValueError, match="version"):
+        loader.load_state_dict({**state, "version": 0})

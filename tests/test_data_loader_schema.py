@@ -128,3 +128,12 @@ def test_remote_webdataset_needs_epoch_size(root, tok):
     cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4))
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     assert len(list(loader)) == len(loader) == 2
+
+
+def test_eval_loader_rewinds_every_time(root, tok):
+    cfg = data_config(root, "wds", laion={"num_workers": 2}, mmc4={"enabled": False})
+    loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1, for_eval=True, return_keys=True)
+    first = [batch["laion"]["keys"] for batch in itertools.islice(iter(loader), 3)]
+    again = [batch["laion"]["keys"] for batch in itertools.islice(iter(loader), 3)]
+    loader.close()
+    assert first == again

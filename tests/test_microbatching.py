@@ -98,7 +98,17 @@ def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
 def test_activation_checkpointing_gives_the_same_gradients(batch, full_batch_step):
     # Both datasets present: LAION's blocks are recomputed during backward after the MMC4 forward ran, so any
     # media left on the layers would change LAION's recomputed activations and its gradients.
-    grads, losses = run_one_step(tiny_bundle(gradient_checkpointing=True).model, batch, microbatch_size=4, clip=None)
+    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+
+    flamingo = tiny_bundle(gradient_checkpointing=True).model
+    calls = []
+    for block in (m for m in flamingo.modules() if isinstance(m, GatedCrossAttentionBlock)):
+        # A pre-hook: recomputation stops early once it has the saved tensors, so forward hooks may not fire.
+        block.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    n_blocks = sum(isinstance(m, GatedCrossAttentionBlock) for m in flamingo.modules())
+    grads, losses = run_one_step(flamingo, batch, microbatch_size=4, clip=None)
+    # Each block ran for LAION (4 rows) and MMC4 (2 rows), then again in backward: recomputation happened.
+    assert sorted(calls) == sorted([4, 2] * n_blocks * 2)
     full_grads, full_losses = full_batch_step
     _assert_grads_close(grads, full_grads)
     assert losses["loss/train/total"] == pytest.approx(full_losses["loss/train/total"], rel=1e-6)

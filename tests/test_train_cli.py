@@ -84,3 +84,59 @@ def test_composer_n2_ddp_over_gloo(data_root, tmp_path):
     for key in ("loss/train/laion", "loss/train/mmc4"):
         values = [logged_values(tmp_path / f"logs-rank{rank}.txt", key) for rank in (0, 1)]
         assert len(values[0]) == 2 and values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_autoresume_restores_trainable_weights_and_data_position(data_root, tmp_path):
+    """In-process: a trainable-only checkpoint resumes (frozen weights rebuilt from the recipe, strict=False)."""
+    from flamingo_composer.training.run import load_config, train_from_config
+
+    overrides = [*short_run_overrides(data_root, tmp_path, max_duration=2), "loggers={inmemory: {}}"]
+    first = train_from_config(load_config(RUN_YAML, overrides))
+    first_model = {k: v.detach().clone() for k, v in first.state.model.named_parameters()}
+    saved = torch.load(tmp_path / "checkpoints" / "ep0-ba2-rank0.pt", weights_only=False)["state"]
+    first.close()
+
+    # Same run again: autoresume finds latest-rank0.pt at batch 2 = max_duration: it loads and trains nothing.
+    second = train_from_config(load_config(RUN_YAML, overrides))
+    assert int(second.state.timestamp.batch) == 2
+    params = dict(second.state.model.named_parameters())
+    for name, value in first_model.items():
+        torch.testing.assert_close(params[name].detach(), value, rtol=0, atol=0)  # trainable from file, frozen rebuilt
+    assert set(saved["model"]) == {n for n, p in params.items() if p.requires_grad}
+    from flamingo_composer.training.callbacks import DataPositionCallback
+
+    position = next(c for c in second.state.callbacks if isinstance(c, DataPositionCallback))
+    assert position.loader.state_dict()["positions"] == saved["callbacks"]["DataPositionCallback"]["loader"]["positions"]
+    second.close()
+
+
+def test_load_reference_checkpoint_before_training(data_root, tmp_path):
+    """`load_reference_checkpoint` puts a released-layout checkpoint.pt into the model before the Trainer starts."""
+    from flamingo_composer.training.run import load_config, train_from_config
+
+    fixture = REPO_ROOT / "tests" / "fixtures" / "openflamingo-tiny-gptneox"
+    overrides = [
+        *short_run_overrides(data_root, tmp_path),
+        "model.vision.custom_config=null",
+        f"model.vision.config_path={fixture}/vision/of-tiny-vit-small.json",
+        "model.lm.config=null",
+        f"model.lm.name={fixture}/lm",
+        "model.tokenizer.builtin=null",
+        f"model.tokenizer.name={fixture}/lm",
+        "model.cross_attn_every_n_layers=2",
+        "model.perceiver_depth=6",
+        "model.perceiver_heads=8",
+        "model.perceiver_dim_head=64",
+        "model.perceiver_num_latents=64",
+        f"load_reference_checkpoint={fixture}/checkpoint.pt",
+    ]
+    trainer = train_from_config(load_config(RUN_YAML, overrides), fit=False)
+    reference = torch.load(fixture / "checkpoint.pt", weights_only=True)
+    model = trainer.state.model.model
+    params = dict(model.named_parameters())
+    for key in ("perceiver.latents", "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.attn.to_q.weight",
+                "lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.attn_gate"):
+        torch.testing.assert_close(params[key].detach(), reference[key], rtol=0, atol=0)
+    rows = model.lang_encoder.get_input_embeddings().new_token_rows.detach()
+    torch.testing.assert_close(rows, reference["lang_encoder.gpt_neox.embed_in.weight"][[618, 619]], rtol=0, atol=0)
+    trainer.close()

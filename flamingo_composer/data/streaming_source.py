@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.shuffle import get_shuffle
 from torch.utils.data import IterableDataset
 
@@ -100,22 +101,41 @@ class MDSItems(IterableDataset):
             world_size=self.world_size,
         )
 
-    def _read(self, sample_id: int) -> dict[str, Any] | None:
+    def _read(self, sample_id: int, failed_shards: set[int]) -> dict[str, Any] | None:
+        """The raw MDS row, or None when its shard failed to download or read (then skipped and counted)."""
+        shard_id = int(self.dataset.spanner[sample_id][0])
+        if shard_id in failed_shards:
+            return None
         try:
             return self.dataset.get_item(sample_id)
         except Exception as err:  # a shard that fails to download or read: skipped and counted, never fatal
-            log.warning("MDS sample %d unreadable (%s: %s): skipped", sample_id, type(err).__name__, err)
+            failed_shards.add(shard_id)
+            self._unblock_shard(shard_id)
+            log.warning("MDS shard %d unreadable (%s: %s): its samples are skipped", shard_id, type(err).__name__, err)
             return None
+
+    def _unblock_shard(self, shard_id: int) -> None:
+        """A failed download leaves the shard 'preparing' in streaming's shared state, and every later reader
+        (any worker) would wait for it forever: mark it remote again so they try (and fail) themselves."""
+        lock = getattr(self.dataset, "_cache_filelock", None)  # created lazily by streaming's prepare_shard
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self.dataset._shard_states[shard_id] == _ShardState.PREPARING:
+                self.dataset._shard_states[shard_id] = _ShardState.REMOTE
+        finally:
+            if lock is not None:
+                lock.release()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_info()
-        current_epoch, order = -1, None
+        current_epoch, order, failed_shards = -1, None, set()
         for item in range(self.start + worker, 2**62, num_workers):
             epoch, position = divmod(item, self.items_per_epoch)
             if epoch != current_epoch:
                 current_epoch, order = epoch, self.order(epoch)
             sample_id = int(order[position])
-            raw = self._read(sample_id)
+            raw = self._read(sample_id, failed_shards)
             if raw is None:
                 yield rejected(SHARD_ERROR, sample_id)
                 continue

@@ -59,8 +59,12 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _rows(sub: Mapping[str, Any]) -> int:
-    return int(sub["input_ids"].shape[0]) if "input_ids" in sub else 0
+def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
+    """Rows of sub-batch `name` (0 for a zero-row part); KeyError naming what is missing."""
+    missing = [k for k in MODEL_INPUT_KEYS if k not in sub]
+    if missing:
+        raise KeyError(f"batch['{name}'] lacks {missing} (needs {list(MODEL_INPUT_KEYS)})")
+    return int(sub["input_ids"].shape[0])
 
 
 class _DatasetMetric:
@@ -95,10 +99,7 @@ class FlamingoComposerModel(ComposerModel):
             raise KeyError(f"batch holds no dataset; expected at least one of {list(DATASETS)}")
         return present
 
-    def _forward_dataset(self, name: str, sub: Mapping[str, Any]) -> torch.Tensor:
-        missing = [k for k in MODEL_INPUT_KEYS if k not in sub]
-        if missing:
-            raise KeyError(f"batch['{name}'] lacks {missing} (needs {list(MODEL_INPUT_KEYS)})")
+    def _forward_dataset(self, sub: Mapping[str, Any]) -> torch.Tensor:
         output = self.model(
             vision_x=sub["vision_x"],  # (B, T_img, 1, 3, H, W)
             input_ids=sub["input_ids"],  # (B, L)
@@ -113,9 +114,9 @@ class FlamingoComposerModel(ComposerModel):
         A zero-row part (a microbatch that got no row of a smaller dataset) has no forward and no logits.
         """
         return {
-            name: self._forward_dataset(name, batch[name])
+            name: self._forward_dataset(batch[name])
             for name in self.present_datasets(batch)
-            if _rows(batch[name]) > 0
+            if _check_model_inputs(name, batch[name]) > 0
         }
 
     # -------------------------------------------------------------------------------------------------- loss

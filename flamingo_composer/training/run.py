@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from composer import Trainer
-from composer.core import Evaluator
+from composer.core import Evaluator, Time
 from composer.utils import dist, get_device, reproducibility
 
+from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
 from flamingo_composer.training.builders import (
     build_algorithms,
     build_callbacks,
@@ -24,6 +27,7 @@ from flamingo_composer.training.builders import (
     build_scheduler,
 )
 from flamingo_composer.training.callbacks import DataPositionCallback
+from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
 
@@ -62,8 +66,6 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
 
     The model's metrics are per dataset (`laion/...`, `mmc4/...`), so one dual batch feeds both.
     """
-    from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
-
     if cfg.eval_loader is None:
         return []
     loader = build_dual_loader(cfg.eval_loader, bundle.tokenizer, bundle.image_transform, for_eval=True)
@@ -79,18 +81,12 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
 
 def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), fit: bool = True) -> Trainer:
     """Build everything from a validated config and train; returns the Trainer (tests inspect it)."""
-    from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
-    from flamingo_composer.models.factory import build_flamingo
-    from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
-
     device = get_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
 
     bundle = build_flamingo(_model_config(cfg))
     if cfg.load_reference_checkpoint:
-        from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
-
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
     composer_model = FlamingoComposerModel(
@@ -147,7 +143,11 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     ]
     trainer.logger.log_hyperparameters(hparams)
     if fit:
-        trainer.fit()
+        if trainer.state.timestamp.batch >= Time.from_timestring(cfg.max_duration):
+            # Autoresume found the final checkpoint: the run is complete (Composer would raise instead).
+            log.info("run %s already reached max_duration %s; nothing to train", cfg.run_name, cfg.max_duration)
+        else:
+            trainer.fit()
     return trainer
 
 

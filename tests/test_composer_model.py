@@ -1,0 +1,191 @@
+"""FlamingoComposerModel on its own: loss keys and values, empty datasets, bad input, eval metrics, FLOP count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from composer import Trainer
+from composer.callbacks import SpeedMonitor
+from composer.loggers import InMemoryLogger
+from step_utils import dual_batch, dual_dataspec, reference_batch, reference_bundle, tiny_bundle
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+from flamingo_composer.training.flops import flamingo_flops_per_batch
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle()
+
+
+@pytest.fixture
+def batch(bundle):
+    return dual_batch(bundle.tokenizer)
+
+
+def _hf_loss(flamingo, sub) -> float:
+    with torch.no_grad():
+        out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                       labels=sub["labels"], image_mask=sub["image_mask"])
+    return out.loss.item()
+
+
+def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
+    model = FlamingoComposerModel(bundle.model, loss_multiplier_laion=0.3, loss_multiplier_mmc4=0.7)
+    outputs = model(batch)
+    assert list(outputs) == ["laion", "mmc4"]  # LAION first, as the reference
+    for name in outputs:
+        b, length = batch[name]["input_ids"].shape
+        assert outputs[name].shape == (b, length, len(bundle.tokenizer))
+    losses = model.loss(outputs, batch)
+    assert set(losses) == {"total", "laion", "mmc4"}
+    laion, mmc4 = _hf_loss(bundle.model, batch["laion"]), _hf_loss(bundle.model, batch["mmc4"])
+    assert losses["laion"].item() == pytest.approx(laion, rel=1e-6)
+    assert losses["mmc4"].item() == pytest.approx(mmc4, rel=1e-6)
+    assert losses["total"].item() == pytest.approx(0.3 * laion + 0.7 * mmc4, rel=1e-6)
+
+
+def test_an_absent_dataset_has_no_loss_key(bundle, batch):
+    model = FlamingoComposerModel(bundle.model)
+    only_mmc4 = {"mmc4": batch["mmc4"]}
+    outputs = model(only_mmc4)
+    assert list(outputs) == ["mmc4"]
+    losses = model.loss(outputs, only_mmc4)
+    assert set(losses) == {"total", "mmc4"}
+    assert losses["total"].item() == pytest.approx(_hf_loss(bundle.model, batch["mmc4"]), rel=1e-6)
+
+
+def test_a_dataset_without_supervised_tokens_contributes_exactly_zero(bundle, batch):
+    model = FlamingoComposerModel(bundle.model)
+    batch["laion"]["labels"] = torch.full_like(batch["laion"]["labels"], -100)
+    batch["laion"]["num_supervised_tokens"] = torch.tensor(0)
+    losses = model.loss(model(batch), batch)
+    assert losses["laion"].item() == 0.0
+    assert losses["total"].item() == pytest.approx(_hf_loss(bundle.model, batch["mmc4"]), rel=1e-6)
+    losses["total"].backward()
+    grads = [p.grad for p in bundle.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    bundle.model.zero_grad(set_to_none=True)
+
+
+def test_bad_batches_fail_with_the_key_named(bundle, batch):
+    model = FlamingoComposerModel(bundle.model)
+    with pytest.raises(KeyError, match="coco"):
+        model({"coco": batch["laion"]})
+    with pytest.raises(KeyError, match="no dataset"):
+        model({})
+    no_ids = {"laion": {k: v for k, v in batch["laion"].items() if k != "input_ids"}}
+    with pytest.raises(KeyError, match="input_ids"):
+        model(no_ids)
+    outputs = model(batch)
+    del batch["mmc4"]["num_supervised_tokens"]
+    with pytest.raises(KeyError, match="num_supervised_tokens"):
+        model.loss(outputs, batch)
+
+
+def test_the_model_is_the_single_child():
+    # Under FSDP1 Composer wraps and clips each direct child separately: one child makes the clip global.
+    bundle = tiny_bundle()
+    model = FlamingoComposerModel(bundle.model)
+    assert [name for name, _ in model.named_children()] == ["model"]
+    assert REQUIRED_TRAINER_KWARGS == {"accumulate_train_batch_on_tokens": True}
+
+
+def test_eval_metrics_per_dataset(bundle, batch):
+    model = FlamingoComposerModel(bundle.model)
+    assert model.get_metrics(is_train=True) == {}
+    metrics = model.get_metrics(is_train=False)
+    assert set(metrics) == {
+        "laion/LanguageCrossEntropy", "laion/TokenAccuracy", "mmc4/LanguageCrossEntropy", "mmc4/TokenAccuracy",
+    }
+    model.eval()
+    with torch.no_grad():
+        outputs = model.eval_forward(batch)
+        laion_only = {"laion": batch["laion"]}
+        laion_outputs = model.eval_forward(laion_only)
+    for metric in metrics.values():
+        model.update_metric(batch, outputs, metric)
+        model.update_metric(laion_only, laion_outputs, metric)  # a LAION-only evaluator batch
+    model.train()
+    for name in ("laion", "mmc4"):
+        logits, labels = outputs[name], batch[name]["labels"]
+        target = labels[:, 1:]
+        supervised = target != -100
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1][supervised], target[supervised], reduction="sum")
+        correct = (logits[:, :-1].argmax(-1) == target)[supervised].sum()
+        count = supervised.sum()
+        repeats = 2 if name == "laion" else 1  # the LAION batch was seen twice, MMC4 once
+        assert metrics[f"{name}/LanguageCrossEntropy"].compute().item() == pytest.approx((ce / count).item(), rel=1e-5)
+        assert metrics[f"{name}/TokenAccuracy"].compute().item() == pytest.approx((correct / count).item())
+        assert metrics[f"{name}/TokenAccuracy"].total.item() == repeats * count.item()
+
+
+# -------------------------------------------------------------------------------------------------- FLOPs
+
+ATEN = torch.ops.aten
+
+
+def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return 2 * sdpa_flop_count(query, key, value)  # model FLOPs: no recompute of the scores
+
+
+def _native_mha(query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, *args,
+                out_shape=None, **kwargs):
+    b, s, _ = query
+    return 2 * b * s * (qkv_weight[0] * qkv_weight[1] + proj_weight[0] * proj_weight[1]) + 4 * b * s * s * embed_dim
+
+
+# torch's FlopCounterMode does not count CPU's fused attention kernels; give them the standard formulas.
+CPU_ATTENTION_FORMULAS = {
+    ATEN._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+    ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+    ATEN._native_multi_head_attention: _native_mha,  # the frozen ViT's eval fast path
+}
+
+
+@pytest.mark.parametrize("which", ["tiny", "reference"])
+def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
+    """The estimate equals the matmul FLOPs torch counts in one forward + backward of each dataset.
+
+    Autograd skips weight gradients of frozen parameters and the vision tower runs without autograd, so the
+    executed count is itself frozen-aware; empty MMC4 image slots are neither encoded nor resampled.
+    """
+    if which == "tiny":
+        bundle = tiny_bundle()
+        batch = dual_batch(bundle.tokenizer)
+    else:
+        bundle = reference_bundle()
+        batch = reference_batch()
+    assert not batch["mmc4"]["image_mask"].all()  # some empty slots
+    model = FlamingoComposerModel(bundle.model)
+    estimate = flamingo_flops_per_batch(bundle.model, batch)
+    assert set(estimate) == {"laion", "mmc4"}
+    for name in ("laion", "mmc4"):
+        sub = {name: batch[name]}
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS) as counter:
+            model.loss(model(sub), sub)["total"].backward()
+        assert estimate[name] == pytest.approx(counter.get_total_flops(), rel=1e-3), name
+    assert model.flops_per_batch(batch) == pytest.approx(sum(estimate.values()))
+
+
+def test_speed_monitor_reports_flops(bundle):
+    batches = [dual_batch(bundle.tokenizer, seed=s) for s in range(3)]
+    logger = InMemoryLogger()
+    model = FlamingoComposerModel(bundle.model)
+    trainer = Trainer(
+        model=model, train_dataloader=dual_dataspec(batches), max_duration="3ba", loggers=[logger],
+        callbacks=[SpeedMonitor(window_size=1)], device="cpu", precision="fp32", progress_bar=False,
+        optimizers=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
+        **REQUIRED_TRAINER_KWARGS,
+    )
+    trainer.fit()
+    trainer.close()
+    flops_per_sec = logger.get_timeseries("throughput/flops_per_sec")["throughput/flops_per_sec"]
+    assert len(flops_per_sec) >= 1 and all(math.isfinite(v) and v > 0 for v in flops_per_sec)
