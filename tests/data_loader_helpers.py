@@ -11,7 +11,11 @@ import torchvision.transforms.functional as TF
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-from flamingo_composer.data.synthetic import SYNTHETIC_MIN_IMAGE_BYTES, SyntheticConfig, write_synthetic_dataset
+from flamingo_composer.data.synthetic import (
+    SYNTHETIC_MIN_IMAGE_BYTES,
+    SyntheticConfig,
+    write_synthetic_dataset,
+)
 from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.vocab import build_tiny_tokenizer
 
@@ -73,13 +77,21 @@ def mmc4_config(root: Path, fmt: str, **overrides) -> MMC4DatasetConfig:
     preprocess = MMC4PreprocessConfig(
         min_image_bytes=SYNTHETIC_MIN_IMAGE_BYTES, max_num_images=MAX_IMAGES, max_tokens=MMC4_TOKENS
     )
-    kwargs = {"batch_size": 2, "shuffle_buffer": 8, "seed": 5, "preprocess": preprocess, **mmc4_source(root, fmt)}
+    kwargs = {
+        "batch_size": 2,
+        "shuffle_buffer": 8,
+        "seed": 5,
+        "preprocess": preprocess,
+        **mmc4_source(root, fmt),
+    }
     return MMC4DatasetConfig(**{**kwargs, **overrides})
 
 
 def data_config(root: Path, fmt: str, laion: dict | None = None, mmc4: dict | None = None) -> DataConfig:
     """Both datasets enabled unless `laion`/`mmc4` is passed as {'enabled': False}."""
-    return DataConfig(laion=laion_config(root, fmt, **(laion or {})), mmc4=mmc4_config(root, fmt, **(mmc4 or {})))
+    return DataConfig(
+        laion=laion_config(root, fmt, **(laion or {})), mmc4=mmc4_config(root, fmt, **(mmc4 or {}))
+    )
 
 
 @contextlib.contextmanager

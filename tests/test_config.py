@@ -245,3 +245,14 @@ def test_model_level_activation_checkpointing(tmp_path, shards):
     data["device"] = "gpu"
     message = load_error(tmp_path, data, ["activation_checkpointing=true"])
     assert "set fsdp_config.activation_checkpointing instead" in message
+
+
+def test_model_sources_checked_at_load(tmp_path, shards):
+    message = load_error(tmp_path, base_config(shards), ["model.lm.name=EleutherAI/pythia-70m"])
+    assert message == "model.lm: set exactly one of name, config (got name, config)"
+    message = load_error(tmp_path, base_config(shards), ["model.tokenizer.builtin=null"])
+    assert message == "model.tokenizer: set exactly one of name, builtin (got none)"
+    message = load_error(
+        tmp_path, base_config(shards), ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"]
+    )
+    assert message == f"model.vision.config_path: file not found: {tmp_path}/v.json"

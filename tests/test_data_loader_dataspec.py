@@ -58,7 +58,9 @@ def test_split_batch_keeps_every_sample_exactly_once(laion_rows, mmc4_rows, micr
         for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
             assert torch.equal(torch.cat([part[field] for part in present]), sub[field]), (name, field)
         for part in present:
-            assert torch.equal(part["num_supervised_tokens"], sub["num_supervised_tokens"])  # whole-batch count
+            assert torch.equal(
+                part["num_supervised_tokens"], sub["num_supervised_tokens"]
+            )  # whole-batch count
             assert len({int(row) for row in part["input_ids"][:, 0]}) == part["input_ids"].shape[0]
         assert present[0]["skipped"] == sub["skipped"] and present[0]["position"] == 99
         assert all("skipped" not in part and "position" not in part for part in present[1:])
@@ -81,7 +83,9 @@ def test_sample_and_token_counts_cover_both_datasets():
     tokens = get_num_tokens_in_batch(batch)
     expected_total = int(batch["laion"]["attention_mask"].sum() + batch["mmc4"]["attention_mask"].sum())
     assert tokens["total"] == expected_total < 8 * 6 + 4 * 10
-    assert tokens["loss_generating"] == int(batch["laion"]["num_supervised_tokens"] + batch["mmc4"]["num_supervised_tokens"])
+    assert tokens["loss_generating"] == int(
+        batch["laion"]["num_supervised_tokens"] + batch["mmc4"]["num_supervised_tokens"]
+    )
 
 
 def test_validate_microbatch_size_names_the_sizes():
@@ -108,7 +112,9 @@ class _FixedBatcher:
 
 
 def test_build_dataspec_wires_our_functions():
-    loader = DualBatchLoader({"mmc4": _FixedBatcher(_sub(4, 3, 10, 0)), "laion": _FixedBatcher(_sub(8, 1, 6, 0))}, 3)
+    loader = DualBatchLoader(
+        {"mmc4": _FixedBatcher(_sub(4, 3, 10, 0)), "laion": _FixedBatcher(_sub(8, 1, 6, 0))}, 3
+    )
     spec = build_dataspec(loader)
     assert isinstance(spec, DataSpec) and spec.dataloader is loader
     assert loader.batch_size == 8 and len(loader) == 3

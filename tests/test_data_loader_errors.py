@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import tarfile
 from collections import Counter
 
 import pytest
@@ -55,8 +56,11 @@ def test_skip_counts_made_in_workers_reach_the_batches(root, tok, fmt):
         in_main, in_main_keys = run(0)
     # Unshuffled, the first 15 LAION batches read samples 0..~70 where every 7th is broken in one of 3 ways.
     assert {"corrupt_image", "empty_caption", "missing_image"} <= set(in_workers["laion"])
-    bad_mmc4 = {"bad_base64", "bad_similarity_matrix", "malformed_json"} if fmt == "wds" else {
-        "missing_image", "bad_similarity_matrix", "malformed_json"}  # MDS stores invalid base64 as no bytes
+    bad_mmc4 = (
+        {"bad_base64", "bad_similarity_matrix", "malformed_json"}
+        if fmt == "wds"
+        else {"missing_image", "bad_similarity_matrix", "malformed_json"}
+    )  # MDS stores invalid base64 as no bytes
     assert bad_mmc4 <= set(in_workers["mmc4"])
     if fmt == "mds":  # same order for any number of workers: the counts must agree exactly
         assert in_workers == in_main and in_workers_keys == in_main_keys
@@ -70,7 +74,9 @@ def test_truncated_tar_and_failing_pipe_are_skipped_and_counted(root, tok, tmp_p
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(data[: len(data) // 2])  # cut mid-member
     shards = [str(truncated), "pipe:false", f"pipe:cat {good}", "pipe:exit 3"]
-    cfg = DataConfig(laion=laion_config(root, "wds", shards=shards, shuffle=False, num_workers=2, epoch_size=16))
+    cfg = DataConfig(
+        laion=laion_config(root, "wds", shards=shards, shuffle=False, num_workers=2, epoch_size=16)
+    )
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1, return_keys=True)
     with deadline(120, "reading broken shards"):
         skipped, keys = _totals(loader, 12)  # 48 samples: several passes over the two readable halves
@@ -81,10 +87,16 @@ def test_truncated_tar_and_failing_pipe_are_skipped_and_counted(root, tok, tmp_p
     assert skipped["laion"]["shard_error"] >= 3  # the truncated tar and both failing commands, at least once
 
 
-def test_nothing_usable_stops_with_a_clear_error_instead_of_spinning(root, tok):
-    cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards="pipe:false", epoch_size=10, max_consecutive_skips=5))
+@pytest.mark.parametrize("broken", ["pipe:false", "empty.tar"])
+def test_nothing_usable_stops_with_a_clear_error_instead_of_spinning(root, tok, tmp_path, broken):
+    if broken == "empty.tar":
+        tarfile.open(tmp_path / broken, "w").close()  # a valid tar without members
+        broken, reason = str(tmp_path / broken), "empty_shards"
+    else:
+        reason = "shard_error"
+    cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards=broken, epoch_size=10, max_consecutive_skips=5))
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
-    with deadline(60, "a stream of failing shards"), pytest.raises(RuntimeError, match="shard_error"):
+    with deadline(60, "a stream without samples"), pytest.raises(RuntimeError, match=reason):
         next(iter(loader))
     loader.close()
 

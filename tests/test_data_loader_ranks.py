@@ -39,7 +39,10 @@ def _shards(root, split: str) -> list[str]:
 
 def test_split_plan_falls_back_to_sample_level():
     assert split_plan(num_shards=8, world_size=2, num_workers=4) == (True, True)
-    assert split_plan(num_shards=6, world_size=2, num_workers=4) == (True, False)  # 3 shards per rank < 4 workers
+    assert split_plan(num_shards=6, world_size=2, num_workers=4) == (
+        True,
+        False,
+    )  # 3 shards per rank < 4 workers
     assert split_plan(num_shards=1, world_size=2, num_workers=2) == (False, False)
 
 
@@ -58,7 +61,9 @@ def test_fewer_shards_than_readers_does_not_hang_and_covers_the_data(root, proce
         ]  # fmt: skip
     assert all(len(keys) == 8 for keys in per_rank)
     everything = Counter(f"val-{i:07d}" for i in range(16))
-    if shuffle:  # the sample buffer mixes passes, so a pass is no longer a clean set; still every reader reads
+    if (
+        shuffle
+    ):  # the sample buffer mixes passes, so a pass is no longer a clean set; still every reader reads
         assert set(per_rank[0] + per_rank[1]) <= set(everything) and per_rank[0] != per_rank[1]
     else:
         assert Counter(per_rank[0] + per_rank[1]) == everything
@@ -82,7 +87,11 @@ def test_shard_level_split_is_disjoint_and_complete(root, process):
 def test_mds_ranks_are_disjoint_and_complete(root, process):
     dataset = open_mds(str(root / "mds" / "laion" / "train"))
     per_rank = [
-        _keys(MDSItems(dataset, process, seed=2, shuffle=True, block_size=1 << 18, rank=rank, world_size=3), 2, 32)
+        _keys(
+            MDSItems(dataset, process, seed=2, shuffle=True, block_size=1 << 18, rank=rank, world_size=3),
+            2,
+            32,
+        )
         for rank in range(3)
     ]
     assert Counter(sum(per_rank, [])) == Counter(f"train-{i:07d}" for i in range(96))
@@ -118,7 +127,9 @@ def test_every_rank_yields_the_same_number_of_batches(root, fmt):
 
 
 def test_few_shards_warn_at_build(root, caplog):
-    cfg = data_config(root, "wds", laion={"shards": _shards(root, "val"), "num_workers": 2}, mmc4={"enabled": False})
+    cfg = data_config(
+        root, "wds", laion={"shards": _shards(root, "val"), "num_workers": 2}, mmc4={"enabled": False}
+    )
     with caplog.at_level("WARNING"):
         build_dual_loader(cfg, tokenizer(), transform, rank=0, world_size=2)
     assert "splitting at sample level" in caplog.text

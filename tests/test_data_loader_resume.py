@@ -93,10 +93,20 @@ def test_item_stream_restarts_at_any_position(root, tok, fmt):
     def items(start: int):
         if fmt == "mds":
             dataset = open_mds(str(root / "mds" / "laion" / "train"))
-            return MDSItems(dataset, process, seed=1, shuffle=True, block_size=1 << 18, rank=0, world_size=1, start=start)
+            return MDSItems(
+                dataset, process, seed=1, shuffle=True, block_size=1 << 18, rank=0, world_size=1, start=start
+            )
         urls = sorted(str(p) for p in (root / "wds" / "laion").glob("train-*.tar"))
         return WebDatasetItems(
-            urls, process, seed=1, shuffle=True, shuffle_buffer=8, resample=False, rank=0, world_size=1, start=start
+            urls,
+            process,
+            seed=1,
+            shuffle=True,
+            shuffle_buffer=8,
+            resample=False,
+            rank=0,
+            world_size=1,
+            start=start,
         )
 
     total = 110  # crosses the end of the first pass (96 samples)

@@ -53,7 +53,9 @@ def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special:
 @pytest.mark.parametrize("fmt", ["wds", "mds"])
 def test_batches_follow_the_schema(root, tok, fmt):
     special = SpecialTokens.from_tokenizer(tok)
-    loader = build_dual_loader(data_config(root, fmt, laion={"num_workers": 2}), tok, transform, rank=0, world_size=1)
+    loader = build_dual_loader(
+        data_config(root, fmt, laion={"num_workers": 2}), tok, transform, rank=0, world_size=1
+    )
     assert loader.batch_size == 4
     batches = list(itertools.islice(iter(loader), 3))
     loader.close()
@@ -125,7 +127,9 @@ def test_remote_webdataset_needs_epoch_size(root, tok):
     cfg = DataConfig(laion=laion_config(root, "wds", shards=f"pipe:cat {root}/wds/laion/train-000000.tar"))
     with pytest.raises(ValueError, match="epoch_size"):
         build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
-    cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4))
+    cfg = DataConfig(
+        mmc4=mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4)
+    )
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     assert len(list(loader)) == len(loader) == 2
 

@@ -23,7 +23,9 @@ def is_remote_url(url: str) -> bool:
     if url.startswith("pipe:"):
         return True
     scheme, sep, _ = url.partition("://")
-    return bool(sep) and scheme != "file" and len(scheme) > 1  # len > 1: a Windows drive letter is not a scheme
+    return (
+        bool(sep) and scheme != "file" and len(scheme) > 1
+    )  # len > 1: a Windows drive letter is not a scheme
 
 
 def local_path(url: str) -> str:
@@ -47,9 +49,15 @@ def expand_shards(shards: str | list[str] | None, where: str = "shards") -> list
     urls = [url for url in urls if url.strip()]
     if not urls:
         raise ValueError(f"{where}: the shard list {shards!r} is empty")
-    missing = [local_path(url) for url in urls if not is_remote_url(url) and not os.path.isfile(local_path(url))]
+    missing = [
+        local_path(url) for url in urls if not is_remote_url(url) and not os.path.isfile(local_path(url))
+    ]
     if missing:
-        more = f" (and {len(missing) - 3} more; {len(missing)} of {len(urls)} missing)" if len(missing) > 3 else ""
+        more = (
+            f" (and {len(missing) - 3} more; {len(missing)} of {len(urls)} missing)"
+            if len(missing) > 3
+            else ""
+        )
         raise ValueError(f"{where}: local shard path does not exist: {', '.join(missing[:3])}{more}")
     return urls
 
@@ -111,7 +119,9 @@ class DatasetConfig:
     def mds_local_dir(self) -> str:
         """The directory streaming reads index.json from (local, plus split)."""
         if not self.local:
-            raise ValueError("local: an MDS dataset needs a local directory (the data itself, or the cache for remote)")
+            raise ValueError(
+                "local: an MDS dataset needs a local directory (the data itself, or the cache for remote)"
+            )
         return os.path.join(self.local, self.split) if self.split else self.local
 
     def check_mds_location(self) -> None:

@@ -191,7 +191,10 @@ class DualBatchLoader:
             else:
                 log.warning(
                     "%s: checkpoint from %d ranks resumed on %d: the stream restarts near the same global "
-                    "progress, not at the exact sample", name, len(positions), self.world_size,
+                    "progress, not at the exact sample",
+                    name,
+                    len(positions),
+                    self.world_size,
                 )
                 batcher.seek(sum(positions) // self.world_size)
             if state.get("num_workers", {}).get(name, batcher.num_workers) != batcher.num_workers:
@@ -217,8 +220,14 @@ def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
 
         def make_items(start: int) -> IterableDataset:
             return MDSItems(
-                dataset, process, seed=cfg.seed, shuffle=cfg.shuffle, block_size=cfg.shuffle_block_size,
-                rank=rank, world_size=world_size, start=start,
+                dataset,
+                process,
+                seed=cfg.seed,
+                shuffle=cfg.shuffle,
+                block_size=cfg.shuffle_block_size,
+                rank=rank,
+                world_size=world_size,
+                start=start,
             )
 
         make_items(0)  # validates sizes now, not in a worker
@@ -230,13 +239,23 @@ def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
         log.warning(
             "%s: %d shards for %d ranks x %d workers: splitting at sample level (every reader reads the shards "
             "and keeps every k-th sample); write more shards for efficient reading",
-            name, len(urls), world_size, max(cfg.num_workers, 1),
+            name,
+            len(urls),
+            world_size,
+            max(cfg.num_workers, 1),
         )
 
     def make_items(start: int) -> IterableDataset:
         return WebDatasetItems(
-            urls, process, seed=cfg.seed, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
-            resample=cfg.resample, rank=rank, world_size=world_size, start=start,
+            urls,
+            process,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            shuffle_buffer=cfg.shuffle_buffer,
+            resample=cfg.resample,
+            rank=rank,
+            world_size=world_size,
+            start=start,
         )
 
     samples = None if cfg.epoch_size is not None else count_local_samples(urls)
@@ -272,7 +291,9 @@ def build_dual_loader(
     special = SpecialTokens.from_tokenizer(tokenizer)
     batchers, lengths = {}, []
     for name, cfg in data.enabled().items():
-        processor_cls, collate_fn = (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
+        processor_cls, collate_fn = (
+            (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
+        )
         process = processor_cls(tokenizer, image_transform, cfg.preprocess, cfg.seed)
         make_items, num_samples = _source(name, cfg, process, rank, world_size)
         lengths.append(batches_per_epoch(name, cfg, num_samples, world_size))
@@ -305,7 +326,9 @@ class _bind_special:
 # Composer DataSpec.
 
 
-def validate_microbatch_size(laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int) -> None:
+def validate_microbatch_size(
+    laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int
+) -> None:
     """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
 
     microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).

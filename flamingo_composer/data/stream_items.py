@@ -18,7 +18,9 @@ import torch
 
 from flamingo_composer.data.skips import SkipSample
 
-SampleProcessor = Callable[..., Mapping[str, torch.Tensor]]  # process(raw, *, epoch, key) -> tensors / SkipSample
+SampleProcessor = Callable[
+    ..., Mapping[str, torch.Tensor]
+]  # process(raw, *, epoch, key) -> tensors / SkipSample
 
 
 def accepted(sample: Mapping[str, torch.Tensor], key: Any) -> dict[str, Any]:
@@ -33,7 +35,9 @@ def is_rejected(item: Mapping[str, Any]) -> bool:
     return "skip" in item
 
 
-def process_to_item(process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, Any]:
+def process_to_item(
+    process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any
+) -> dict[str, Any]:
     """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason."""
     try:
         return accepted(process(raw, epoch=epoch, key=key), key)

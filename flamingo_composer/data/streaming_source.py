@@ -50,7 +50,14 @@ def open_mds(local: str, remote: str | None = None, split: str | None = None) ->
 
 
 def rank_epoch_order(
-    shard_sizes: np.ndarray, *, seed: int, epoch: int, shuffle: bool, block_size: int, rank: int, world_size: int
+    shard_sizes: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    block_size: int,
+    rank: int,
+    world_size: int,
 ) -> np.ndarray:
     """Sample ids rank `rank` reads in epoch `epoch`, in order: (N - rank) / R ids, rounded up."""
     num_samples = int(np.sum(shard_sizes))
@@ -111,7 +118,9 @@ class MDSItems(IterableDataset):
         except Exception as err:  # a shard that fails to download or read: skipped and counted, never fatal
             failed_shards.add(shard_id)
             self._unblock_shard(shard_id)
-            log.warning("MDS shard %d unreadable (%s: %s): its samples are skipped", shard_id, type(err).__name__, err)
+            log.warning(
+                "MDS shard %d unreadable (%s: %s): its samples are skipped", shard_id, type(err).__name__, err
+            )
             return None
 
     def _unblock_shard(self, shard_id: int) -> None:
@@ -129,11 +138,13 @@ class MDSItems(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_info()
-        current_epoch, order, failed_shards = -1, None, set()
+        current_epoch, order, failed_shards = -1, None, set()  # failed_shards: ids this worker gave up on
         for item in range(self.start + worker, 2**62, num_workers):
             epoch, position = divmod(item, self.items_per_epoch)
-            if epoch != current_epoch:
-                current_epoch, order = epoch, self.order(epoch)
+            if (
+                epoch != current_epoch
+            ):  # failed shards are tried again each epoch (a failure may be transient)
+                current_epoch, order, failed_shards = epoch, self.order(epoch), set()
             sample_id = int(order[position])
             raw = self._read(sample_id, failed_shards)
             if raw is None:

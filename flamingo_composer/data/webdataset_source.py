@@ -3,7 +3,8 @@
 Each rank reads an endless item stream (see `stream_items`): epoch after epoch, the shard list is shuffled with
 (seed, epoch), split by rank, then by DataLoader worker; each worker reads its shards in turn, passes the raw
 samples through a seeded shuffle buffer, and only then decodes and preprocesses them. With `resample`, every
-worker instead draws shards with replacement from a generator seeded by (seed, rank, worker).
+worker instead draws shards with replacement, len(shards) per pass, from a generator seeded by (seed, rank,
+worker, pass).
 
 Fewer shards than ranks (or than workers per rank) would leave some readers with nothing: the webdataset trap
 where a rank hangs or runs dry. Then that level falls back to splitting at sample level: every reader reads the
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import IterableDataset
-from webdataset.filters import _shuffle
+from webdataset.filters import shuffle as shuffle_stage
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
@@ -47,6 +48,7 @@ from flamingo_composer.data.stream_items import (
 log = logging.getLogger(__name__)
 
 SHARD_ERROR = "shard_error"
+EMPTY_SHARDS = "empty_shards"  # a whole pass over this reader's shards held no sample
 _MARKER = "__marker__"
 
 
@@ -159,18 +161,24 @@ class WebDatasetItems(IterableDataset):
         return stream
 
     def _pass_raw(self, logical: int, num_workers: int) -> Iterator[dict]:
-        if self.resample:
-            rng = _rng(self.seed, "resample", self.rank, logical)
-            for draw in itertools.count():
-                url = self.urls[rng.randrange(len(self.urls))]
-                for sample in shard_samples(url):
-                    sample["__epoch__"] = draw // len(self.urls)
-                    yield sample
+        """Endless raw samples, pass after pass (or draw after draw). A pass that yields nothing at all (every
+        shard empty) yields one `empty_shards` marker, so the main process counts it instead of waiting forever."""
         for epoch in itertools.count():
-            for url in self._epoch_shards(epoch, logical, num_workers):
+            if self.resample:
+                rng = _rng(self.seed, "resample", self.rank, logical, epoch)
+                shards = [
+                    self.urls[rng.randrange(len(self.urls))] for _ in self.urls
+                ]  # one pass = len(urls) draws
+            else:
+                shards = self._epoch_shards(epoch, logical, num_workers)
+            produced = 0
+            for url in shards:
                 for sample in shard_samples(url):
                     sample["__epoch__"] = epoch
+                    produced += 1
                     yield sample
+            if not produced:
+                yield {_MARKER: EMPTY_SHARDS, "__url__": ",".join(shards[:3])}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_info()
@@ -178,7 +186,7 @@ class WebDatasetItems(IterableDataset):
         raw = self._split_raw(logical, num_workers)
         if self.shuffle and self.shuffle_buffer > 1:
             buffer_rng = _rng(self.seed, "buffer", self.rank, logical)
-            raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=buffer_rng)
+            raw = shuffle_stage(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=buffer_rng)(raw)
         # Resume: drop (unread by preprocessing) the raw samples this worker produced before `start`.
         raw = itertools.islice(raw, items_before(self.start, logical, num_workers), None)
         for sample in raw:

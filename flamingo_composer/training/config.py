@@ -322,6 +322,7 @@ def check_consistency(cfg: TrainConfig) -> None:
             raise ConfigError("fsdp_config: FSDP needs GPUs; remove it (null) for CPU runs")
         if cfg.device_train_microbatch_size == "auto":
             raise ConfigError("device_train_microbatch_size: 'auto' needs a GPU (it reacts to CUDA OOM)")
+    _check_model_sources(cfg.model)
     if cfg.activation_checkpointing and cfg.fsdp_config is not None:
         raise ConfigError(
             "activation_checkpointing: under FSDP set fsdp_config.activation_checkpointing instead "
@@ -346,6 +347,22 @@ def check_consistency(cfg: TrainConfig) -> None:
             validate_microbatch_size(*cfg.data.batch_sizes(), cfg.device_train_microbatch_size)
         except ValueError as exc:
             raise ConfigError(f"device_train_microbatch_size: {exc}") from exc
+
+
+def _check_model_sources(model: FlamingoModelConfig) -> None:
+    """Each model part names exactly one source, and local files named exist (before anything is built)."""
+    for section, keys in (
+        ("vision", ("name", "custom_config", "config_path")),
+        ("lm", ("name", "config")),
+        ("tokenizer", ("name", "builtin")),
+    ):
+        given = [k for k in keys if getattr(getattr(model, section), k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"model.{section}: set exactly one of {', '.join(keys)} (got {', '.join(given) or 'none'})"
+            )
+    if model.vision.config_path is not None and not Path(model.vision.config_path).is_file():
+        raise ConfigError(f"model.vision.config_path: file not found: {model.vision.config_path}")
 
 
 def _cuda_available() -> bool:
