@@ -198,6 +198,7 @@ def test_released_model_recipes(name, lm, every, gpus):
     cfg = _recipe(name)
     assert (cfg.model.lm.name, cfg.model.tokenizer.name, cfg.model.cross_attn_every_n_layers) == (lm, lm, every)
     assert (cfg.model.vision.name, cfg.model.vision.pretrained) == ("ViT-L-14", "openai")
+    assert cfg.model.lm.trust_remote_code and cfg.model.tokenizer.trust_remote_code  # as the reference loads them
     assert cfg.variables["num_gpus"] == gpus
     assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size) == (64, 32)
     steps = int(cfg.max_duration.removesuffix("ba"))

@@ -3,7 +3,9 @@
 Only `<|endofchunk|>` and `<image>` are learned (SPEC 1, FIX): instead of a trainable (V, D) matrix with a
 gradient mask, the frozen `weight` keeps every row exactly as loaded (the `<PAD>` row included) and
 `new_token_rows` (2, D) replaces the rows of the new ids wherever they are looked up. Works under FSDP and
-needs no hooks. For LMs with tied input/output embeddings, `SplicedLMHead` projects with the same spliced matrix.
+needs no hooks. For LMs with tied input/output embeddings, `SplicedLMHead` projects with the same spliced matrix;
+LMs whose tied logits are computed inside their own forward from the input embedding's `weight` (the remote code
+of the released 3B/9B LMs) get that one `F.linear` routed to the same projection (`TiedLogitsInForward`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
 
 
 class NewTokenRows(nn.Module):
@@ -95,14 +100,84 @@ class SplicedLMHead(nn.Module):
         return self._embedding.project(hidden_states)  # (..., V)
 
 
+class _RouteTiedLogits(TorchFunctionMode):
+    """Torch-function mode for one LM call: `F.linear(h, embedding.weight)` (no bias) -> `embedding.project(h)`.
+
+    The frozen `weight` object is matched by identity, so nothing else is touched (the input look-up is an
+    `F.embedding`). Inside `__torch_function__` the mode is off, so `project`'s own `F.linear` runs normally.
+    """
+
+    def __init__(self, embedding: SplicedEmbedding):
+        super().__init__()
+        self.embedding = embedding
+        self.routed = 0  # how many projections were routed during the call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            hidden_states = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight is self.embedding.weight and bias is None:
+                self.routed += 1
+                return self.embedding.project(hidden_states)  # (..., V)
+        return func(*args, **kwargs)
+
+
+class TiedLogitsInForward:
+    """For LMs whose forward computes the tied logits itself, as `F.linear(h, self.transformer.wte.weight)`.
+
+    MosaicGPT (anas-awadalla/mpt-1b-redpajama-200b) and the remote MPT code (anas-awadalla/mpt-7b) have no output
+    module of their own: their head reads the input embedding's `weight`, which for a `SplicedEmbedding` is the
+    frozen matrix without the trained `<image>` / `<|endofchunk|>` rows. While the LM runs (a forward pre-hook
+    enters, an always-called forward hook leaves), `_RouteTiedLogits` sends exactly that projection to
+    `SplicedEmbedding.project`, so the logits, the LM's own loss and the rows' gradients all use the spliced
+    matrix, and the state dict keeps its `...wte.weight` key. A call that never computed that projection raises:
+    the trained rows would silently miss the logits.
+    """
+
+    def __init__(self) -> None:
+        self._routes: list[_RouteTiedLogits] = []  # the calls in progress (one, unless the LM is re-entered)
+
+    @classmethod
+    def install(cls, lm: nn.Module) -> TiedLogitsInForward:
+        router = cls()
+        lm.register_forward_pre_hook(router._enter)
+        lm.register_forward_hook(router._leave, always_call=True)
+        return router
+
+    def _enter(self, lm: nn.Module, args) -> None:
+        embedding = lm.get_input_embeddings()
+        if not isinstance(embedding, SplicedEmbedding):
+            raise TypeError(f"{type(lm).__name__}'s input embedding is a {type(embedding).__name__}, not spliced")
+        route = _RouteTiedLogits(embedding)
+        route.__enter__()
+        self._routes.append(route)
+
+    def _leave(self, lm: nn.Module, args, output) -> None:
+        route = self._routes.pop()
+        route.__exit__(None, None, None)
+        if output is not None and route.routed == 0:  # output is None when the forward raised
+            raise RuntimeError(
+                f"{type(lm).__name__}: its forward did not compute the logits as F.linear(hidden_states, "
+                "input_embedding.weight), so the trained <image> / <|endofchunk|> rows cannot reach them (an LM "
+                "without an output-embedding module of its own must compute its tied head that way)"
+            )
+
+
 def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmbedding:
     """Replace `lm`'s input embedding (and, if tied, its output head) by the spliced versions; return the embedding.
 
     Call after `resize_token_embeddings`: the spliced rows start from the resized matrix's rows at those ids.
+    A tied head is one of: a separate output module sharing the input embedding's weight (transformers' classes;
+    replaced by `SplicedLMHead`), or none / the input embedding module itself (remote MosaicGPT / MPT code, whose
+    forward projects with the embedding's weight; routed by `TiedLogitsInForward`).
     """
+    ensure_input_embedding_accessors(lm)
     old_input = lm.get_input_embeddings()
     old_output = lm.get_output_embeddings()
-    tied = old_output is not None and old_output.weight is old_input.weight
+    head_in_forward = old_output is None or old_output is old_input
+    tied = not head_in_forward and old_output.weight is old_input.weight
     if tied and getattr(old_output, "bias", None) is not None:
         raise ValueError(f"{type(lm).__name__}: tied output head with a bias is not supported")
     embedding = SplicedEmbedding(old_input.weight, new_token_ids)
@@ -111,6 +186,8 @@ def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmb
         lm.set_output_embeddings(SplicedLMHead(embedding))
         # The head now reads the spliced matrix explicitly; HF must not re-tie a `.weight` onto it.
         lm.config.tie_word_embeddings = False
+    elif head_in_forward:
+        TiedLogitsInForward.install(lm)
     return embedding
 
 
@@ -147,5 +224,6 @@ def resize_and_splice(lm: nn.Module, tokenizer, special_token_ids: dict[str, int
 
     Rows that exist at both sizes keep their values; new rows are initialised by transformers' resize.
     """
+    ensure_input_embedding_accessors(lm)  # MosaicGPT lacks them; resize needs them
     lm.resize_token_embeddings(len(tokenizer))
     return splice_new_token_rows(lm, [special_token_ids["endofchunk"], special_token_ids["media"]])

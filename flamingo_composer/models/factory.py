@@ -17,6 +17,7 @@ from torch import nn
 
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.flamingo import Flamingo
+from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
 
 # A minimal text tower, filled in for custom vision configs that only describe the ViT (open_clip builds both).
 _PLACEHOLDER_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
@@ -35,18 +36,37 @@ class VisionConfig:
 
 @dataclass
 class LMConfig:
-    """Causal LM: `name` (hub id or local dir, from_pretrained) or `config` (inline transformers config, random init)."""
+    """Causal LM: `name` (hub id or local dir, from_pretrained) or `config` (inline transformers config, random init).
+
+    `trust_remote_code` lets from_pretrained run the model code shipped with `name` (the released 3B/9B LMs are
+    MosaicGPT / MPT remote code, which the reference loads with trust_remote_code=True).
+    """
 
     name: str | None = None
     config: dict | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.trust_remote_code and self.config is not None:
+            raise ValueError(
+                "trust_remote_code: only applies with lm.name (an inline lm.config builds a transformers class)"
+            )
 
 
 @dataclass
 class TokenizerConfig:
-    """Tokenizer: `name` (hub id or local dir) or `builtin: tiny` (offline word-level tokenizer)."""
+    """Tokenizer: `name` (hub id or local dir) or `builtin: tiny` (offline word-level tokenizer).
+
+    `trust_remote_code` is passed to AutoTokenizer.from_pretrained with `name`, as the reference does.
+    """
 
     name: str | None = None
     builtin: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.trust_remote_code and self.builtin is not None:
+            raise ValueError("trust_remote_code: only applies with tokenizer.name, not tokenizer.builtin")
 
 
 @dataclass
@@ -145,12 +165,21 @@ def build_vision(vision: VisionConfig) -> tuple[nn.Module, Callable]:
 
 
 def build_lm(lm: LMConfig) -> nn.Module:
+    """The causal LM, with input-embedding accessors ensured (some remote-code LMs lack them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (lm.name is None) == (lm.config is None):
         raise ValueError("lm config needs exactly one of lm.name (hub id / local dir) or lm.config (inline config)")
     if lm.name is not None:
-        return AutoModelForCausalLM.from_pretrained(lm.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc) or lm.trust_remote_code:
+                raise
+            raise ValueError(
+                f"lm.name {lm.name!r} ships its own model code: set model.lm.trust_remote_code: true to run it"
+            ) from exc
+        return ensure_input_embedding_accessors(model)
     config = dict(lm.config)
     model_type = config.pop("model_type", None)
     if model_type is None:
@@ -169,7 +198,7 @@ def build_tokenizer(tokenizer: TokenizerConfig):
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer.name)
+    return AutoTokenizer.from_pretrained(tokenizer.name, trust_remote_code=tokenizer.trust_remote_code)
 
 
 # -------------------------------------------------------------------------------------------------- assembly

@@ -9,6 +9,7 @@ them to the block as explicit arguments: nothing about one call's images stays o
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,53 +19,106 @@ from torch import nn
 
 from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
 
-# config.model_type -> attribute path of the decoder-layer ModuleList (the reference's table).
-DECODER_LAYERS_PATH: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "gpt_neox": "gpt_neox.layers",
-    "mpt": "transformer.blocks",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-    "gptj": "transformer.h",
+
+@dataclass(frozen=True)
+class LMFamily:
+    """Where a decoder-only family keeps what Flamingo needs (attribute paths from the causal-LM root)."""
+
+    decoder_layers: str  # the decoder-layer ModuleList
+    hidden_size: str = "hidden_size"  # config attribute holding the residual-stream width
+    input_embedding: str | None = None  # the input embedding, for LMs without get/set_input_embeddings
+
+
+# config.model_type -> family facts (the reference's table, plus the remote-code LMs of the released models:
+# `mosaic_gpt` = anas-awadalla/mpt-1b-redpajama-200b, `mpt` also covers anas-awadalla/mpt-7b's own MPT code).
+LM_FAMILIES: dict[str, LMFamily] = {
+    "llama": LMFamily("model.layers"),
+    "mistral": LMFamily("model.layers"),
+    "gpt_neox": LMFamily("gpt_neox.layers"),
+    "mpt": LMFamily("transformer.blocks", hidden_size="d_model", input_embedding="transformer.wte"),
+    "mosaic_gpt": LMFamily("transformer.blocks", hidden_size="d_model", input_embedding="transformer.wte"),
+    "opt": LMFamily("model.decoder.layers"),
+    "gpt2": LMFamily("transformer.h"),
+    "gptj": LMFamily("transformer.h"),
 }
+DECODER_LAYERS_PATH: dict[str, str] = {name: family.decoder_layers for name, family in LM_FAMILIES.items()}
 
 
 def _supported_families() -> str:
-    return ", ".join(sorted(DECODER_LAYERS_PATH))
+    return ", ".join(sorted(LM_FAMILIES))
 
 
-def decoder_layers_path(lm: nn.Module) -> str:
-    """The attribute path of `lm`'s decoder-layer list; ValueError naming the class for unsupported LMs."""
+def lm_family(lm: nn.Module) -> LMFamily:
+    """The family facts of `lm` (by config.model_type); ValueError naming the class for unsupported LMs."""
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    path = DECODER_LAYERS_PATH.get(model_type)
-    if path is None:
+    family = LM_FAMILIES.get(model_type)
+    if family is None:
         raise ValueError(
             f"Unsupported language model class {type(lm).__name__} (model_type={model_type!r}): "
             f"Flamingo supports the decoder-only families {_supported_families()}"
         )
-    return path
+    return family
 
 
-def get_decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The LM's decoder-layer ModuleList (found by family, see `DECODER_LAYERS_PATH`)."""
-    path = decoder_layers_path(lm)
-    module = lm
+def decoder_layers_path(lm: nn.Module) -> str:
+    """The attribute path of `lm`'s decoder-layer list; ValueError naming the class for unsupported LMs."""
+    return lm_family(lm).decoder_layers
+
+
+def _resolve(root: nn.Module, path: str, what: str) -> nn.Module:
+    module = root
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
-            raise ValueError(f"{type(lm).__name__} has no attribute path {path!r} for its decoder layers")
+            raise ValueError(f"{type(root).__name__} has no attribute path {path!r} for its {what}")
+    return module
+
+
+def get_decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's decoder-layer ModuleList (found by family, see `LM_FAMILIES`)."""
+    path = decoder_layers_path(lm)
+    module = _resolve(lm, path, "decoder layers")
     if not isinstance(module, nn.ModuleList):
         raise ValueError(f"{type(lm).__name__}.{path} is a {type(module).__name__}, expected nn.ModuleList")
     return module
 
 
 def lm_hidden_size(lm: nn.Module) -> int:
-    """Width of the LM's residual stream: config.hidden_size (MPT: config.d_model)."""
-    config = lm.config
-    if config.model_type == "mpt":
-        return int(config.d_model)
-    return int(config.hidden_size)
+    """Width of the LM's residual stream: config.hidden_size (MPT / MosaicGPT: config.d_model)."""
+    return int(getattr(lm.config, lm_family(lm).hidden_size))
+
+
+def _input_embedding_at(lm: nn.Module, path: str) -> nn.Module:
+    return _resolve(lm, path, "input embedding")
+
+
+def _set_input_embedding_at(lm: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = _resolve(lm, parent_path, "input embedding") if parent_path else lm
+    setattr(parent, name, value)
+
+
+def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
+    """Give `lm` get/set_input_embeddings at its family's embedding path when its class lacks them; returns `lm`.
+
+    Some revisions of MosaicGPT (the released 3B's LM) do not define them, so transformers' resize (and our
+    splicing) cannot find the embedding; the reference patches the instance the same way (`EmbeddingFnMixin`).
+    The accessors are instance attributes holding `functools.partial`s, so copies and pickles of `lm` keep them.
+    """
+    try:
+        lm.get_input_embeddings()
+        return lm
+    except (NotImplementedError, AttributeError):
+        pass
+    path = lm_family(lm).input_embedding
+    if path is None:
+        raise ValueError(
+            f"{type(lm).__name__} has no get_input_embeddings() and its family has no known input-embedding path"
+        )
+    _input_embedding_at(lm, path)  # fail now, naming the path, if it is not there
+    lm.get_input_embeddings = functools.partial(_input_embedding_at, lm, path)
+    lm.set_input_embeddings = functools.partial(_set_input_embedding_at, lm, path)
+    return lm
 
 
 @dataclass

@@ -118,6 +118,8 @@ def _lm_flops_per_sample(model: nn.Module, text_tokens: int, media_tokens: int) 
         flops += weight_passes * matmul_weights(decoder_layer) * text_tokens
         flops += attention_passes * _attention_core(text_tokens, text_tokens, hidden)
     head = lm.get_output_embeddings()
+    if head is None:  # tied head computed inside forward from the input embedding (MosaicGPT)
+        head = lm.get_input_embeddings()
     head_weights = head.weight.numel() if head is not None else 0
     flops += (FORWARD + (ACTIVATION_GRAD if grad_below else 0)) * head_weights * text_tokens
     return flops
