@@ -150,15 +150,18 @@ CPU_ATTENTION_FORMULAS = {
 }
 
 
-@pytest.mark.parametrize("which", ["tiny", "reference"])
+@pytest.mark.parametrize("which", ["gpt_neox", "gpt2", "mpt", "llama", "reference"])
 def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
     """The estimate equals the matmul FLOPs torch counts in one forward + backward of each dataset.
 
     Autograd skips weight gradients of frozen parameters and the vision tower runs without autograd, so the
     executed count is itself frozen-aware; empty MMC4 image slots are neither encoded nor resampled.
     """
-    if which == "tiny":
-        bundle = tiny_bundle()
+    if which != "reference":  # a tiny LM of that family (GPT-2: Conv1D layers; MPT: tied head)
+        from flamingo_composer.models.factory import build_flamingo
+        from flamingo_composer.models.tiny import tiny_model_config
+
+        bundle = build_flamingo(tiny_model_config(which))
         batch = dual_batch(bundle.tokenizer)
     else:
         bundle = reference_bundle()
@@ -189,3 +192,31 @@ def test_speed_monitor_reports_flops(bundle):
     trainer.close()
     flops_per_sec = logger.get_timeseries("throughput/flops_per_sec")["throughput/flops_per_sec"]
     assert len(flops_per_sec) >= 1 and all(math.isfinite(v) and v > 0 for v in flops_per_sec)
+
+
+def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
+    """tools/bench.py through the real entry point (tiny run.yaml model, in-memory batches, 2 timed steps)."""
+    import json
+    import sys
+
+    from train_helpers import REPO_ROOT, RUN_YAML, small_data
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO_ROOT / "tools"))
+    data_root = small_data(tmp_path_factory)
+    argv = ["--config", str(RUN_YAML), "--steps", "2", "--warmup", "1", "--matmul-size", "256",
+            f"variables.data_root={data_root}", "data.laion.batch_size=4", "data.mmc4.batch_size=2"]
+    assert bench.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    figures = json.loads(lines[0])
+    assert figures["steps"] == 2 and figures["data"] == "memory"
+    assert figures["laion_samples_per_s"] == pytest.approx(2 * figures["mmc4_samples_per_s"])  # 4 vs 2 per step
+    for key in ("step_time_s", "tokens_per_s", "achieved_flops_per_s", "matmul_flops_per_s", "peak_memory_bytes"):
+        assert figures[key] > 0, key
+    assert figures["achieved_over_matmul"] == pytest.approx(
+        figures["achieved_flops_per_s"] / figures["matmul_flops_per_s"]
+    )

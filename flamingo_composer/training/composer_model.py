@@ -67,13 +67,10 @@ def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
     return int(sub["input_ids"].shape[0])
 
 
-class _DatasetMetric:
+def _for_dataset(metric: Metric, dataset: str) -> Metric:
     """Marks a torchmetrics Metric with the dataset whose sub-batch feeds it (survives Composer's deepcopy)."""
-
-    @staticmethod
-    def tag(metric: Metric, dataset: str) -> Metric:
-        metric.flamingo_dataset = dataset
-        return metric
+    metric.flamingo_dataset = dataset
+    return metric
 
 
 class FlamingoComposerModel(ComposerModel):
@@ -180,8 +177,8 @@ class FlamingoComposerModel(ComposerModel):
             return {}
         metrics = {}
         for name in DATASETS:
-            metrics[f"{name}/LanguageCrossEntropy"] = _DatasetMetric.tag(LanguageCrossEntropy(), name)
-            metrics[f"{name}/TokenAccuracy"] = _DatasetMetric.tag(MaskedAccuracy(), name)
+            metrics[f"{name}/LanguageCrossEntropy"] = _for_dataset(LanguageCrossEntropy(), name)
+            metrics[f"{name}/TokenAccuracy"] = _for_dataset(MaskedAccuracy(), name)
         return metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:

@@ -24,12 +24,15 @@ WEIGHT_GRAD = 2  # backward, gradient w.r.t. the weight
 
 
 def matmul_weights(module: nn.Module | None) -> int:
-    """Weights used as matmul operands once per token: Linear / Conv weights and fused attention in-projections."""
+    """Weights used as matmul operands once per token: Linear / Conv weights and fused attention in-projections.
+
+    transformers' `Conv1D` (GPT-2's linear layer with a transposed weight) counts as a Linear.
+    """
     if module is None:
         return 0
     total = 0
     for sub in module.modules():
-        if isinstance(sub, nn.Linear | nn.Conv1d | nn.Conv2d):
+        if isinstance(sub, nn.Linear | nn.Conv1d | nn.Conv2d) or type(sub).__name__ == "Conv1D":
             total += sub.weight.numel()
         in_proj = getattr(sub, "in_proj_weight", None)
         if isinstance(in_proj, torch.Tensor):

@@ -1,0 +1,120 @@
+"""Learning signal: after a short CPU run on the synthetic data the model uses the images, each for its own text.
+
+Trained through the real entry point (yamls/run.yaml's tiny model and data pipeline, made shorter and faster
+below), then evaluated on held-out batches: the LAION caption loss with the true images must be clearly lower than
+with the images shuffled across the batch, and the MMC4 loss with the true images lower than with the images
+permuted within each document (so each `<image>` must reach its own chunk through the perceiver and the gated
+cross-attention). Before training both gaps are 0 (the gates start at 0): the gap is learned.
+
+Measured (CPU, 1 thread, ~85 s): after 250 steps LAION 1.704 vs 1.776 nats (gap 0.07) and MMC4 1.866 vs 1.908
+(gap 0.04); the first ~150 steps learn the caption template only (gap < 0.01).
+With the LM frozen and randomly initialised, its init scale matters: 0.02 (transformers' default) leaves the
+frozen head unable to express confident logits; 0.1 learns fastest to use the images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from step_utils import LossRecorder
+from train_helpers import RUN_YAML
+
+from flamingo_composer.data.dual_loader import build_dual_loader
+from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.training.config import load_config
+from flamingo_composer.training.run import train_from_config
+
+STEPS = 250
+DATA = SyntheticConfig(num_laion=2000, num_laion_val=64, num_mmc4=500, num_mmc4_val=32, image_size=32)
+
+
+def _overrides(data_root: Path) -> list[str]:
+    return [
+        f"variables.data_root={data_root}",
+        f"max_duration={STEPS}",
+        "eval_loader=null",
+        "save_folder=null",
+        "autoresume=false",
+        "loggers={}",
+        "callbacks={}",
+        "log_to_console=false",
+        "scheduler.t_warmup=0",
+        "optimizer.lr=5.0e-3",
+        "loss_multiplier_laion=1.0",  # the recipe's 0.2 only slows the LAION signal down
+        "model.lm.config.initializer_range=0.1",
+        "model.vision.custom_config.vision_cfg.image_size=32",  # 32 px data, 16 patches of 8 px
+        "model.vision.custom_config.vision_cfg.patch_size=8",
+        "model.vision.custom_config.vision_cfg.layers=2",
+    ]
+
+
+def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
+    cfg = load_config(RUN_YAML, _overrides(data_root) + [
+        "data.laion.split=val", "data.mmc4.split=val", "data.laion.num_workers=0", "data.mmc4.num_workers=0",
+        "data.laion.batch_size=32", "data.mmc4.batch_size=16", "data.laion.shuffle=false", "data.mmc4.shuffle=false",
+    ])  # fmt: skip
+    bundle = build_flamingo(cfg.model)
+    loader = iter(build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform, for_eval=True))
+    return [next(loader) for _ in range(count)]
+
+
+def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:
+    out = flamingo(vision_x=vision_x, input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
+                   labels=sub["labels"], image_mask=sub["image_mask"])
+    return out.loss.item()
+
+
+def _rows(sub: dict, rows: list[int]) -> dict:
+    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in sub.items()}
+
+
+def image_use_gaps(flamingo, batches: list[dict]) -> dict[str, tuple[float, float]]:
+    """{dataset: (loss with the true images, loss with mismatched images)} averaged over `batches`."""
+    was_training = flamingo.training
+    flamingo.eval()
+    sums = {"laion": [0.0, 0.0], "mmc4": [0.0, 0.0]}
+    with torch.no_grad():
+        for batch in batches:
+            laion = batch["laion"]
+            sums["laion"][0] += _loss(flamingo, laion, laion["vision_x"])
+            sums["laion"][1] += _loss(flamingo, laion, laion["vision_x"].roll(1, dims=0))  # another sample's image
+            mmc4 = batch["mmc4"]
+            docs = [i for i, mask in enumerate(mmc4["image_mask"]) if mask.sum() >= 2]
+            sub = _rows(mmc4, docs)
+            permuted = sub["vision_x"].clone()  # (B, T_img, 1, 3, H, W)
+            for row, mask in enumerate(sub["image_mask"]):
+                slots = mask.nonzero().flatten()
+                permuted[row, slots] = sub["vision_x"][row, slots.roll(1)]  # each chunk gets a sibling's image
+            sums["mmc4"][0] += _loss(flamingo, sub, sub["vision_x"])
+            sums["mmc4"][1] += _loss(flamingo, sub, permuted)
+    flamingo.train(was_training)
+    return {name: (true / len(batches), mismatched / len(batches)) for name, (true, mismatched) in sums.items()}
+
+
+@pytest.mark.slow
+def test_the_trained_model_uses_each_image_for_its_own_text(tmp_path):
+    torch.set_num_threads(1)  # the DataLoader workers share the 2 cores
+    data_root = tmp_path / "synthetic"
+    write_synthetic_dataset(data_root, DATA, formats=("mds",))
+    held_out = _held_out_batches(data_root)
+
+    recorder = LossRecorder()
+    trainer = train_from_config(load_config(RUN_YAML, _overrides(data_root)), extra_callbacks=[recorder], fit=False)
+    flamingo = trainer.state.model.model
+    before = image_use_gaps(flamingo, held_out)
+    trainer.fit()
+    trainer.close()
+    after = image_use_gaps(flamingo, held_out)
+
+    for name in ("laion", "mmc4"):
+        assert abs(before[name][1] - before[name][0]) < 0.01, (name, before)
+    laion_true, laion_shuffled = after["laion"]
+    mmc4_true, mmc4_permuted = after["mmc4"]
+    assert laion_shuffled - laion_true > 0.04, after
+    assert mmc4_permuted - mmc4_true > 0.015, after
+    totals = [losses["loss/train/total"] for _, losses in recorder.losses]
+    assert len(totals) == STEPS
+    assert sum(totals[-10:]) / 10 < 0.8 * totals[0]  # the loss fell clearly

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Training-speed benchmark: N real optimizer steps (after W warm-up steps), one JSON line of figures.
+
+    python tools/bench.py --config yamls/bench-cpu.yaml [--steps 20] [--warmup 3] [--data memory|loader]
+
+The Trainer is built by the training entry point (`train_from_config`: model, optimizer, schedule, clipping,
+precision, microbatching exactly as a run), checkpoints and loggers switched off. `--data memory` (default)
+feeds in-memory batches of the config's shapes (LAION and MMC4 batch sizes, `max_tokens`, `max_num_images`,
+the ViT's image size; `--images-per-doc` real images per MMC4 document), labelled by the data pipeline's
+collate; `--data loader` reads the config's data through the real loaders (decoding included).
+
+Printed: samples/s per dataset, tokens/s, the frozen-aware FLOP/s (training/flops.py) and the same machine's
+dense matmul FLOP/s measured in this run (a timed square matmul in the training dtype), their ratio, and peak
+memory (CUDA max allocated, or the process's max RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from composer import Callback, State
+from composer.core import DataSpec
+from composer.loggers import Logger
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training YAML (e.g. yamls/bench-cpu.yaml)")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--data", choices=["memory", "loader"], default="memory", help="batch source (see above)")
+    parser.add_argument("--images-per-doc", default="2,3", help="memory data: real images per MMC4 document, cycled")
+    parser.add_argument("--matmul-size", type=int, default=None, help="side of the timed matmul (default by device)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def ensure_synthetic_data(config: str, overrides: list[str]) -> None:
+    """Generate the built-in synthetic data at `variables.data_root` when missing and the YAML asks for it."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(list(overrides)))
+    variables = raw.get("variables") or {}
+    root, size = variables.get("data_root"), variables.get("synthetic_image_size")
+    if root is None or size is None or Path(root).exists():
+        return
+    from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    print(f"bench: generating synthetic data at {root} ({size} px)", file=sys.stderr)
+    write_synthetic_dataset(
+        root,
+        SyntheticConfig(num_laion=512, num_laion_val=16, num_mmc4=256, num_mmc4_val=8, image_size=int(size)),
+        formats=("mds",),
+    )
+
+
+class MemoryBatches:
+    """Endless copies of a few pre-built dual batches (fresh dicts each time: Composer moves and splits them)."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        lead = batches[0].get("laion", batches[0].get("mmc4"))
+        self.batch_size = int(lead["input_ids"].shape[0])
+
+    def __iter__(self):
+        step = 0
+        while True:
+            batch = self.batches[step % len(self.batches)]
+            yield {name: dict(sub) for name, sub in batch.items()}
+            step += 1
+
+
+def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], count: int = 4) -> list[dict]:
+    """Dual batches of the config's shapes, token ids from the tokenizer, labels from the pipeline's collate."""
+    from flamingo_composer.data.collate import collate_laion, collate_mmc4
+    from flamingo_composer.data.text import SpecialTokens
+    from flamingo_composer.vocab import WORDS
+
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    words = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in WORDS])
+    gen = torch.Generator().manual_seed(0)
+
+    def text(n: int) -> list[int]:
+        return words[torch.randint(len(words), (n,), generator=gen)].tolist()
+
+    def padded(ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids[:length]
+        return (
+            torch.tensor(ids + [special.pad] * (length - len(ids))),
+            torch.tensor([1] * len(ids) + [0] * (length - len(ids))),
+        )
+
+    batches = []
+    for index in range(count):
+        batch = {}
+        if cfg.data.laion.enabled:
+            length = cfg.data.laion.preprocess.max_tokens
+            samples = []
+            for _ in range(cfg.data.laion.batch_size):
+                ids, mask = padded([special.media, *text(length - 6), special.endofchunk, special.eos], length)
+                image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)  # (T_img=1, F=1, 3, H, W)
+                samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
+            batch["laion"] = collate_laion(samples, special)
+        if cfg.data.mmc4.enabled:
+            pre = cfg.data.mmc4.preprocess
+            samples = []
+            for row in range(cfg.data.mmc4.batch_size):
+                n_images = min(images_per_doc[(index + row) % len(images_per_doc)], pre.max_num_images)
+                chunk = max(4, (pre.max_tokens - 8) // n_images - 3)
+                ids = text(3)
+                for _ in range(n_images):
+                    ids += [special.media, *text(chunk), special.endofchunk]
+                ids, mask = padded(ids + [special.eos], pre.max_tokens)
+                images = torch.zeros(pre.max_num_images, 1, 3, image_size, image_size)  # (T_img, F, 3, H, W)
+                images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
+                image_mask = torch.arange(pre.max_num_images) < n_images  # (T_img,)
+                samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
+            batch["mmc4"] = collate_mmc4(samples, special)
+        batches.append(batch)
+    return batches
+
+
+def memory_dataspec(batches: list[dict]) -> DataSpec:
+    from flamingo_composer.data import dual_loader
+
+    return DataSpec(
+        MemoryBatches(batches),
+        split_batch=dual_loader.split_batch,
+        get_num_samples_in_batch=dual_loader.get_num_samples_in_batch,
+        get_num_tokens_in_batch=dual_loader.get_num_tokens_in_batch,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- timing
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(Callback):
+    """Wall time at the end of every step, and what each step processed (rows, tokens, frozen-aware FLOPs)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.steps: list[dict[str, float]] = []
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        synchronize()
+        self.ends.append(time.perf_counter())
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        synchronize()
+        self.ends.append(time.perf_counter())
+        model = state.model.module if hasattr(state.model, "module") else state.model  # DDP-wrapped or not
+        record = {"flops": float(model.flops_per_batch(state.batch))}
+        for name, sub in state.batch.items():
+            record[f"{name}_samples"] = int(sub["input_ids"].shape[0])
+            record[f"{name}_tokens"] = int(sub["input_ids"].numel())
+            record[f"{name}_nonpad_tokens"] = int(sub["attention_mask"].sum())
+        self.steps.append(record)
+
+
+def matmul_flops_per_s(device: str, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a (size x size) @ (size x size) matmul: the machine's dense peak in practice."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    inner = 10 if device == "cuda" else 1
+    torch.matmul(a, b)  # warm-up (kernel selection, thread pool)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b)
+        synchronize()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2.0 * size**3 / best
+
+
+def peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict:
+    from flamingo_composer.training.config import load_config
+    from flamingo_composer.training.run import train_from_config
+
+    total = args.warmup + args.steps
+    ensure_synthetic_data(args.config, args.overrides)
+    overrides = [
+        *args.overrides,
+        f"max_duration={total}",
+        "save_folder=null",
+        "autoresume=false",
+        "load_path=null",
+        "eval_loader=null",
+        "loggers={}",
+    ]
+    cfg = load_config(args.config, overrides)
+    timer = StepTimer()
+    trainer = train_from_config(cfg, extra_callbacks=[timer], fit=False)
+    composer_model = trainer.state.model.module if hasattr(trainer.state.model, "module") else trainer.state.model
+    flamingo = composer_model.model
+
+    device = "cuda" if trainer.state.device.name == "gpu" else "cpu"
+    train_dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(cfg.precision, torch.float32)
+    size = args.matmul_size or (8192 if device == "cuda" else 2048)
+    matmul = matmul_flops_per_s(device, train_dtype, size)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if args.data == "memory":
+        from flamingo_composer.models.vision import check_vision_transformer
+
+        image_size = int(check_vision_transformer(flamingo.vision_encoder).image_size[0])
+        per_doc = [int(n) for n in args.images_per_doc.split(",")]
+        tokenizer = composer_model_tokenizer(cfg)
+        trainer.fit(train_dataloader=memory_dataspec(memory_batches(cfg, tokenizer, image_size, per_doc)))
+    else:
+        trainer.fit()
+    trainer.close()
+    memory, memory_kind = peak_memory()
+
+    timed = timer.steps[args.warmup :]
+    seconds = timer.ends[-1] - timer.ends[args.warmup]  # end of the last warm-up step -> end of the last step
+    totals: dict[str, float] = {}
+    for record in timed:
+        for key, value in record.items():
+            totals[key] = totals.get(key, 0.0) + value
+    achieved = totals["flops"] / seconds
+    result = {
+        "config": str(args.config),
+        "data": args.data,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": cfg.precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "step_time_s": seconds / args.steps,
+        "laion_samples_per_s": totals.get("laion_samples", 0.0) / seconds,
+        "mmc4_samples_per_s": totals.get("mmc4_samples", 0.0) / seconds,
+        "tokens_per_s": (totals.get("laion_tokens", 0.0) + totals.get("mmc4_tokens", 0.0)) / seconds,
+        "nonpad_tokens_per_s": (totals.get("laion_nonpad_tokens", 0.0) + totals.get("mmc4_nonpad_tokens", 0.0))
+        / seconds,
+        "flops_per_step": totals["flops"] / args.steps,
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": matmul,
+        "matmul": f"{size}x{size} {str(train_dtype).removeprefix('torch.')}",
+        "achieved_over_matmul": achieved / matmul,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "torch": torch.__version__,
+    }
+    return result
+
+
+def composer_model_tokenizer(cfg):
+    """The tokenizer of the run's model config (with the Flamingo tokens added, as the factory does)."""
+    from flamingo_composer.models.embeddings import add_flamingo_tokens
+    from flamingo_composer.models.factory import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.model.tokenizer)
+    add_flamingo_tokens(tokenizer)
+    return tokenizer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
