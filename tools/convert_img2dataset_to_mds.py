@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flamingo_composer.data.convert_cli import add_output_args, run_converter
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", required=True, help="img2dataset output folder")
-    parser.add_argument("--out", required=True, help="output directory for the MDS shards (new or empty)")
-    parser.add_argument(
-        "--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)"
-    )
-    parser.add_argument("--size-limit", default="64mb", help="MDS shard size limit (default: 64mb)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 
@@ -34,19 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so --help does not wait for torch and streaming.
     from flamingo_composer.data.convert import convert_img2dataset_to_mds
 
-    try:
-        report = convert_img2dataset_to_mds(
-            args.input,
-            args.out,
-            compression=args.compression,
-            size_limit=args.size_limit,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"convert_img2dataset_to_mds: {err}", file=sys.stderr)
-        return 2
-    print(report.summary(args.out))
-    return 0 if report.written else 1
+    return run_converter(
+        "convert_img2dataset_to_mds",
+        convert_img2dataset_to_mds,
+        args.input,
+        out=args.out,
+        compression=args.compression,
+        size_limit=args.size_limit,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flamingo_composer.data.convert_cli import add_output_args, run_converter
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -31,11 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name")
     parser.add_argument("--format", required=True, choices=["wds", "mds"], help="output shard format")
-    parser.add_argument("--out", required=True, help="output directory (new or empty)")
     parser.add_argument("--docs-per-shard", type=int, default=1000, help="documents per webdataset tar (wds)")
-    parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (mds)")
-    parser.add_argument("--size-limit", default="64mb", help="MDS shard size limit (mds, default: 64mb)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 
@@ -44,22 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so --help does not wait for torch and streaming.
     from flamingo_composer.data.convert import convert_raw_mmc4
 
-    try:
-        report = convert_raw_mmc4(
-            args.input,
-            args.images,
-            args.out,
-            output_format=args.format,
-            compression=args.compression,
-            size_limit=args.size_limit,
-            docs_per_shard=args.docs_per_shard,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"convert_mmc4_raw: {err}", file=sys.stderr)
-        return 2
-    print(report.summary(args.out))
-    return 0 if report.written else 1
+    return run_converter(
+        "convert_mmc4_raw",
+        convert_raw_mmc4,
+        args.input,
+        args.images,
+        out=args.out,
+        output_format=args.format,
+        compression=args.compression,
+        size_limit=args.size_limit,
+        docs_per_shard=args.docs_per_shard,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flamingo_composer.data.convert_cli import add_output_args, run_converter
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -28,12 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="tar files, brace patterns ('dir/{000..009}.tar'), directories of tars, or pipe:/http URLs",
     )
-    parser.add_argument("--out", required=True, help="output directory for the MDS shards (new or empty)")
-    parser.add_argument(
-        "--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)"
-    )
-    parser.add_argument("--size-limit", default="64mb", help="MDS shard size limit (default: 64mb)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 
@@ -42,20 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so --help does not wait for torch and streaming.
     from flamingo_composer.data.convert import convert_wds_to_mds
 
-    try:
-        report = convert_wds_to_mds(
-            args.input,
-            args.out,
-            layout=args.layout,
-            compression=args.compression,
-            size_limit=args.size_limit,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"convert_wds_to_mds: {err}", file=sys.stderr)
-        return 2
-    print(report.summary(args.out))
-    return 0 if report.written else 1
+    return run_converter(
+        "convert_wds_to_mds",
+        convert_wds_to_mds,
+        args.input,
+        out=args.out,
+        layout=args.layout,
+        compression=args.compression,
+        size_limit=args.size_limit,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

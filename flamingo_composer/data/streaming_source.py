@@ -40,13 +40,22 @@ SHARD_ERROR = "shard_error"
 SHUFFLE_ALGO = "py1e"
 
 
+# One StreamingDataset per (local, remote, split) per process. Streaming keeps every instance's shared memory
+# (6 file descriptors) open until the process exits (atexit handlers hold them), and refuses a second instance
+# on the same local cache of a remote; our readers only use random access, so one instance serves every loader.
+_OPEN_DATASETS: dict[tuple[str, str | None, str | None], StreamingDataset] = {}
+
+
 def open_mds(local: str, remote: str | None = None, split: str | None = None) -> StreamingDataset:
-    """A StreamingDataset over one MDS directory, used for random access only (our own order)."""
+    """A StreamingDataset over one MDS directory, used for random access only (our own order); shared per process."""
     if remote is None:
         index = os.path.join(local, split or "", "index.json")
         if not os.path.isfile(index):
             raise ValueError(f"local: MDS index not found: {index}")
-    return StreamingDataset(local=local, remote=remote, split=split, batch_size=1, shuffle=False)
+    key = (os.path.abspath(local), remote, split)
+    if key not in _OPEN_DATASETS:
+        _OPEN_DATASETS[key] = StreamingDataset(local=local, remote=remote, split=split, batch_size=1, shuffle=False)
+    return _OPEN_DATASETS[key]
 
 
 def rank_epoch_order(

@@ -29,10 +29,10 @@ from composer.utils import dist
 from torch import nn
 from torchmetrics import Metric
 
+from flamingo_composer.data.masking import IGNORE_INDEX, count_supervised_tokens
 from flamingo_composer.training.flops import flamingo_flops_per_batch
 
 DATASETS = ("laion", "mmc4")  # forward order: LAION then MMC4, as the reference does
-IGNORE_INDEX = -100
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
 REQUIRED_TRAINER_KWARGS = {"accumulate_train_batch_on_tokens": True}
 MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
@@ -41,11 +41,6 @@ MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, L) -> next-token targets (B, L-1): position t predicts labels[t + 1]."""
     return labels[:, 1:]
-
-
-def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """0-d long: how many shifted targets of `labels` (B, L) are supervised (the `num_supervised_tokens` rule)."""
-    return (shifted_targets(labels) != IGNORE_INDEX).sum()
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
