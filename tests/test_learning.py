@@ -6,10 +6,11 @@ with the images shuffled across the batch, and the MMC4 loss with the true image
 permuted within each document (so each `<image>` must reach its own chunk through the perceiver and the gated
 cross-attention). Before training both gaps are 0 (the gates start at 0): the gap is learned.
 
-Measured (CPU, 1 thread, ~85 s): after 250 steps LAION 1.704 vs 1.776 nats (gap 0.07) and MMC4 1.866 vs 1.908
-(gap 0.04); the first ~150 steps learn the caption template only (gap < 0.01).
+Measured (CPU, 1 thread, ~90 s of training): after 400 steps LAION 1.282 vs 1.438 nats (gap 0.16, ratio 0.89)
+and MMC4 1.399 vs 1.489 (gap 0.09); the first ~200 steps learn the caption template only (gap < 0.02).
 With the LM frozen and randomly initialised, its init scale matters: 0.02 (transformers' default) leaves the
-frozen head unable to express confident logits; 0.1 learns fastest to use the images.
+frozen head unable to express confident logits; 0.3 (the reference fixture's LM) with lr 5e-3 learned the images
+fastest of the settings tried. Mixing MMC4 in slows the LAION gap: LAION alone reaches ratio 0.78 in 500 steps.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
 
-STEPS = 250
+STEPS = 400
 DATA = SyntheticConfig(num_laion=2000, num_laion_val=64, num_mmc4=500, num_mmc4_val=32, image_size=32)
 
 
@@ -44,7 +45,8 @@ def _overrides(data_root: Path) -> list[str]:
         "scheduler.t_warmup=0",
         "optimizer.lr=5.0e-3",
         "loss_multiplier_laion=1.0",  # the recipe's 0.2 only slows the LAION signal down
-        "model.lm.config.initializer_range=0.1",
+        "model.lm.config.initializer_range=0.3",
+        "data.mmc4.batch_size=4",  # half the MMC4 cost per step: more steps fit in the time
         "model.vision.custom_config.vision_cfg.image_size=32",  # 32 px data, 16 patches of 8 px
         "model.vision.custom_config.vision_cfg.patch_size=8",
         "model.vision.custom_config.vision_cfg.layers=2",
@@ -113,8 +115,8 @@ def test_the_trained_model_uses_each_image_for_its_own_text(tmp_path):
         assert abs(before[name][1] - before[name][0]) < 0.01, (name, before)
     laion_true, laion_shuffled = after["laion"]
     mmc4_true, mmc4_permuted = after["mmc4"]
-    assert laion_shuffled - laion_true > 0.04, after
-    assert mmc4_permuted - mmc4_true > 0.015, after
+    assert laion_shuffled - laion_true > 0.08 and laion_true < 0.95 * laion_shuffled, after
+    assert mmc4_permuted - mmc4_true > 0.04, after
     totals = [losses["loss/train/total"] for _, losses in recorder.losses]
     assert len(totals) == STEPS
     assert sum(totals[-10:]) / 10 < 0.8 * totals[0]  # the loss fell clearly
