@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-$(DATA)/.complete: $(STAMP) tools/make_synthetic_data.py
+# Regenerated (from scratch) only when the generator changes; a re-install alone keeps the data.
+$(DATA)/.complete: tools/make_synthetic_data.py flamingo_composer/data/synthetic.py flamingo_composer/vocab.py | $(STAMP)
+	rm -rf $(DATA)
 	$(BIN)/python tools/make_synthetic_data.py --out $(DATA) --format both
 	touch $@
 
