@@ -26,3 +26,19 @@ def _seed_and_threads():
 @pytest.fixture
 def reference_dir() -> Path:
     return REFERENCE_FIXTURE
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Small synthetic data (wds + MDS, some samples broken on purpose) for the loader tests, one copy per module."""
+    from data_loader_helpers import small_data
+
+    return small_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer with the Flamingo tokens added, as the model factory adds them."""
+    from data_loader_helpers import tokenizer
+
+    return tokenizer()

@@ -8,22 +8,12 @@ import tarfile
 from collections import Counter
 
 import pytest
-from data_loader_helpers import data_config, deadline, laion_config, mmc4_config, small_data, tokenizer
+from data_loader_helpers import data_config, deadline, laion_config, mmc4_config
 from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.data.streaming_source import open_mds
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return small_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 def _totals(loader, batches: int) -> tuple[dict[str, Counter], dict[str, list]]:

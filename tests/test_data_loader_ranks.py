@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 
 import pytest
-from data_loader_helpers import data_config, deadline, small_data, tokenizer
+from data_loader_helpers import data_config, deadline, tokenizer
 from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
@@ -15,11 +15,6 @@ from flamingo_composer.data.processors import LaionProcessor
 from flamingo_composer.data.stream_items import passthrough_collate
 from flamingo_composer.data.streaming_source import MDSItems, open_mds
 from flamingo_composer.data.webdataset_source import WebDatasetItems, split_plan
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return small_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,12 @@ from data_loader_helpers import (
     data_config,
     laion_config,
     mmc4_config,
-    small_data,
-    tokenizer,
 )
 from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.data.text import SpecialTokens
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return small_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens) -> None:
