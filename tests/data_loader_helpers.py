@@ -34,13 +34,18 @@ SMALL_DATA = SyntheticConfig(
 _GENERATED: dict[str, Path] = {}
 
 
+def synthetic_once(tmp_path_factory, name: str, cfg: SyntheticConfig) -> Path:
+    """Synthetic data (wds + mds) for `cfg`, generated once per test session under the name `name`."""
+    if name not in _GENERATED:
+        root = tmp_path_factory.mktemp(name) / "synthetic"
+        write_synthetic_dataset(root, cfg)
+        _GENERATED[name] = root
+    return _GENERATED[name]
+
+
 def small_data(tmp_path_factory) -> Path:
-    """The small synthetic data set, generated once per test session."""
-    if "root" not in _GENERATED:
-        root = tmp_path_factory.mktemp("loader-data") / "synthetic"
-        write_synthetic_dataset(root, SMALL_DATA)
-        _GENERATED["root"] = root
-    return _GENERATED["root"]
+    """The loader tests' small synthetic data set."""
+    return synthetic_once(tmp_path_factory, "loader-data", SMALL_DATA)
 
 
 def tokenizer():

@@ -44,18 +44,24 @@ def reference_bundle():
     return bundle
 
 
+def set_gates(model: torch.nn.Module, value: float) -> None:
+    """Every gated cross-attention block's attn and ff gates to `value` (0 = the bare LM; non-zero = images matter)."""
+    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, GatedCrossAttentionBlock):
+                block.attn_gate.fill_(value)
+                block.ff_gate.fill_(value)
+
+
 def tiny_bundle(seed: int = 0, gate: float = 0.5, **overrides):
     """The built-in tiny GPT-NeoX Flamingo with non-zero gates, so images and every block get gradients."""
-    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
     from flamingo_composer.models.factory import build_flamingo
     from flamingo_composer.models.tiny import tiny_model_config
 
     bundle = build_flamingo(tiny_model_config("gpt_neox", seed=seed, **overrides))
-    with torch.no_grad():
-        for block in bundle.model.modules():
-            if isinstance(block, GatedCrossAttentionBlock):
-                block.attn_gate.fill_(gate)
-                block.ff_gate.fill_(gate)
+    set_gates(bundle.model, gate)
     return bundle
 
 
@@ -189,15 +195,10 @@ class BatchList:
 
 
 def dual_dataspec(batches: list[dict]) -> DataSpec:
-    """The data pipeline's DataSpec functions (split, sample and token counts) over fixed batches."""
-    from flamingo_composer.data import dual_loader
+    """The data pipeline's DataSpec (split, sample and token counts) over fixed batches."""
+    from flamingo_composer.data.dual_loader import build_dataspec
 
-    return DataSpec(
-        BatchList(batches),
-        split_batch=dual_loader.split_batch,
-        get_num_samples_in_batch=dual_loader.get_num_samples_in_batch,
-        get_num_tokens_in_batch=dual_loader.get_num_tokens_in_batch,
-    )
+    return build_dataspec(BatchList(batches))
 
 
 def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from step_utils import set_gates
 
 from flamingo_composer.models import (
     Flamingo,
@@ -50,13 +51,6 @@ def build_with_bare_lm(family: str, **overrides):
         perceiver_num_latents=cfg.perceiver_num_latents,
     ).eval()
     return model, bare, tokenizer
-
-
-def set_gates(model: Flamingo, value: float) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("attn_gate") or name.endswith("ff_gate"):
-                param.fill_(value)
 
 
 def encode(tokenizer, texts):

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from step_utils import set_gates
 
 from flamingo_composer.models import Flamingo, build_flamingo, tiny_model_config
 from flamingo_composer.models.vision import patch_tokens
@@ -18,13 +19,6 @@ def build(family="gpt_neox", **overrides) -> Flamingo:
 def build_with_tokenizer(family="gpt_neox", **overrides):
     bundle = build_flamingo(tiny_model_config(family, **overrides))
     return bundle.model, bundle.tokenizer
-
-
-def set_gates(model: Flamingo, value: float) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("attn_gate") or name.endswith("ff_gate"):
-                param.fill_(value)
 
 
 def encode(tokenizer, texts):

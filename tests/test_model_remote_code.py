@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from step_utils import set_gates
 from tiny_remote_lm import MosaicGPT, MosaicGPTConfig, MPTConfig, MPTForCausalLM
 from transformers import PreTrainedModel
 
@@ -56,13 +57,6 @@ def build_with_bare_lm(remote_dirs, variant):
     bare = build_lm(lm_config(remote_dirs, variant))
     bare.resize_token_embeddings(len(bundle.tokenizer))
     return bundle.model.eval(), bare.eval(), bundle.tokenizer
-
-
-def set_gates(model, value: float) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("attn_gate") or name.endswith("ff_gate"):
-                param.fill_(value)
 
 
 def set_new_token_rows(model, bare, rows: torch.Tensor) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flamingo_composer.data.synthetic import (
-    SYNTHETIC_MIN_IMAGE_BYTES,
-    SyntheticConfig,
-    write_synthetic_dataset,
-)
+from data_loader_helpers import synthetic_once
+
+from flamingo_composer.data.synthetic import SYNTHETIC_MIN_IMAGE_BYTES, SyntheticConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_YAML = REPO_ROOT / "yamls" / "run.yaml"
@@ -20,16 +18,11 @@ SMALL_DATA = SyntheticConfig(
     laion_shard_size=24, mmc4_shard_size=12, mds_size_limit=1 << 14, bad_every=9,
 )  # fmt: skip
 
-_GENERATED: dict[str, Path] = {}
 
 
 def small_data(tmp_path_factory) -> Path:
-    """The small synthetic data set (wds + mds), generated once per test session."""
-    if "root" not in _GENERATED:
-        root = tmp_path_factory.mktemp("train-data") / "synthetic"
-        write_synthetic_dataset(root, SMALL_DATA)
-        _GENERATED["root"] = root
-    return _GENERATED["root"]
+    """The training tests' small synthetic data set (wds + mds)."""
+    return synthetic_once(tmp_path_factory, "train-data", SMALL_DATA)
 
 
 def short_run_overrides(data_root: Path, out_dir: Path, max_duration: int = 3) -> list[str]:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from composer import Callback, State
-from composer.core import DataSpec
 from composer.loggers import Logger
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -134,17 +133,6 @@ def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], c
     return batches
 
 
-def memory_dataspec(batches: list[dict]) -> DataSpec:
-    from flamingo_composer.data import dual_loader
-
-    return DataSpec(
-        MemoryBatches(batches),
-        split_batch=dual_loader.split_batch,
-        get_num_samples_in_batch=dual_loader.get_num_samples_in_batch,
-        get_num_tokens_in_batch=dual_loader.get_num_tokens_in_batch,
-    )
-
-
 # -------------------------------------------------------------------------------------------------- timing
 
 
@@ -203,6 +191,7 @@ def peak_memory() -> tuple[int, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from flamingo_composer.data.dual_loader import build_dataspec
     from flamingo_composer.training.config import load_config
     from flamingo_composer.training.run import train_from_config
 
@@ -236,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         image_size = int(check_vision_transformer(flamingo.vision_encoder).image_size[0])
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
-        trainer.fit(train_dataloader=memory_dataspec(memory_batches(cfg, tokenizer, image_size, per_doc)))
+        trainer.fit(train_dataloader=build_dataspec(MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc))))
     else:
         trainer.fit()
     trainer.close()

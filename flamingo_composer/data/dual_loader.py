@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -400,8 +400,11 @@ def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
     return {"total": total, "loss_generating": supervised}
 
 
-def build_dataspec(loader: DualBatchLoader) -> DataSpec:
-    """Composer DataSpec for the dual batch: our split and the sample/token counts of both datasets."""
+def build_dataspec(loader: Iterable[dict]) -> DataSpec:
+    """Composer DataSpec for the dual batch: our split and the sample/token counts of both datasets.
+
+    `loader` is a DualBatchLoader or any iterable of dual batches with a `batch_size` (tests, benchmarks).
+    """
     return DataSpec(
         loader,
         split_batch=split_batch,

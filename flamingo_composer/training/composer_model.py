@@ -117,19 +117,20 @@ class FlamingoComposerModel(ComposerModel):
         """{dataset: 0-d long} supervised-token counts of the present datasets, summed over all ranks.
 
         One all-reduce of a fixed-size vector (absent datasets count 0), so every rank makes the same collective
-        even when a microbatch lacks a part.
+        even when a microbatch lacks a part. Built on the device: no host-device sync.
         """
-        counts = torch.zeros(len(DATASETS), dtype=torch.long)  # (n_datasets,)
-        for i, name in enumerate(DATASETS):
+        per_dataset = []
+        for name in DATASETS:
             if name not in batch:
+                per_dataset.append(torch.zeros((), dtype=torch.long, device=device))
                 continue
             if "num_supervised_tokens" not in batch[name]:
                 raise KeyError(
                     f"batch['{name}'] lacks 'num_supervised_tokens' (the per-rank whole-sub-batch count of "
                     "labels[:, 1:] != -100 that split_batch copies into every microbatch)"
                 )
-            counts[i] = int(batch[name]["num_supervised_tokens"])
-        counts = counts.to(device)
+            per_dataset.append(torch.as_tensor(batch[name]["num_supervised_tokens"], device=device).long().reshape(()))
+        counts = torch.stack(per_dataset)  # (n_datasets,)
         dist.all_reduce(counts, reduce_operation="SUM")
         return {name: counts[i] for i, name in enumerate(DATASETS) if name in batch}
 
@@ -142,11 +143,12 @@ class FlamingoComposerModel(ComposerModel):
         names = self.present_datasets(batch)
         device = next(iter(outputs.values())).device
         n_global = self._global_supervised_counts(batch, device)  # {dataset: 0-d long}
-        microbatch_tokens = sum(int(count_supervised_tokens(batch[name]["labels"])) for name in names)
+        microbatch_tokens = sum(count_supervised_tokens(batch[name]["labels"]) for name in names)  # 0-d long
         # T_global: supervised tokens of all datasets in the global batch, what Composer's token weights sum to.
-        total_global = float(sum(n_global.values()))
+        total_global = sum(n_global.values())  # 0-d long
         # Undo Composer's token weight w = t_mb * W / T_global: its sum over microbatches then ranks is a plain sum.
-        compensation = total_global / microbatch_tokens if microbatch_tokens > 0 else 1.0
+        # (A microbatch without supervised tokens has weight 0 and CE sums of 0, so the clamp changes nothing.)
+        compensation = total_global.float() / microbatch_tokens.clamp(min=1).float()  # 0-d, on the device
 
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
