@@ -62,19 +62,21 @@ def image_transform(image) -> torch.Tensor:
 def laion_source(root: Path, fmt: str, split: str = "train") -> dict:
     if fmt == "wds":
         count = len(list((root / "wds" / "laion").glob(f"{split}-*.tar")))
-        return {"format": "wds", "shards": f"{root}/wds/laion/{split}-{{000000..{count - 1:06d}}}.tar"}
+        return {"format": "wds", "shards": f"{root}/wds/laion/{split}-{{000000..{count - 1:06d}}}.tar",
+                "shuffle_buffer": 8}
     return {"format": "mds", "local": str(root / "mds" / "laion" / split)}
 
 
 def mmc4_source(root: Path, fmt: str, split: str = "train") -> dict:
     if fmt == "wds":
         count = len(list((root / "wds" / "mmc4").glob(f"{split}-*.tar")))
-        return {"format": "wds", "shards": f"{root}/wds/mmc4/{split}-{{000000..{count - 1:06d}}}.tar"}
+        return {"format": "wds", "shards": f"{root}/wds/mmc4/{split}-{{000000..{count - 1:06d}}}.tar",
+                "shuffle_buffer": 8}
     return {"format": "mds", "local": str(root / "mds" / "mmc4" / split)}
 
 
 def laion_config(root: Path, fmt: str, **overrides) -> LaionDatasetConfig:
-    kwargs = {"batch_size": 4, "shuffle_buffer": 8, "seed": 3, **laion_source(root, fmt), **overrides}
+    kwargs = {"batch_size": 4, "seed": 3, **laion_source(root, fmt), **overrides}
     return LaionDatasetConfig(**kwargs)
 
 
@@ -84,7 +86,6 @@ def mmc4_config(root: Path, fmt: str, **overrides) -> MMC4DatasetConfig:
     )
     kwargs = {
         "batch_size": 2,
-        "shuffle_buffer": 8,
         "seed": 5,
         "preprocess": preprocess,
         **mmc4_source(root, fmt),

@@ -137,6 +137,23 @@ def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len:
     return {"laion": collate_laion(laion, special), "mmc4": collate_mmc4(mmc4, special)}
 
 
+def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
+    """The MMC4 part of `batch` alone, with `rows` turned into text-only documents: every `<image>` replaced by a
+    word, no image in any slot (their labels are then all ignored, as SPEC 2's masking says)."""
+    from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
+    from flamingo_composer.data.text import SpecialTokens
+
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    sub = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch["mmc4"].items()}
+    ids = sub["input_ids"][rows]  # (R, L) view
+    ids[ids == special.media] = _word_ids(tokenizer)[0]
+    sub["vision_x"][rows] = 0.0
+    sub["image_mask"][rows] = False
+    sub["labels"] = mmc4_labels(sub["input_ids"], special, sub["attention_mask"])
+    sub["num_supervised_tokens"] = count_supervised_tokens(sub["labels"])
+    return {"mmc4": sub}
+
+
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
     """Rank `rank`'s share of a global batch (contiguous rows), with its own supervised-token counts."""
     from flamingo_composer.data.masking import count_supervised_tokens
@@ -185,7 +202,8 @@ class BatchList:
 
     def __init__(self, batches: list[dict]):
         self.batches = batches
-        self.batch_size = batches[0]["laion"]["input_ids"].shape[0]
+        lead = batches[0]["laion" if "laion" in batches[0] else "mmc4"]
+        self.batch_size = lead["input_ids"].shape[0]
 
     def __iter__(self):
         return iter(self.batches)
@@ -225,7 +243,7 @@ def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = Non
         loggers=[InMemoryLogger()],
         device="cpu",
         precision="fp32",
-        device_train_microbatch_size=microbatch_size or batch["laion"]["input_ids"].shape[0],
+        device_train_microbatch_size=microbatch_size or BatchList([batch]).batch_size,
         progress_bar=False,
         seed=0,
         **REQUIRED_TRAINER_KWARGS,
@@ -244,18 +262,37 @@ def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tenso
 # ------------------------------------------------------------------------------------------- 2-rank script
 
 
-def _two_rank_main(out_path: str) -> None:
+def _two_rank_main(out_path: str, scenario: str) -> None:
+    """`composer -n 2 tests/step_utils.py OUT.pt SCENARIO`: one step on each rank's share of the global batch.
+
+    'halves': the dual batch, microbatches of 1. 'zero_image': MMC4 only, rank 1's documents hold no image, and
+    each rank records how often its vision encoder and perceiver ran.
+    """
     from composer.utils import dist
 
     dist.initialize_dist("cpu")
     rank, world = dist.get_global_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     bundle = tiny_bundle()
-    batch = rank_slice(dual_batch(bundle.tokenizer), rank, world)
-    grads, losses = run_one_step(bundle.model, batch, microbatch_size=1, clip=None)
+    calls = {"vision_encoder": 0, "perceiver": 0}
+    if scenario == "zero_image":
+        batch = rank_slice(zero_image_batch(bundle.tokenizer), rank, world)
+        for name in calls:
+            getattr(bundle.model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        kwargs = {"microbatch_size": None}
+    else:
+        batch = rank_slice(dual_batch(bundle.tokenizer), rank, world)
+        kwargs = {"microbatch_size": 1}
+    grads, losses = run_one_step(bundle.model, batch, clip=None, **kwargs)
+    everyone = dist.all_gather_object(calls)
     if rank == 0:
-        torch.save({"grads": grads, "losses": losses, "world_size": world}, out_path)
+        torch.save({"grads": grads, "losses": losses, "world_size": world, "calls": everyone}, out_path)
+
+
+def zero_image_batch(tokenizer) -> dict:
+    """A global MMC4-only batch of 4 documents whose second half holds no image (rank 1's share with 2 ranks)."""
+    return text_only_rows(tokenizer, dual_batch(tokenizer, mmc4_rows=4), slice(2, 4))
 
 
 if __name__ == "__main__":
-    _two_rank_main(sys.argv[1])
+    _two_rank_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "halves")

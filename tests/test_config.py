@@ -117,6 +117,22 @@ def test_missing_shard_path_is_named(tmp_path, shards):
     assert "data.mmc4.shards" in message and str(tmp_path / "nowhere-0.tar") in message
 
 
+def test_keys_of_the_other_format_are_errors_not_ignored(tmp_path_factory):
+    """`data.laion.shards` on an MDS recipe used to be dropped silently (the run trained on the MDS data)."""
+    from train_helpers import small_data
+
+    root = small_data(tmp_path_factory)
+    with pytest.raises(ConfigError, match=r"data\.laion\.shards: applies to format 'wds' only.*format 'mds'"):
+        _recipe("run.yaml", [f"variables.data_root={root}", f"data.laion.shards={root}/wds/laion"])
+    with pytest.raises(ConfigError, match=r"data\.mmc4\.shuffle_block_size: applies to format 'mds' only"):
+        _recipe("run.yaml", [f"variables.data_root={root}", "data.mmc4.format=wds", "data.mmc4.local=null",
+                             "data.mmc4.split=null", f"data.mmc4.shards={root}/wds/mmc4",
+                             "data.mmc4.shuffle_block_size=64"])  # fmt: skip
+    switched = _recipe("run.yaml", [f"variables.data_root={root}", "data.laion.format=wds", "data.laion.local=null",
+                                    "data.laion.split=null", f"data.laion.shards={root}/wds/laion"])  # fmt: skip
+    assert switched.data.laion.shard_urls() == sorted(str(p) for p in (root / "wds" / "laion").glob("*.tar"))
+
+
 def test_missing_reference_checkpoint_is_named(tmp_path, shards):
     message = load_error(tmp_path, base_config(shards), [f"load_reference_checkpoint={tmp_path}/of3b/checkpoint.pt"])
     assert "load_reference_checkpoint" in message and "of3b/checkpoint.pt" in message

@@ -209,11 +209,13 @@ def test_missing_input_and_non_empty_output_fail_with_the_path_named(synthetic, 
 # ---------------------------------------------------------------------------------------------- raw MMC4
 
 
-def make_raw_mmc4(root: Path, container: str) -> tuple[list[str], Path, dict]:
+def make_raw_mmc4(root: Path, container: str, image_layout: str | None = None) -> tuple[list[str], Path, dict]:
     """Raw MMC4 built from synthetic documents: images as files named by image_name, docs without base64.
 
     One image missing, one truncated (undecodable), one document with every image missing, two malformed lines
-    (bad JSON; image_info entries that are not objects) and a blank line.
+    (bad JSON; image_info entries that are not objects) and a blank line. `image_layout`: 'flat' (IMAGES/name),
+    'numbered' (IMAGES/<N>/name, the reference's), 'download_script' (IMAGES/<shard name>_images/name, what mmc4's
+    own download script writes); default numbered for a zip, flat otherwise.
     """
     docs = [make_mmc4_document(CLEAN_DATA, "train", i)["doc"] for i in range(8)]
     multi = [i for i, doc in enumerate(docs) if len(doc["image_info"]) >= 2]
@@ -221,9 +223,11 @@ def make_raw_mmc4(root: Path, container: str) -> tuple[list[str], Path, dict]:
 
     shard = 7
     images = root / "images"
-    image_dir = (
-        images / str(shard) if container == "zip" else images
-    )  # the reference's per-shard layout for zip
+    image_layout = image_layout or ("numbered" if container == "zip" else "flat")
+    stem = f"docs_shard_{shard}_v2.jsonl" if container == "zip" else "docs"
+    image_dir = {"flat": images, "numbered": images / str(shard), "download_script": images / f"{stem}_images"}[
+        image_layout
+    ]
     image_dir.mkdir(parents=True)
     originals = {}
     for i, doc in enumerate(docs):
@@ -260,6 +264,57 @@ def make_raw_mmc4(root: Path, container: str) -> tuple[list[str], Path, dict]:
     return [str(path)], images, expected
 
 
+@pytest.mark.parametrize("packing", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_truncated_zip_is_reported_and_its_complete_documents_kept(tmp_path, packing):
+    """A cut download of docs_shard_N_v2.jsonl.zip (no central directory) is not read as plain jsonl."""
+    inputs, images, expected = make_raw_mmc4(tmp_path / "raw", "zip")
+    whole = Path(inputs[0])
+    text = zipfile.ZipFile(whole).read(zipfile.ZipFile(whole).namelist()[0])
+    with zipfile.ZipFile(whole, "w", compression=packing) as archive:
+        archive.writestr("docs_shard_7_v2.jsonl", text)
+    complete = convert_raw_mmc4(inputs, images, tmp_path / "complete", output_format="mds", progress=False)
+    data = whole.read_bytes()
+    whole.write_bytes(data[: int(len(data) * 0.75)])  # cut inside the member: the last documents are lost
+
+    report = convert_raw_mmc4(inputs, images, tmp_path / "out", output_format="mds", progress=False)
+
+    assert report.skipped["corrupt_input"] == 1
+    assert "docs_shard_7_v2.jsonl.zip" in report.examples["corrupt_input"][0]
+    assert "bad_utf8" not in report.skipped
+    kept = [key for key, _, _ in converted_docs(tmp_path / "out", "mds")]
+    every = [key for key, _, _ in converted_docs(tmp_path / "complete", "mds")]
+    assert 0 < len(kept) < len(every) and kept == every[: len(kept)]  # the documents before the cut, in order
+    if packing == zipfile.ZIP_STORED:  # every line that ends before the cut arrived, exactly those
+        name = "docs_shard_7_v2.jsonl"
+        available = text[: int(len(data) * 0.75) - 30 - len(name)]  # after the 30-byte local header + name
+        prefix = tmp_path / "prefix" / name
+        prefix.parent.mkdir()
+        prefix.write_bytes(available[: available.rfind(b"\n") + 1])
+        convert_raw_mmc4([str(prefix)], images, tmp_path / "expected", output_format="mds", progress=False)
+        assert kept == [key for key, _, _ in converted_docs(tmp_path / "expected", "mds")]
+
+
+def test_brace_range_converts_what_exists_and_lists_the_missing(synthetic, tmp_path, capsys):
+    tool = load_tool("convert_wds_to_mds")
+    tars = train_tars(synthetic, "laion")
+    folder = tmp_path / "release"
+    folder.mkdir()
+    for number in (0, 2):  # shard 1 and 3 are missing from this "release"
+        shutil.copy(tars[number], folder / f"part-{number}.tar")
+    pattern = str(folder / "part-{0..3}.tar")
+    assert tool.main(["--layout", "laion", "--input", pattern, "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    present = sum(len(read_tar_samples(tars[number])) for number in (0, 2))
+    assert f"wrote {present} samples" in out and "inputs that do not exist (left out): 2" in out
+    assert str(folder / "part-1.tar") in out and str(folder / "part-3.tar") in out
+    # --require-all makes a gap an error; a range with nothing present is one anyway.
+    args = ["--layout", "laion", "--no-progress", "--input"]
+    assert tool.main([*args, pattern, "--require-all", "--out", str(tmp_path / "strict")]) == 2
+    assert "part-1.tar" in capsys.readouterr().err
+    assert tool.main([*args, str(folder / "none-{0..3}.tar"), "--out", str(tmp_path / "none")]) == 2
+    assert "4 input(s) do not exist" in capsys.readouterr().err
+
+
 def converted_docs(out: Path, output_format: str) -> list[tuple[str, dict, list[bytes | None]]]:
     """(key, document without image payload, per-image bytes or None) of converted shards."""
     result = []
@@ -279,10 +334,13 @@ def converted_docs(out: Path, output_format: str) -> list[tuple[str, dict, list[
     return result
 
 
-@pytest.mark.parametrize("container", ["jsonl", "zip", "gz"])
+@pytest.mark.parametrize(
+    ("container", "image_layout"),
+    [("jsonl", None), ("zip", None), ("gz", None), ("zip", "download_script"), ("jsonl", "download_script")],
+)
 @pytest.mark.parametrize("output_format", ["wds", "mds"])
-def test_raw_mmc4_converts_and_reports_missing_and_broken_images(tmp_path, container, output_format):
-    inputs, images, expected = make_raw_mmc4(tmp_path / "raw", container)
+def test_raw_mmc4_converts_and_reports_missing_and_broken_images(tmp_path, container, image_layout, output_format):
+    inputs, images, expected = make_raw_mmc4(tmp_path / "raw", container, image_layout)
     report = convert_raw_mmc4(
         inputs, images, tmp_path / "out", output_format=output_format, docs_per_shard=3, progress=False
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_utils import REPO_ROOT, dual_batch, run_one_step, tiny_bundle
+from step_utils import REPO_ROOT, dual_batch, run_one_step, tiny_bundle, zero_image_batch
 
 
 def _assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
@@ -145,7 +145,7 @@ def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Pat
     composer = Path(sys.executable).with_name("composer")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out)],
+        [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "halves"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -155,3 +155,25 @@ def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Pat
     _assert_grads_close(two_ranks["grads"], full_grads)
     for key in ("loss/train/laion", "loss/train/mmc4", "loss/train/total"):
         assert two_ranks["losses"][key] == pytest.approx(full_losses[key], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_rank_without_images_still_runs_the_vision_modules_and_matches_one_rank(tmp_path: Path):
+    """MMC4 only, rank 1's documents hold no image: every rank still runs the vision encoder and perceiver (under
+    FSDP a skipped forward would skip an all-gather the other ranks wait in), and the step equals one rank's."""
+    out = tmp_path / "rank0.pt"
+    composer = Path(sys.executable).with_name("composer")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "zero_image"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two_ranks = torch.load(out, weights_only=True)
+    assert two_ranks["calls"][1]["vision_encoder"] >= 1 and two_ranks["calls"][1]["perceiver"] >= 1
+    bundle = tiny_bundle()
+    batch = zero_image_batch(bundle.tokenizer)
+    assert not batch["mmc4"]["image_mask"][2:].any() and batch["mmc4"]["image_mask"][:2].any()
+    grads, losses = run_one_step(bundle.model, batch, clip=None)
+    _assert_grads_close(two_ranks["grads"], grads)
+    assert two_ranks["losses"]["loss/train/mmc4"] == pytest.approx(losses["loss/train/mmc4"], rel=1e-6)

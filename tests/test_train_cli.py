@@ -71,6 +71,44 @@ def test_composer_n1_runs_to_the_end(data_root, tmp_path):
     result = run([COMPOSER, "-n", "1", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 4)])
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run(tmp_path, world_size=1, max_duration=4)
+    # Each of the package's log lines is printed once (not also by the root handler libraries install).
+    output = (result.stdout + result.stderr).splitlines()
+    ours = [line for line in output if "flamingo_composer." in line and "optimizer decoupled_adamw" in line]
+    assert len(ours) == 1, ours
+    assert not [line for line in output if line.startswith("INFO:flamingo_composer")]
+
+
+def test_data_without_any_readable_sample_stops_before_training_naming_it(data_root, tmp_path, capsys):
+    from flamingo_composer.training.run import main
+
+    (tmp_path / "zero.tar").write_bytes(b"")
+    (tmp_path / "page.tar").write_text("<html>not a tar</html>" * 50)
+    overrides = [*short_run_overrides(data_root, tmp_path), "data.laion.format=wds", "data.laion.local=null",
+                 "data.laion.split=null", f"data.laion.shards=[{tmp_path}/zero.tar,{tmp_path}/page.tar]"]  # fmt: skip
+    assert main([str(RUN_YAML), *overrides]) == 2
+    error = capsys.readouterr().err
+    assert "config error: data.laion.shards: no readable sample" in error
+    assert f"{tmp_path}/zero.tar" in error and f"{tmp_path}/page.tar" in error
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_switched_off_dataset_logs_no_eval_metrics(data_root, tmp_path):
+    """MMC4 off (train and eval): held-out metrics exist for LAION only, no NaN `metrics/eval/mmc4/*`."""
+    from composer.loggers import InMemoryLogger
+
+    from flamingo_composer.training.run import load_config, train_from_config
+
+    overrides = [
+        *short_run_overrides(data_root, tmp_path, max_duration=1), "loggers={inmemory: {}}",
+        "data.mmc4.enabled=false", "eval_loader={laion: {format: mds, local: " + f"{data_root}/mds/laion, "
+        "split: val, batch_size: 4, shuffle: false}, mmc4: {enabled: false}}", "eval_interval=1",
+        "eval_subset_num_batches=1",
+    ]  # fmt: skip
+    trainer = train_from_config(load_config(RUN_YAML, overrides))
+    logged = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger)).data
+    trainer.close()
+    eval_keys = sorted(k for k in logged if k.startswith("metrics/eval/"))
+    assert eval_keys == ["metrics/eval/laion/LanguageCrossEntropy", "metrics/eval/laion/TokenAccuracy"]
 
 
 @pytest.mark.slow

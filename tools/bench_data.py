@@ -99,7 +99,7 @@ def dataset_config(dataset: str, fmt: str, root: Path, manifest: dict, args, num
         else {"local": str(root / manifest["mds"][dataset]["train"])}
     )
     common = {"format": fmt, "num_workers": num_workers, "seed": args.seed, **location}
-    if args.shuffle_buffer is not None:
+    if args.shuffle_buffer is not None and fmt == "wds":
         common["shuffle_buffer"] = args.shuffle_buffer
     if dataset == "laion":
         return LaionDatasetConfig(batch_size=args.laion_batch_size, **common)

@@ -5,12 +5,17 @@ the downloaded images named by `image_name`) to webdataset or MDS shards.
     python tools/convert_mmc4_raw.py --input 'mmc4/docs_shard_{0..9}_v2.jsonl.zip' --images mmc4/images \\
         --format wds --out mmc4-wds
 
-Images are looked up as IMAGES/<image_name>, then IMAGES/<N>/<image_name> for docs_shard_N. `--format wds`
+Images are looked up as IMAGES/<image_name>, then IMAGES/<N>/<image_name> for docs_shard_N, then in the per-shard
+folder mmc4's own download script writes, IMAGES/<shard name>_images/<image_name> (e.g.
+IMAGES/docs_shard_0_v2.jsonl_images/ for docs_shard_0_v2.jsonl.zip, or docs_shard_0_v2_images/). A brace range
+converts the inputs that exist and lists the missing ones (the public release lacks some shard numbers); exit 2
+if none exists, or if any is missing with --require-all. A damaged (cut) zip is reported by name and every
+complete document before the damage is kept. `--format wds`
 writes KEY.json documents with image_base64 (the reference's MMC4 shard layout); `--format mds` writes the MDS
 layout of flamingo_composer.data.mds_format. Both keep each image's original bytes. Missing and undecodable
 images are reported (their image_info entry is kept without bytes, so the similarity matrix still lines up);
 documents with no usable image are skipped. Exit status 1 when nothing was written, 2 on bad
-arguments.
+arguments or missing inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flamingo_composer.data.convert_cli import add_output_args, run_converter
+from flamingo_composer.data.convert_cli import add_output_args, add_require_all_arg, run_converter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,9 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="jsonl / jsonl.gz / zipped jsonl files, brace patterns, or directories holding them",
     )
-    parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name")
+    parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name (see above for the sub-folders searched)")
     parser.add_argument("--format", required=True, choices=["wds", "mds"], help="output shard format")
     parser.add_argument("--docs-per-shard", type=int, default=1000, help="documents per webdataset tar (wds)")
+    add_require_all_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         size_limit=args.size_limit,
         docs_per_shard=args.docs_per_shard,
         progress=not args.no_progress,
+        require_all=args.require_all,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flamingo_composer.data.convert_cli import add_output_args, run_converter
+from flamingo_composer.data.convert_cli import add_output_args, add_require_all_arg, run_converter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="tar files, brace patterns ('dir/{000..009}.tar'), directories of tars, or pipe:/http URLs",
     )
+    add_require_all_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         compression=args.compression,
         size_limit=args.size_limit,
         progress=not args.no_progress,
+        require_all=args.require_all,
     )
 
 

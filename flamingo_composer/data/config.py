@@ -9,7 +9,8 @@ anything heavy starts, with the path named.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from webdataset.shardlists import expand_urls
@@ -36,16 +37,21 @@ def local_path(url: str) -> str:
 def expand_shards(shards: str | list[str] | None, where: str = "shards") -> list[str]:
     """Brace-expand a shard spec (a string, `::`-separated strings, or a list of them) into URLs.
 
+    A local directory stands for its `*.tar` files in sorted order (as the converters accept directories).
     Raises ValueError when the result is empty or a local path does not exist, naming `where` and the path.
     """
     if shards is None:
-        raise ValueError(f"{where}: no shards given (set a path, brace pattern, URL or pipe: command)")
+        raise ValueError(f"{where}: no shards given (set a path, brace pattern, directory, URL or pipe: command)")
     specs = [shards] if isinstance(shards, str) else list(shards)
     urls: list[str] = []
     for spec in specs:
         if not isinstance(spec, str):
             raise ValueError(f"{where}: every entry must be a string, got {type(spec).__name__} {spec!r}")
-        urls.extend(expand_urls(spec))
+        for url in expand_urls(spec):
+            if url.strip() and not is_remote_url(url) and os.path.isdir(local_path(url)):
+                urls.extend(_tar_files_in(local_path(url), where))
+            else:
+                urls.append(url)
     urls = [url for url in urls if url.strip()]
     if not urls:
         raise ValueError(f"{where}: the shard list {shards!r} is empty")
@@ -60,6 +66,24 @@ def expand_shards(shards: str | list[str] | None, where: str = "shards") -> list
         )
         raise ValueError(f"{where}: local shard path does not exist: {', '.join(missing[:3])}{more}")
     return urls
+
+
+def _tar_files_in(directory: str, where: str) -> list[str]:
+    """The `*.tar` files directly inside `directory`, sorted; ValueError naming it when there are none."""
+    tars = sorted(str(path) for path in Path(directory).glob("*.tar") if path.is_file())
+    if not tars:
+        raise ValueError(
+            f"{where}: directory {directory!r} holds no *.tar file (a directory stands for its webdataset "
+            "tar shards; give a brace pattern such as 'dir/{000000..000099}.tar' for other names)"
+        )
+    return tars
+
+
+# Keys that only one reader uses; setting one for the other format is a config error, never silently ignored.
+FORMAT_ONLY_KEYS = {
+    "wds": ("shards", "shuffle_buffer", "resample"),
+    "mds": ("local", "remote", "split", "shuffle_block_size"),
+}
 
 
 @dataclass
@@ -105,12 +129,27 @@ class DatasetConfig:
             raise ValueError(f"epoch_size: must be >= 1 samples, got {self.epoch_size}")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips}")
+        if self.format not in FORMAT_ONLY_KEYS:
+            raise ValueError(f"format: must be 'wds' or 'mds', got {self.format!r}")
+        self._check_keys_fit_format()
         if self.format == "wds":
             self.shard_urls()  # raises naming the missing path / empty list
-        elif self.format == "mds":
-            self.check_mds_location()
         else:
-            raise ValueError(f"format: must be 'wds' or 'mds', got {self.format!r}")
+            self.check_mds_location()
+
+    def _check_keys_fit_format(self) -> None:
+        """A key of the other format (e.g. `shards` on an MDS dataset) would be silently ignored: reject it."""
+        defaults = {f.name: f.default for f in fields(DatasetConfig)}
+        for other, keys in FORMAT_ONLY_KEYS.items():
+            if other == self.format:
+                continue
+            for key in keys:
+                if getattr(self, key) != defaults[key]:
+                    raise ValueError(
+                        f"{key}: applies to format '{other}' only, but this dataset reads format "
+                        f"'{self.format}' (its keys: {', '.join(FORMAT_ONLY_KEYS[self.format])}); "
+                        f"set format: {other} to use it, or remove it"
+                    )
 
     def shard_urls(self) -> list[str]:
         """The expanded webdataset shard URLs (checked: non-empty, local paths exist)."""

@@ -16,7 +16,9 @@ import io
 import json
 import os
 import re
+import struct
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from flamingo_composer.data.skips import SkipSample
 
 LAION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
 MAX_EXAMPLES_PER_REASON = 3
+MAX_MISSING_LISTED = 50  # missing inputs named in the summary (as_dict() holds them all)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ConversionReport:
     skipped: Counter = field(default_factory=Counter)  # samples / documents / shards not written
     images_dropped: Counter = field(default_factory=Counter)  # MMC4 images written without bytes
     examples: dict[str, list[str]] = field(default_factory=dict)
+    missing_inputs: list[str] = field(default_factory=list)  # local input paths (after brace expansion) absent
 
     def skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
@@ -71,11 +75,17 @@ class ConversionReport:
             "outputs": list(self.outputs),
             "skipped": dict(sorted(self.skipped.items())),
             "images_dropped": dict(sorted(self.images_dropped.items())),
+            "missing_inputs": list(self.missing_inputs),
         }
 
     def summary(self, out: str | os.PathLike) -> str:
         """Human-readable final summary: what was written where, and every skip reason with examples."""
         lines = [f"wrote {self.written} samples in {len(self.outputs)} shard file(s) to {out}"]
+        if self.missing_inputs:
+            lines.append(f"inputs that do not exist (left out): {len(self.missing_inputs)}")
+            lines.extend(f"  {path}" for path in self.missing_inputs[:MAX_MISSING_LISTED])
+            if len(self.missing_inputs) > MAX_MISSING_LISTED:
+                lines.append(f"  ... and {len(self.missing_inputs) - MAX_MISSING_LISTED} more")
         for title, counts, prefix in (
             ("skipped", self.skipped, ""),
             ("images left without bytes", self.images_dropped, "image:"),
@@ -86,7 +96,7 @@ class ConversionReport:
             for reason, count in sorted(counts.items()):
                 lines.append(f"  {reason}: {count}")
                 lines.extend(f"    e.g. {detail}" for detail in self.examples.get(prefix + reason, []))
-        if not self.skipped and not self.images_dropped:
+        if not self.skipped and not self.images_dropped and not self.missing_inputs:
             lines.append("nothing skipped")
         return "\n".join(lines)
 
@@ -95,11 +105,15 @@ class ConversionReport:
 # Inputs
 
 
-def expand_inputs(patterns: list[str], *, suffixes: tuple[str, ...]) -> list[str]:
+def expand_inputs(
+    patterns: list[str], *, suffixes: tuple[str, ...], report: ConversionReport, require_all: bool = False
+) -> list[str]:
     """Brace-expand each pattern (as the loaders do); a local directory stands for its files ending in
     `suffixes` (sorted, recursive); remote URLs and `pipe:` commands pass through unchecked.
 
-    A local path that does not exist, or an empty result, raises FileNotFoundError naming it.
+    Local paths that do not exist are left out and listed in `report.missing_inputs` (a brace range over a
+    release with gaps, such as MMC4's shard numbers, converts what exists). FileNotFoundError, naming them, when
+    none exists, or any is missing with `require_all`.
     """
     paths: list[str] = []
     for pattern in patterns:
@@ -120,10 +134,21 @@ def expand_inputs(patterns: list[str], *, suffixes: tuple[str, ...]) -> list[str
             elif os.path.isfile(path):
                 paths.append(path)
             else:
-                raise FileNotFoundError(f"input {path!r} (from {pattern!r}) does not exist")
+                report.missing_inputs.append(path)
+    missing = report.missing_inputs
+    if missing and (require_all or not paths):
+        why = "--require-all is set" if paths else "no input exists"
+        raise FileNotFoundError(
+            f"{len(missing)} input(s) do not exist ({why}): {_listing(missing, 10)} (patterns: {patterns!r})"
+        )
     if not paths:
         raise FileNotFoundError(f"no input files given (patterns: {patterns!r})")
     return paths
+
+
+def _listing(items: list[str], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _first_arg(exc: BaseException) -> str:
@@ -183,7 +208,12 @@ def iter_loose_file_samples(folder: str | os.PathLike) -> Iterator[dict[str, Any
 def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
     """(where, member stem, 0-based line number, line bytes) of a `.jsonl`, `.jsonl.gz` or zip of `.jsonl`
     files (the form MMC4 is published in); member stem is "" unless the zip holds several files. Blank lines
-    are not records."""
+    are not records.
+
+    A zip that lost its end (a cut download: no central directory) is still recognised by its first local
+    header: its members are read in order up to the damage, every complete line is yielded, and then
+    `zipfile.BadZipFile` names the file.
+    """
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             members = sorted(name for name in archive.namelist() if not name.endswith("/"))
@@ -193,12 +223,58 @@ def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
                 label = os.path.basename(member).split(".")[0] if len(members) > 1 else ""
                 with archive.open(member) as handle:
                     yield from _numbered_lines(f"{path}:{member}", label, handle)
+    elif _starts_like_zip(path):
+        yield from _salvaged_zip_records(path)
     elif path.endswith(".gz"):
         with gzip.open(path, "rb") as handle:
             yield from _numbered_lines(path, "", handle)
     else:
         with open(path, "rb") as handle:
             yield from _numbered_lines(path, "", handle)
+
+
+_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, version, flags, method, time, date, crc, sizes, lengths
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+def _starts_like_zip(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == _ZIP_LOCAL_MAGIC
+
+
+def _salvaged_zip_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
+    """The complete lines of a damaged zip's members, read from their local headers in file order."""
+    data = Path(path).read_bytes()
+    offset, members = 0, []
+    while data[offset : offset + 4] == _ZIP_LOCAL_MAGIC and offset + _ZIP_LOCAL_HEADER.size <= len(data):
+        _, _, flags, method, _, _, _, packed_size, _, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack_from(data, offset)
+        name = data[offset + 30 : offset + 30 + name_len].decode("utf-8", "replace")
+        start = offset + 30 + name_len + extra_len
+        end = len(data) if flags & 0x08 else start + packed_size  # bit 3: sizes follow the data
+        if method == zipfile.ZIP_STORED:
+            payload, complete = data[start:end], end <= len(data) and not flags & 0x08
+        elif method == zipfile.ZIP_DEFLATED:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                payload = inflater.decompress(data[start:end])
+            except zlib.error:
+                payload = b""
+            complete = inflater.eof
+        else:
+            raise zipfile.BadZipFile(f"{path}: damaged zip with a member packed by method {method}")
+        if not name.endswith("/"):
+            label = os.path.basename(name).split(".")[0] if members else ""  # keys stay unique past member 1
+            members.append(name)
+            if not complete:  # the last line was cut: keep only the lines that end before the damage
+                payload = payload[: payload.rfind(b"\n") + 1]
+            yield from _numbered_lines(f"{path}:{name}", label, io.BytesIO(payload))
+        if not complete or flags & 0x08:
+            break
+        offset = end
+    raise zipfile.BadZipFile(
+        f"damaged zip archive (no central directory: cut or incomplete); read {len(members)} member(s) "
+        "up to the damage"
+    )
 
 
 def _numbered_lines(
@@ -262,12 +338,20 @@ def mmc4_record(sample: dict[str, Any], report: ConversionReport, where: str) ->
 
 
 def mmc4_image_dirs(images_dir: Path, jsonl_path: str) -> list[Path]:
-    """Where the images of one jsonl file may lie: `images_dir`, then `images_dir/<shard number>` (the layout of
-    the reference's download script; the number comes from `docs_shard_<N>_v2.jsonl.zip`)."""
+    """Where the images of one jsonl file may lie, in search order:
+    - `images_dir` itself;
+    - `images_dir/<N>` for `docs_shard_<N>_v2.jsonl.zip` (the layout of the reference's download script);
+    - `images_dir/<name>_images`, the per-shard folder mmc4's own `scripts/download_images.py` writes by default
+      (`./{shard_name}_images/`, shard_name = the input's stem: `docs_shard_0_v2.jsonl` for the zipped file,
+      `docs_shard_0_v2` for a plain jsonl); both spellings are tried.
+    """
+    name = os.path.basename(jsonl_path)
     dirs = [images_dir]
-    shard = re.search(r"shard_(\d+)", os.path.basename(jsonl_path))
+    shard = re.search(r"shard_(\d+)", name)
     if shard:
         dirs.append(images_dir / shard.group(1))
+    for stem in dict.fromkeys((Path(name).stem, name.split(".")[0])):  # ordered, de-duplicated
+        dirs.append(images_dir / f"{stem}_images")
     return dirs
 
 
@@ -428,14 +512,15 @@ def convert_wds_to_mds(
     compression: str | None = None,
     size_limit: str | int = "64mb",
     progress: bool = True,
+    require_all: bool = False,
 ) -> ConversionReport:
     """webdataset shards of either layout (`laion`: KEY.jpg|jpeg|png + KEY.txt; `mmc4`: KEY.json with
     image_base64) -> MDS in `mds_format`'s columns. `inputs` are brace patterns, tar files or directories."""
     if layout not in ("laion", "mmc4"):
         raise ValueError(f"layout must be 'laion' or 'mmc4', got {layout!r}")
-    shards = expand_inputs(inputs, suffixes=(".tar", ".tar.gz", ".tgz"))
-    columns = LAION_MDS_COLUMNS if layout == "laion" else MMC4_MDS_COLUMNS
     report = ConversionReport()
+    shards = expand_inputs(inputs, suffixes=(".tar", ".tar.gz", ".tgz"), report=report, require_all=require_all)
+    columns = LAION_MDS_COLUMNS if layout == "laion" else MMC4_MDS_COLUMNS
     sink = MdsSink(Path(out), columns, compression=compression, size_limit=size_limit)
     samples = ((shard, iter_tar_samples(shard, report)) for shard in shards)
     to_record = laion_record if layout == "laion" else mmc4_record
@@ -475,6 +560,7 @@ def convert_raw_mmc4(
     size_limit: str | int = "64mb",
     docs_per_shard: int = 1000,
     progress: bool = True,
+    require_all: bool = False,
 ) -> ConversionReport:
     """Raw MMC4 (`.jsonl`, `.jsonl.gz` or zipped jsonl, plus the folder of downloaded images named by
     `image_name`) -> webdataset shards (`KEY.json` with image_base64, like the reference's MMC4 shards) or MDS
@@ -484,8 +570,8 @@ def convert_raw_mmc4(
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images directory {str(images_dir)!r} does not exist")
-    files = expand_inputs(inputs, suffixes=(".jsonl", ".jsonl.gz", ".zip"))
     report = ConversionReport()
+    files = expand_inputs(inputs, suffixes=(".jsonl", ".jsonl.gz", ".zip"), report=report, require_all=require_all)
     if output_format == "wds":
         wds_sink = WdsMmc4Sink(Path(out), maxcount=docs_per_shard)
         write = wds_sink.write

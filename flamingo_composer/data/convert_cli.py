@@ -17,6 +17,15 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def add_require_all_arg(parser: argparse.ArgumentParser) -> None:
+    """--require-all: fail when any input of a brace range is missing (default: convert what exists, list the rest)."""
+    parser.add_argument(
+        "--require-all",
+        action="store_true",
+        help="exit 2 if any local input does not exist (default: convert the inputs that exist and list the missing)",
+    )
+
+
 def run_converter(tool: str, convert: Callable, *args, out: str, **kwargs) -> int:
     """Run `convert(*args, out, ...)`, print its summary; exit 0 if it wrote something, 1 if not, 2 on bad input."""
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from flamingo_composer.data.collate import collate_laion, collate_mmc4
 from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.processors import LaionProcessor, MMC4Processor
-from flamingo_composer.data.skips import SkipCounter
+from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, SkipCounter
 from flamingo_composer.data.stream_items import is_rejected, passthrough_collate
 from flamingo_composer.data.streaming_source import MDSItems, open_mds
 from flamingo_composer.data.text import SpecialTokens
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("laion", "mmc4")
 STATE_VERSION = 1
-PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
+PER_BATCH_KEYS = ("skipped", "position", "keys")
+NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)  # travel with the full batch, not with each microbatch
 
 
 class SourceBatcher:
@@ -62,6 +64,7 @@ class SourceBatcher:
         self.max_consecutive_skips, self.return_keys = max_consecutive_skips, return_keys
         self.position = 0
         self._items: Iterator[dict] | None = None
+        self._named: Counter[str] = Counter()  # rejections named in the log so far, per reason
 
     def seek(self, position: int) -> None:
         """Restart the stream so the next item is item `position` (workers restart lazily)."""
@@ -88,12 +91,31 @@ class SourceBatcher:
         self.position += 1
         return item
 
+    def _name_rejection(self, item: Mapping[str, Any]) -> None:
+        """Warn with shard and key for the first few rejections of each reason, so the data can be found and
+        fixed; later ones are only counted (`data/skipped/...`). Shard failures are reported by the readers."""
+        reason = item["skip"]
+        if reason in (SHARD_ERROR, EMPTY_SHARDS) or self._named[reason] >= NAMED_REJECTIONS_PER_REASON:
+            return
+        self._named[reason] += 1
+        last = self._named[reason] == NAMED_REJECTIONS_PER_REASON
+        log.warning(
+            "%s: skipped sample %r from %s: %s%s%s",
+            self.name,
+            item.get("key"),
+            item.get("source") or "?",
+            reason,
+            f" ({item['detail']})" if item.get("detail") else "",
+            f"; further '{reason}' samples are counted, not named" if last else "",
+        )
+
     def next_batch(self) -> dict[str, Any]:
         samples, keys, skipped, consecutive = [], [], SkipCounter(), 0
         while len(samples) < self.batch_size:
             item = self._next_item()
             if is_rejected(item):
                 skipped.add(item["skip"])
+                self._name_rejection(item)
                 consecutive += 1
                 if consecutive >= self.max_consecutive_skips:
                     raise RuntimeError(
@@ -295,7 +317,10 @@ def build_dual_loader(
             (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
         )
         process = processor_cls(tokenizer, image_transform, cfg.preprocess, cfg.seed)
-        make_items, num_samples = _source(name, cfg, process, rank, world_size)
+        try:
+            make_items, num_samples = _source(name, cfg, process, rank, world_size)
+        except ValueError as exc:  # its messages start with the key ("shards: ..."): name the dataset too
+            raise ValueError(f"{name}.{exc}") from exc
         lengths.append(batches_per_epoch(name, cfg, num_samples, world_size))
         batchers[name] = SourceBatcher(
             name,

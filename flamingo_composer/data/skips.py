@@ -7,7 +7,11 @@ where a plain counter is invisible to the trainer, so each batch carries `counte
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
+
+SHARD_ERROR = "shard_error"  # a shard (tar, pipe, MDS shard) that failed to open or read; the reader reports it
+EMPTY_SHARDS = "empty_shards"  # a whole pass over a reader's shards held no sample
 
 # Reasons used by this package (readers may add their own short snake_case reasons).
 KNOWN_REASONS = (
@@ -24,7 +28,8 @@ KNOWN_REASONS = (
     "empty_caption",  # nothing left of the caption after cleaning
     "bad_utf8",  # text bytes that are not UTF-8
     "no_supervised_tokens",  # the row's labels would be all -100
-    "shard_error",  # a shard that failed to open or read
+    SHARD_ERROR,
+    EMPTY_SHARDS,
 )
 
 
@@ -63,3 +68,14 @@ class SkipCounter(Mapping):
 
     def __repr__(self) -> str:
         return f"SkipCounter({self._counts!r})"
+
+
+_REPORTED_SHARDS: set[str] = set()  # shards this process already reported (a broken shard is re-read every pass)
+
+
+def report_shard_once(log: logging.Logger, shard: str, message: str, *args) -> None:
+    """Warn about a failing shard the first time this process meets it; later passes only count it."""
+    if shard in _REPORTED_SHARDS:
+        return
+    _REPORTED_SHARDS.add(shard)
+    log.warning(f"{message} (reported once per shard; later passes only count it as {SHARD_ERROR})", *args)

@@ -27,8 +27,9 @@ def accepted(sample: Mapping[str, torch.Tensor], key: Any) -> dict[str, Any]:
     return {"sample": sample, "key": key}
 
 
-def rejected(reason: str, key: Any = None) -> dict[str, Any]:
-    return {"skip": reason, "key": key}
+def rejected(reason: str, key: Any = None, *, source: str | None = None, detail: str = "") -> dict[str, Any]:
+    """A rejection marker: why, which sample (`key`), from where (`source`: shard URL or MDS shard)."""
+    return {"skip": reason, "key": key, "source": source, "detail": detail}
 
 
 def is_rejected(item: Mapping[str, Any]) -> bool:
@@ -36,13 +37,13 @@ def is_rejected(item: Mapping[str, Any]) -> bool:
 
 
 def process_to_item(
-    process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any
+    process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any, source: str | None = None
 ) -> dict[str, Any]:
-    """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason."""
+    """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason and detail."""
     try:
         return accepted(process(raw, epoch=epoch, key=key), key)
     except SkipSample as skip:
-        return rejected(skip.reason, key)
+        return rejected(skip.reason, key, source=source, detail=skip.detail)
 
 
 def worker_info() -> tuple[int, int]:

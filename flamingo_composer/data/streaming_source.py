@@ -32,11 +32,11 @@ from streaming.base.dataset import _ShardState
 from streaming.base.shuffle import get_shuffle
 from torch.utils.data import IterableDataset
 
+from flamingo_composer.data.skips import SHARD_ERROR, report_shard_once
 from flamingo_composer.data.stream_items import SampleProcessor, process_to_item, rejected, worker_info
 
 log = logging.getLogger(__name__)
 
-SHARD_ERROR = "shard_error"
 SHUFFLE_ALGO = "py1e"
 
 
@@ -102,7 +102,7 @@ class MDSItems(IterableDataset):
         self.items_per_epoch = len(range(rank, int(self.shard_sizes.sum()), world_size))
         if self.items_per_epoch == 0:
             raise ValueError(
-                f"MDS dataset {dataset.streams[0].local!r} has {int(self.shard_sizes.sum())} samples, "
+                f"local: MDS dataset {dataset.streams[0].local!r} has {int(self.shard_sizes.sum())} samples, "
                 f"fewer than the {world_size} ranks"
             )
 
@@ -119,7 +119,7 @@ class MDSItems(IterableDataset):
 
     def _read(self, sample_id: int, failed_shards: set[int]) -> dict[str, Any] | None:
         """The raw MDS row, or None when its shard failed to download or read (then skipped and counted)."""
-        shard_id = int(self.dataset.spanner[sample_id][0])
+        shard_id = self._shard_of(sample_id)
         if shard_id in failed_shards:
             return None
         try:
@@ -127,10 +127,19 @@ class MDSItems(IterableDataset):
         except Exception as err:  # a shard that fails to download or read: skipped and counted, never fatal
             failed_shards.add(shard_id)
             self._unblock_shard(shard_id)
-            log.warning(
-                "MDS shard %d unreadable (%s: %s): its samples are skipped", shard_id, type(err).__name__, err
+            report_shard_once(
+                log, self._shard_name(shard_id), "MDS shard %s unreadable (%s: %s): its samples are skipped",
+                self._shard_name(shard_id), type(err).__name__, err,
             )
             return None
+
+    def _shard_of(self, sample_id: int) -> int:
+        return int(self.dataset.spanner[sample_id][0])
+
+    def _shard_name(self, shard_id: int) -> str:
+        """`<local dir>/<shard file>` of an MDS shard, for messages."""
+        stream = self.dataset.streams[self.dataset.stream_per_shard[shard_id]]
+        return os.path.join(stream.local, self.dataset.shards[shard_id].raw_data.basename)
 
     def _unblock_shard(self, shard_id: int) -> None:
         """A failed download leaves the shard 'preparing' in streaming's shared state, and every later reader
@@ -157,7 +166,9 @@ class MDSItems(IterableDataset):
             sample_id = int(order[position])
             raw = self._read(sample_id, failed_shards)
             if raw is None:
-                yield rejected(SHARD_ERROR, sample_id)
+                yield rejected(SHARD_ERROR, sample_id, source=self._shard_name(self._shard_of(sample_id)))
                 continue
             key = raw.get("key") or sample_id
-            yield process_to_item(self.process, raw, epoch=epoch, key=key)
+            yield process_to_item(
+                self.process, raw, epoch=epoch, key=key, source=self._shard_name(self._shard_of(sample_id))
+            )

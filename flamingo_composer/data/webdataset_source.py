@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +38,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from flamingo_composer.data.config import is_remote_url, local_path
+from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, report_shard_once
 from flamingo_composer.data.stream_items import (
     SampleProcessor,
     items_before,
@@ -47,8 +50,6 @@ from flamingo_composer.data.stream_items import (
 
 log = logging.getLogger(__name__)
 
-SHARD_ERROR = "shard_error"
-EMPTY_SHARDS = "empty_shards"  # a whole pass over this reader's shards held no sample
 _MARKER = "__marker__"
 
 
@@ -57,28 +58,42 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
+def _members_until_error(files: Iterator[dict], errors: list[BaseException]) -> Iterator[dict]:
+    """The tar's members up to the first failure, which is recorded instead of raised (so the grouping below
+    still flushes the last complete sample)."""
+    try:
+        yield from files
+    except Exception as err:  # tarfile/gopen/subprocess raise many types; the shard ends here
+        errors.append(err)
+
+
 def shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar shard ({'__key__', '__url__', ext: bytes}); a failure ends it with a marker.
 
-    A `pipe:` command's exit status is checked when the stream closes, so a command that fails after writing
-    part of a tar still yields the samples it delivered, then the marker.
+    Every sample whose members were all read before the damage arrives (a sample is complete once the next
+    key starts, or the stream ends). A `pipe:` command's exit status is checked when the stream closes, so a
+    command that fails after writing part of a tar still yields the samples it delivered, then the marker.
     """
+    errors: list[BaseException] = []
     stream = None
     try:
-        stream = gopen(url, "rb")
+        stream = _TailRecorder(gopen(url, "rb"))
         files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
-        yield from group_by_keys(files, handler=reraise_exception)
+        yield from group_by_keys(_members_until_error(files, errors), handler=reraise_exception)
+        if not errors:
+            stream.drain()
+            if stream.cut_short():
+                errors.append(tarfile.ReadError(_CUT_MESSAGE))
         closing, stream = stream, None
         closing.close()
-    except Exception as err:  # gopen/tarfile/subprocess raise many types; the shard is skipped, never the run
-        log.warning("skipping the rest of shard %s: %s: %s", url, type(err).__name__, err)
+    except Exception as err:  # gopen fails, a duplicate member, a failing pipe's status: the shard ends here
+        errors.append(err)
+    if errors:
+        err = errors[0]
+        message = str(err.args[0]).split(" @ ")[0] if err.args else str(err)
+        report_shard_once(log, url, "shard %s is damaged or failed (%s: %s): kept the samples before it", url,
+                            type(err).__name__, message)
         yield {_MARKER: SHARD_ERROR, "__url__": url}
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # already failing or abandoned: the status no longer matters
-                pass
 
 
 def split_plan(num_shards: int, world_size: int, num_workers: int) -> tuple[bool, bool]:
@@ -93,23 +108,111 @@ def every_kth(stream: Iterator[dict], k: int, offset: int) -> Iterator[dict]:
     return itertools.islice(stream, offset, None, k) if k > 1 else stream
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
+_END_BLOCK = bytes(tarfile.BLOCKSIZE)  # a tar ends with zero blocks; a cut one (even inside a header) does not
+_CUT_MESSAGE = "no end-of-archive block: the tar is cut"
+
+
+def _ends_like_a_tar(size: int, last_block: bytes) -> bool:
+    """tarfile reads a header cut short as the end of the archive; the missing zero block tells the cut apart."""
+    return size > 0 and size % tarfile.BLOCKSIZE == 0 and last_block == _END_BLOCK
+
+
+class _TailRecorder:
+    """A read-only byte stream that remembers its length and last block (for `_ends_like_a_tar`)."""
+
+    def __init__(self, stream):
+        self.stream, self.size, self.head, self.tail = stream, 0, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 6:
+            self.head = (self.head + data)[:6]
+        self.size += len(data)
+        self.tail = (self.tail + data)[-tarfile.BLOCKSIZE :]
+        return data
+
+    def cut_short(self) -> bool:
+        """After the whole stream was read: an uncompressed tar without its end block (compressed ones fail to
+        decompress instead)."""
+        return not self.head.startswith(_COMPRESSED_MAGIC) and not _ends_like_a_tar(self.size, self.tail)
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _count_shard_samples(path: str) -> int:
+    """Samples (distinct consecutive keys) of one local tar whose members all lie inside the file, from the
+    headers only; raises `DamagedShard` at the first damage, holding the samples the reader delivers before it."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DamagedShard(0, "empty file (0 bytes)")
+    with open(path, "rb") as handle:
+        compressed = handle.read(6).startswith(_COMPRESSED_MAGIC)  # member offsets are not file offsets then
+        handle.seek(max(0, size - tarfile.BLOCKSIZE))
+        last_block = handle.read()
+    count, previous = 0, None
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        raise DamagedShard(0, "not a readable tar archive") from None
+    try:
+        for member in tar:
+            if not member.isreg():
+                continue
+            prefix, _ = base_plus_ext(member.name)
+            if prefix != previous and previous is not None:
+                count += 1  # the previous sample is complete: the next key started
+            previous = prefix
+            if not compressed and member.offset_data + member.size > size:
+                raise DamagedShard(count, f"member {member.name!r} is cut off at the end of the file")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise DamagedShard(count, f"{type(err).__name__}: {err}") from err
+    finally:
+        tar.close()
+    count += previous is not None  # the stream ended: its last sample is flushed, as the reader does
+    if not compressed and not _ends_like_a_tar(size, last_block):
+        raise DamagedShard(count, _CUT_MESSAGE)
+    return count
+
+
+class DamagedShard(Exception):
+    """A local shard that is cut, empty or not a tar; `count` = its complete samples before the damage."""
+
+    def __init__(self, count: int, reason: str):
+        super().__init__(reason)
+        self.count = count
+
+
 def count_local_samples(urls: list[str]) -> int:
-    """Number of samples (distinct consecutive keys) in local tar shards, reading headers only."""
-    total = 0
+    """Number of samples in local tar shards, reading headers only (an epoch's length when epoch_size is unset).
+
+    A damaged shard counts the complete samples before the damage and is reported once, naming the file; the
+    run goes on (the reader skips the damage the same way). Only shards holding no readable sample at all stop
+    the run here, naming them.
+    """
+    total, damaged = 0, []
     for url in urls:
         if is_remote_url(url):
             raise ValueError(
                 f"epoch_size: required for remote webdataset shards (cannot count the samples of {url})"
             )
-        previous = None
-        with tarfile.open(local_path(url), "r:*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                prefix, _ = base_plus_ext(member.name)
-                if prefix is not None and prefix != previous:
-                    total += 1
-                    previous = prefix
+        path = local_path(url)
+        try:
+            total += _count_shard_samples(path)
+        except DamagedShard as err:
+            total += err.count
+            damaged.append(path)
+            report_shard_once(log, url, "shard %s is damaged (%s): counted its %d complete samples before the damage",
+                                path, err, err.count)
+    if total == 0:
+        shown = ", ".join(urls[:5]) + (f" (and {len(urls) - 5} more)" if len(urls) > 5 else "")
+        broken = f"; damaged or not a tar: {', '.join(damaged[:5])}" if damaged else ""
+        raise ValueError(f"shards: no readable sample in {shown}{broken}")
     return total
 
 
@@ -191,6 +294,8 @@ class WebDatasetItems(IterableDataset):
         raw = itertools.islice(raw, items_before(self.start, logical, num_workers), None)
         for sample in raw:
             if _MARKER in sample:
-                yield rejected(sample[_MARKER], sample["__url__"])
+                yield rejected(sample[_MARKER], sample["__url__"], source=sample["__url__"])
             else:
-                yield process_to_item(self.process, sample, epoch=sample["__epoch__"], key=sample["__key__"])
+                yield process_to_item(
+                    self.process, sample, epoch=sample["__epoch__"], key=sample["__key__"], source=sample["__url__"]
+                )

@@ -55,9 +55,12 @@ def patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """
     if not getattr(visual, "output_tokens", False):
         raise ValueError("vision encoder does not output tokens: call use_patch_token_semantics first")
-    if images.shape[0] == 0:  # no image in the batch: open_clip cannot run on an empty batch
-        num_patches = visual.grid_size[0] * visual.grid_size[1]
-        return images.new_zeros(0, num_patches, vision_width(visual))  # (0, v, D)
+    if images.shape[0] == 0:
+        # No image on this rank: still run the tower, on one blank image whose tokens are dropped. Under FSDP the
+        # other ranks wait in this module's all-gathers, so every rank must make the same calls (open_clip cannot
+        # run on an empty batch).
+        _, tokens = visual(images.new_zeros(1, *images.shape[1:]))  # (1, v, D)
+        return tokens[:0]  # (0, v, D)
     _, tokens = visual(images)  # (N, v, D), CLS dropped
     return tokens
 

@@ -62,6 +62,11 @@ def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
     return int(sub["input_ids"].shape[0])
 
 
+def heldout_metric_names(datasets) -> list[str]:
+    """Names of the held-out CE and token-accuracy metrics of `datasets` (an Evaluator's `metric_names`)."""
+    return [f"{name}/{kind}" for name in datasets for kind in ("LanguageCrossEntropy", "TokenAccuracy")]
+
+
 def _for_dataset(metric: Metric, dataset: str) -> Metric:
     """Marks a torchmetrics Metric with the dataset whose sub-batch feeds it (survives Composer's deepcopy)."""
     metric.flamingo_dataset = dataset
@@ -174,8 +179,9 @@ class FlamingoComposerModel(ComposerModel):
             return {}
         metrics = {}
         for name in DATASETS:
-            metrics[f"{name}/LanguageCrossEntropy"] = _for_dataset(LanguageCrossEntropy(), name)
-            metrics[f"{name}/TokenAccuracy"] = _for_dataset(MaskedAccuracy(), name)
+            ce_name, accuracy_name = heldout_metric_names([name])
+            metrics[ce_name] = _for_dataset(LanguageCrossEntropy(), name)
+            metrics[accuracy_name] = _for_dataset(MaskedAccuracy(), name)
         return metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:

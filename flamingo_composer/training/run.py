@@ -27,7 +27,11 @@ from flamingo_composer.training.builders import (
     build_scheduler,
 )
 from flamingo_composer.training.callbacks import DataPositionCallback
-from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+from flamingo_composer.training.composer_model import (
+    REQUIRED_TRAINER_KWARGS,
+    FlamingoComposerModel,
+    heldout_metric_names,
+)
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
 
@@ -61,6 +65,14 @@ def _model_config(cfg: TrainConfig):
     return cfg.model
 
 
+def build_data_loader(data, key: str, bundle, *, for_eval: bool = False):
+    """The dual loader of `data`; data that cannot train at all (no readable sample) is a ConfigError naming it."""
+    try:
+        return build_dual_loader(data, bundle.tokenizer, bundle.image_transform, for_eval=for_eval)
+    except ValueError as exc:
+        raise ConfigError(f"{key}.{exc}") from exc
+
+
 def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
     """One Evaluator over the held-out dual loader (it rewinds each time, so every evaluation sees the same data).
 
@@ -68,11 +80,13 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
     """
     if cfg.eval_loader is None:
         return []
-    loader = build_dual_loader(cfg.eval_loader, bundle.tokenizer, bundle.image_transform, for_eval=True)
+    loader = build_data_loader(cfg.eval_loader, "eval_loader", bundle, for_eval=True)
     return [
         Evaluator(
             label="eval",
             dataloader=build_dataspec(loader),
+            # Only the metrics of the datasets this loader holds (an absent dataset's would log NaN).
+            metric_names=heldout_metric_names(cfg.eval_loader.enabled()),
             subset_num_batches=cfg.eval_subset_num_batches,
             device_eval_microbatch_size=loader.batch_size,
         )
@@ -96,7 +110,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         install_fsdp_policies(composer_model)
     trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
 
-    train_loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform)
+    train_loader = build_data_loader(cfg.data, "data", bundle)
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
     callbacks = [*build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), *extra_callbacks]
     sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
@@ -151,6 +165,19 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     return trainer
 
 
+def configure_package_logging() -> None:
+    """INFO-level lines of this package, printed once: our own handler, and no propagation to the root logger
+    (libraries such as open_clip call `logging.warning()`, which installs a root handler that would print every
+    line a second time)."""
+    package_log = logging.getLogger("flamingo_composer")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`train.py YAML [dotted.key=value ...]`: 0 on success, 2 on a config error (message on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -159,14 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        configure_package_logging()
+        train_from_config(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    package_log = logging.getLogger("flamingo_composer")
-    if not package_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        package_log.addHandler(handler)
-        package_log.setLevel(logging.INFO)
-    train_from_config(cfg)
     return 0
