@@ -272,7 +272,7 @@ def test_truncated_zip_is_reported_and_its_complete_documents_kept(tmp_path, pac
     text = zipfile.ZipFile(whole).read(zipfile.ZipFile(whole).namelist()[0])
     with zipfile.ZipFile(whole, "w", compression=packing) as archive:
         archive.writestr("docs_shard_7_v2.jsonl", text)
-    complete = convert_raw_mmc4(inputs, images, tmp_path / "complete", output_format="mds", progress=False)
+    convert_raw_mmc4(inputs, images, tmp_path / "complete", output_format="mds", progress=False)
     data = whole.read_bytes()
     whole.write_bytes(data[: int(len(data) * 0.75)])  # cut inside the member: the last documents are lost
 
