@@ -27,11 +27,17 @@ EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 
 
-def build_tiny_tokenizer():
+# `tiny-50k`: the tiny words plus filler tokens up to MPT-1B's 50,277 base tokens (50,280 with the Flamingo tokens),
+# so embedding, head and loss have the released 3B model's vocabulary width while the data stays the tiny words.
+MPT_1B_BASE_VOCAB = 50_277
+
+
+def build_tiny_tokenizer(vocab_size: int | None = None):
     """A deterministic word-level tokenizer built offline from `WORDS` (no hub, no files).
 
     Like a hub tokenizer it has an eos (= bos) token and no pad, `<image>` or `<|endofchunk|>` token: the model
-    factory adds those exactly as it does for a real LM's tokenizer.
+    factory adds those exactly as it does for a real LM's tokenizer. `vocab_size` pads it with never-used filler
+    tokens (`<filler123>`) to that many tokens.
     """
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
@@ -40,6 +46,8 @@ def build_tiny_tokenizer():
     vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
     for word in WORDS:
         vocab.setdefault(word, len(vocab))
+    while vocab_size is not None and len(vocab) < vocab_size:
+        vocab[f"<filler{len(vocab)}>"] = len(vocab)
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

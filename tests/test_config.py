@@ -140,15 +140,16 @@ def test_missing_reference_checkpoint_is_named(tmp_path, shards):
 
 def test_fsdp_use_orig_params_false_rejected_with_reason(tmp_path, shards):
     data = base_config(shards)
-    data["fsdp_config"] = {"use_orig_params": False}
+    data["fsdp_config"] = {"version": 1, "use_orig_params": False}
     message = load_error(tmp_path, data)
     assert message.startswith("fsdp_config.use_orig_params:")
     assert "partly frozen" in message and "decay groups" in message
 
 
-def test_fsdp_settings_accepts_composer_keys_and_hybrid_shard():
-    settings = FSDPSettings(sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2, mixed_precision="PURE")
-    composer_kwargs = settings.to_composer()
+def test_fsdp1_settings_pass_composer_keys_and_hybrid_shard():
+    settings = FSDPSettings(version=1, sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2,
+                            mixed_precision="PURE")  # fmt: skip
+    composer_kwargs = settings.to_composer()["fsdp"]
     assert composer_kwargs["sharding_strategy"] == "HYBRID_SHARD"
     assert composer_kwargs["activation_checkpointing_reentrant"] is False
     from composer.utils import FSDPConfig
@@ -157,13 +158,35 @@ def test_fsdp_settings_accepts_composer_keys_and_hybrid_shard():
     assert set(composer_kwargs) <= known  # every key we pass means something to Composer
 
 
+def test_fsdp2_settings_become_an_fsdp2_config():
+    from composer.utils import FSDP2Config
+
+    full = FSDPSettings(activation_checkpointing=True, state_dict_type="full").to_composer()["fsdp"]
+    assert isinstance(full, FSDP2Config)
+    assert (full.reshard_after_forward, full.activation_checkpointing, full.state_dict_type) == (True, True, "full")
+    assert FSDPSettings(sharding_strategy="SHARD_GRAD_OP").to_composer()["fsdp"].reshard_after_forward is False
+    explicit = FSDPSettings(sharding_strategy="SHARD_GRAD_OP", reshard_after_forward=True, mixed_precision="PURE")
+    assert explicit.to_composer()["fsdp"].reshard_after_forward is True
+    assert explicit.to_composer()["fsdp"].mixed_precision == "PURE"
+    for bad, named in (({"use_orig_params": True, "limit_all_gathers": False}, "limit_all_gathers: applies to FSDP "
+                        "version 1 only"), ({"sharding_strategy": "NO_SHARD"}, "NO_SHARD has no FSDP2 form"),
+                       ({"version": 1, "reshard_after_forward": False}, "reshard_after_forward: applies to FSDP "
+                        "version 2 only"), ({"sharding_strategy": "HYBRID_SHARD"}, "data_parallel_shard_degree")):
+        with pytest.raises(ValueError, match=named):
+            FSDPSettings(**bad)
+
+
 def test_cross_field_checks(tmp_path, shards):
     data = base_config(shards)
     assert "autoresume: true needs both run_name and save_folder" in load_error(tmp_path, data, ["autoresume=true"])
     assert "precision: amp_bf16 needs a GPU" in load_error(tmp_path, data, ["precision=amp_bf16"])
     assert "'auto' needs a GPU" in load_error(tmp_path, data, ["device_train_microbatch_size=auto"])
-    data["fsdp_config"] = {}
-    assert "fsdp_config: FSDP needs GPUs" in load_error(tmp_path, data)
+    data["fsdp_config"] = {"version": 1}
+    assert "fsdp_config.version: FSDP1 needs GPUs" in load_error(tmp_path, data)
+    data["fsdp_config"] = {"version": 2}
+    assert "'auto' needs FSDP1" in load_error(tmp_path, data, ["device=gpu", "device_train_microbatch_size=auto"])
+    data["fsdp_config"] = {}  # FSDP2 (the default version) runs on CPU
+    assert load_config(write_yaml(tmp_path, data)).fsdp_config.version == 2
 
 
 def test_component_names_and_kwargs_checked_against_registries(tmp_path, shards):

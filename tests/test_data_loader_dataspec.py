@@ -49,21 +49,24 @@ def _batch(laion_rows: int | None, mmc4_rows: int | None) -> dict:
     "laion_rows,mmc4_rows,microbatch,chunks",
     [(8, 4, 4, 2), (8, 4, 2, 4), (6, 3, 2, 3), (8, 4, 8, 1), (8, 2, 1, 8), (None, 4, 2, 2), (4, None, 1, 4)],
 )
-def test_split_batch_keeps_every_sample_exactly_once(laion_rows, mmc4_rows, microbatch, chunks):
+def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_rows, microbatch, chunks):
     batch = _batch(laion_rows, mmc4_rows)
     pieces = split_batch(batch, microbatch)
-    assert len(pieces) == chunks
+    names = list(batch)
+    rows = [[piece[name]["input_ids"].shape[0] for name in names] for piece in pieces]
+    # One dataset with rows per microbatch, LAION's first; every microbatch carries every dataset's entry.
+    owners = [names[[r > 0 for r in row].index(True)] for row in rows]
+    assert all(sum(r > 0 for r in row) == 1 for row in rows)
+    assert owners == sorted(owners, key=names.index)
     for name, sub in batch.items():
-        present = [piece[name] for piece in pieces if name in piece]
+        present = [piece[name] for piece, owner in zip(pieces, owners) if owner == name]
+        assert len(present) == min(chunks, sub["input_ids"].shape[0])
         for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
             assert torch.equal(torch.cat([part[field] for part in present]), sub[field]), (name, field)
-        for part in present:
-            assert torch.equal(
-                part["num_supervised_tokens"], sub["num_supervised_tokens"]
-            )  # whole-batch count
-            assert len({int(row) for row in part["input_ids"][:, 0]}) == part["input_ids"].shape[0]
-        assert present[0]["skipped"] == sub["skipped"] and present[0]["position"] == 99
-        assert all("skipped" not in part and "position" not in part for part in present[1:])
+        for piece in pieces:  # the whole-batch count travels in every microbatch, zero-row entries included
+            assert torch.equal(piece[name]["num_supervised_tokens"], sub["num_supervised_tokens"])
+            assert "skipped" not in piece[name] and "position" not in piece[name]  # the full batch's bookkeeping
+            assert piece[name]["vision_x"].shape[1:] == sub["vision_x"].shape[1:]
     lead = "laion" if laion_rows else "mmc4"
     assert all(piece[lead]["input_ids"].shape[0] <= microbatch for piece in pieces)
     assert sum(get_num_samples_in_batch(piece) for piece in pieces) == get_num_samples_in_batch(batch)
@@ -74,7 +77,7 @@ def test_split_batch_takes_any_size_auto_microbatching_may_pick():
     for microbatch in (6, 3, 1, 4, 2.0):  # halving from an odd size, floats as Composer may pass them
         pieces = split_batch(batch, microbatch)
         assert sum(piece["laion"]["input_ids"].shape[0] for piece in pieces) == 6
-        assert sum(piece["mmc4"]["input_ids"].shape[0] for piece in pieces if "mmc4" in piece) == 4
+        assert sum(piece["mmc4"]["input_ids"].shape[0] for piece in pieces) == 4
 
 
 def test_sample_and_token_counts_cover_both_datasets():
@@ -123,4 +126,4 @@ def test_build_dataspec_wires_our_functions():
     assert spec.get_num_samples_in_batch(batch) == 12
     assert spec.get_num_tokens_in_batch(batch) == get_num_tokens_in_batch(batch)["total"]
     assert spec.get_num_tokens_in_batch(batch, token_type="loss_generating") > 0
-    assert len(spec.split_batch(batch, 4)) == 2
+    assert len(spec.split_batch(batch, 4)) == 2 * 2  # 2 LAION chunks, then 2 MMC4 chunks

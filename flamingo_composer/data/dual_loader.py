@@ -382,34 +382,39 @@ def _rows(sub: Mapping[str, Any]) -> int:
     return int(sub["input_ids"].shape[0])
 
 
-def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
-    """Cut both sub-batches into n = ceil(B_lead / microbatch_size) chunks (Composer passes the SIZE).
+def _is_row_tensor(field: str, value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and field != "num_supervised_tokens"
 
-    Tensors with a batch dimension are cut with `tensor_split` (so any size works, e.g. after auto-microbatching
-    halves it); `num_supervised_tokens` (whole-batch count for the loss normaliser) is copied into every chunk;
-    `skipped`, `position` and `keys` stay in the first chunk only. A part with fewer rows than chunks keeps a
-    zero-row entry in the chunks that get no row of it (the model skips its forward but still needs its
-    `num_supervised_tokens` to normalise the other parts' loss shares).
+
+def _model_part(sub: Mapping[str, Any], rows: slice | None) -> dict[str, Any]:
+    """The rows `rows` of a sub-batch (None: zero rows), with its whole-batch values; per-batch bookkeeping
+    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
+    return {
+        field: (value[rows] if rows is not None else value[:0]) if _is_row_tensor(field, value) else value
+        for field, value in sub.items()
+        if field not in PER_BATCH_KEYS
+    }
+
+
+def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
+    """One dataset per microbatch: the LAION chunks, then the MMC4 chunks (Composer passes the SIZE).
+
+    Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
+    auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
+    dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
+    normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
+    only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
+    runs one forward per backward.
     """
     microbatch_size = max(1, int(microbatch_size))
     num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
-    chunks: list[dict[str, Any]] = [{} for _ in range(num_chunks)]
+    chunks: list[dict[str, Any]] = []
     for name, sub in batch.items():
-        pieces: dict[str, tuple] = {}
-        for field, value in sub.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and field != "num_supervised_tokens":
-                pieces[field] = torch.tensor_split(value, num_chunks, dim=0)
-        for index, chunk in enumerate(chunks):
-            part = {field: parts[index] for field, parts in pieces.items()}
-            for field, value in sub.items():
-                if field in pieces:
-                    continue
-                if field in PER_BATCH_KEYS:
-                    if index == 0:
-                        part[field] = value
-                else:
-                    part[field] = value  # num_supervised_tokens and any other whole-batch value
-            chunk[name] = part
+        bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
+        for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
+            chunks.append({
+                other: _model_part(part, rows if other == name else None) for other, part in batch.items()
+            })
     return chunks
 
 

@@ -1,4 +1,5 @@
-"""Callbacks: data-skip counts per reason, and the data position of both loaders in every checkpoint.
+"""Callbacks: data-skip counts per reason, the data position of both loaders in every checkpoint, and
+trainable-only model state in checkpoints.
 
 Composer saves a monolithic checkpoint from rank 0 only and every rank loads that file, so state must be the same
 on every rank when written: counts are summed over ranks, positions gathered from all ranks. `state_dict()` is
@@ -98,3 +99,38 @@ class DataPositionCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
+
+
+class TrainableOnlyModelState(Callback):
+    """Checkpoints collect the trainable parameters only, without ever gathering a frozen weight.
+
+    Composer's `State.get_model_state_dict` asks `torch.distributed.checkpoint` for the whole model; with FSDP full
+    state dicts that all-gathers the frozen CLIP and LM to rank 0 (27 GB at 9B in fp32) before `save_ignore_keys`
+    drops them, and sharded saves write their shards. Composer offers no option for it, so at INIT (before it
+    wraps the model or loads a checkpoint) this replaces that one method on the State by the same call with
+    `ignore_frozen_params=True`. Loading then asks for the trainable tensors only, too; the frozen weights come
+    from the recipe. Buffers are left to `run.trainable_only_filter` (save and load ignore keys).
+    """
+
+    def init(self, state: State, logger: Logger) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        def trainable_model_state_dict() -> dict[str, Any]:
+            options = StateDictOptions(
+                full_state_dict=state.fsdp_state_dict_type == "full",
+                cpu_offload=state.fsdp_enabled,
+                ignore_frozen_params=True,
+            )
+            return get_model_state_dict(model=state.model, options=options)
+
+        state.get_model_state_dict = trainable_model_state_dict
+
+
+class GlooFSDP2GradientMean(Callback):
+    """After Composer wraps the model (AFTER_LOAD), fix FSDP2's gradient mean on gloo (see
+    `fsdp.average_fsdp2_gradients_on_gloo`): gradients then equal DDP's, on CPU as on GPUs."""
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        from flamingo_composer.training.fsdp import average_fsdp2_gradients_on_gloo
+
+        average_fsdp2_gradients_on_gloo(state.model)

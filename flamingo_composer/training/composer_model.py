@@ -30,7 +30,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from flamingo_composer.data.masking import IGNORE_INDEX, count_supervised_tokens
-from flamingo_composer.training.flops import flamingo_flops_per_batch
+from flamingo_composer.training.flops import FlamingoFlops
 
 DATASETS = ("laion", "mmc4")  # forward order: LAION then MMC4, as the reference does
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
@@ -79,6 +79,8 @@ class FlamingoComposerModel(ComposerModel):
     def __init__(self, model: nn.Module, loss_multiplier_laion: float = 0.2, loss_multiplier_mmc4: float = 1.0):
         super().__init__()
         self.model = model
+        # Read the model's shapes now: once Composer wraps it under FSDP, parameters are flattened shards.
+        self.flop_counter = FlamingoFlops.of(model)
         self.loss_multipliers = {"laion": float(loss_multiplier_laion), "mmc4": float(loss_multiplier_mmc4)}
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -200,4 +202,4 @@ class FlamingoComposerModel(ComposerModel):
 
     def flops_per_batch(self, batch: Mapping[str, Any]) -> float:
         """Frozen-aware training FLOPs of one per-rank batch (SpeedMonitor reports throughput and MFU from it)."""
-        return sum(flamingo_flops_per_batch(self.model, batch).values())
+        return sum(self.flop_counter.per_batch(batch).values())

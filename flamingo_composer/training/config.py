@@ -318,10 +318,17 @@ def check_consistency(cfg: TrainConfig) -> None:
     if device == "cpu":
         if cfg.precision != "fp32":
             raise ConfigError(f"precision: {cfg.precision} needs a GPU; use fp32 on CPU")
-        if cfg.fsdp_config is not None:
-            raise ConfigError("fsdp_config: FSDP needs GPUs; remove it (null) for CPU runs")
+        if cfg.fsdp_config is not None and cfg.fsdp_config.version == 1:
+            raise ConfigError(
+                "fsdp_config.version: FSDP1 needs GPUs (Composer passes it a CUDA device); use version: 2 on CPU"
+            )
         if cfg.device_train_microbatch_size == "auto":
             raise ConfigError("device_train_microbatch_size: 'auto' needs a GPU (it reacts to CUDA OOM)")
+    if cfg.fsdp_config is not None and cfg.fsdp_config.version == 2 and cfg.device_train_microbatch_size == "auto":
+        raise ConfigError(
+            "device_train_microbatch_size: 'auto' needs FSDP1 in Composer 0.32.1; give a size, or set "
+            "fsdp_config.version: 1"
+        )
     _check_model_sources(cfg.model)
     if cfg.activation_checkpointing and cfg.fsdp_config is not None:
         raise ConfigError(

@@ -13,6 +13,7 @@ Norms, biases, activations and embedding look-ups are ignored (they are not matm
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,83 +50,126 @@ def _find(module: nn.Module, class_name: str) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__ == class_name]
 
 
-def _vision_flops_per_image(visual: nn.Module) -> float:
-    """Forward FLOPs of encoding one image with an open_clip VisionTransformer (CLS + patch tokens)."""
-    vit = _find(visual, "VisionTransformer")
-    vit = vit[0] if vit else visual
-    grid_h, grid_w = vit.grid_size
-    seq = 1 + grid_h * grid_w
-    width = vit.transformer.width
-    layers = len(vit.transformer.resblocks)
-    conv = vit.conv1.weight.numel() * grid_h * grid_w  # patchify: one matmul per patch
-    body = matmul_weights(vit.transformer) * seq
-    return FORWARD * (conv + body) + layers * _attention_core(seq, seq, width)
-
-
-def _vision_tokens_per_image(visual: nn.Module) -> int:
-    vit = _find(visual, "VisionTransformer")
-    vit = vit[0] if vit else visual
-    grid_h, grid_w = vit.grid_size
-    return grid_h * grid_w
-
-
-def _perceiver_flops_per_image(perceiver: nn.Module, media_tokens: int) -> float:
-    """Training FLOPs (6N, attention 3x) of resampling one image: latents attend to its tokens + latents."""
-    n_latents = perceiver.latents.shape[0]
-    flops = 0.0
-    for attn, ff in perceiver.layers:
-        inner = attn.to_q.out_features
-        kv_tokens = media_tokens + n_latents
-        weights_tokens = (
-            (attn.to_q.weight.numel() + attn.to_out.weight.numel() + matmul_weights(ff)) * n_latents
-            + attn.to_kv.weight.numel() * kv_tokens
-        )
-        flops += (FORWARD + ACTIVATION_GRAD + WEIGHT_GRAD) * weights_tokens
-        flops += 3 * _attention_core(n_latents, kv_tokens, inner)
-    return flops
-
-
-def _xattn_flops_per_sample(block: nn.Module, text_tokens: int, media_tokens: int) -> float:
-    """Training FLOPs of one gated cross-attention block on one sequence (trainable: 6N, attention 3x)."""
-    attn = block.attn
-    inner = attn.to_q.out_features
-    weights_tokens = (
-        (attn.to_q.weight.numel() + attn.to_out.weight.numel() + matmul_weights(block.ff)) * text_tokens
-        + attn.to_kv.weight.numel() * media_tokens
-    )
-    return (FORWARD + ACTIVATION_GRAD + WEIGHT_GRAD) * weights_tokens + 3 * _attention_core(
-        text_tokens, media_tokens, inner
-    )
-
-
 def _requires_grad(module: nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
-def _lm_flops_per_sample(model: nn.Module, text_tokens: int, media_tokens: int) -> float:
-    """LM (frozen layers and head) plus cross-attention blocks on one sequence of `text_tokens`."""
-    from flamingo_composer.models.lm_adapter import get_decoder_layers, lm_hidden_size
+@dataclass(frozen=True)
+class AttentionShape:
+    """Matmul weights of an attention block (+ its feed-forward) split by which tokens they multiply."""
 
-    lm = model.lang_encoder
-    hidden = lm_hidden_size(lm)
-    grad_below = _requires_grad(lm.get_input_embeddings())  # trainable new-token rows need gradients through all
-    flops = 0.0
-    for layer in get_decoder_layers(lm):
-        block = getattr(layer, "gated_cross_attn_layer", None)
-        decoder_layer = getattr(layer, "decoder_layer", layer)
-        if block is not None:
-            flops += _xattn_flops_per_sample(block, text_tokens, media_tokens)
-            grad_below = grad_below or _requires_grad(block)
-        weight_passes = FORWARD + (ACTIVATION_GRAD if grad_below else 0)
-        attention_passes = 3 if grad_below else 1
-        flops += weight_passes * matmul_weights(decoder_layer) * text_tokens
-        flops += attention_passes * _attention_core(text_tokens, text_tokens, hidden)
-    head = lm.get_output_embeddings()
-    if head is None:  # tied head computed inside forward from the input embedding (MosaicGPT)
-        head = lm.get_input_embeddings()
-    head_weights = head.weight.numel() if head is not None else 0
-    flops += (FORWARD + (ACTIVATION_GRAD if grad_below else 0)) * head_weights * text_tokens
-    return flops
+    query_side: int  # weights applied to each query token (q, out projection, feed-forward)
+    key_side: int  # weights applied to each key/value token (the kv projection)
+    inner: int  # heads x dim_head
+
+
+@dataclass(frozen=True)
+class LMLayerShape:
+    cross_attention: AttentionShape | None  # the gated block before this decoder layer
+    decoder_weights: int
+    grad_below: bool  # a trainable parameter lies below: the frozen layer needs activation gradients
+
+
+@dataclass(frozen=True)
+class FlamingoFlops:
+    """The numbers the FLOP count needs, read ONCE from the unwrapped model (FSDP later exposes only shards).
+
+    `FlamingoFlops.of(model).per_batch(batch)` -> {dataset: training FLOPs of one per-rank batch}.
+    """
+
+    vision_per_image: float
+    vision_tokens: int
+    num_latents: int
+    perceiver_layers: tuple[AttentionShape, ...]
+    lm_layers: tuple[LMLayerShape, ...]
+    lm_hidden: int
+    head_weights: int
+    head_grad: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FlamingoFlops:
+        from flamingo_composer.models.lm_adapter import get_decoder_layers, lm_hidden_size
+
+        vit = _find(model.vision_encoder, "VisionTransformer")
+        vit = vit[0] if vit else model.vision_encoder
+        grid_h, grid_w = vit.grid_size
+        seq = 1 + grid_h * grid_w  # CLS + patch tokens
+        vision = FORWARD * (vit.conv1.weight.numel() * grid_h * grid_w + matmul_weights(vit.transformer) * seq)
+        vision += len(vit.transformer.resblocks) * _attention_core(seq, seq, vit.transformer.width)
+
+        perceiver_layers = tuple(
+            AttentionShape(
+                attn.to_q.weight.numel() + attn.to_out.weight.numel() + matmul_weights(ff),
+                attn.to_kv.weight.numel(),
+                attn.to_q.out_features,
+            )
+            for attn, ff in model.perceiver.layers
+        )
+        lm = model.lang_encoder
+        grad_below = _requires_grad(lm.get_input_embeddings())  # trainable new-token rows need gradients through all
+        lm_layers = []
+        for layer in get_decoder_layers(lm):
+            block = getattr(layer, "gated_cross_attn_layer", None)
+            shape = None
+            if block is not None:
+                attn = block.attn
+                shape = AttentionShape(
+                    attn.to_q.weight.numel() + attn.to_out.weight.numel() + matmul_weights(block.ff),
+                    attn.to_kv.weight.numel(),
+                    attn.to_q.out_features,
+                )
+                grad_below = grad_below or _requires_grad(block)
+            lm_layers.append(LMLayerShape(shape, matmul_weights(getattr(layer, "decoder_layer", layer)), grad_below))
+        head = lm.get_output_embeddings()
+        if head is None:  # tied head computed inside forward from the input embedding (MosaicGPT)
+            head = lm.get_input_embeddings()
+        return cls(
+            vision_per_image=float(vision),
+            vision_tokens=grid_h * grid_w,
+            num_latents=int(model.perceiver.latents.shape[0]),
+            perceiver_layers=perceiver_layers,
+            lm_layers=tuple(lm_layers),
+            lm_hidden=lm_hidden_size(lm),
+            head_weights=head.weight.numel() if head is not None else 0,
+            head_grad=grad_below,
+        )
+
+    @staticmethod
+    def _trained_attention(shape: AttentionShape, queries: int, keys: int) -> float:
+        """Training FLOPs (6N per weight and token, attention core 3x) of a trainable attention block."""
+        weights_tokens = shape.query_side * queries + shape.key_side * keys
+        return (FORWARD + ACTIVATION_GRAD + WEIGHT_GRAD) * weights_tokens + 3 * _attention_core(queries, keys, shape.inner)
+
+    def perceiver_per_image(self, media_tokens: int) -> float:
+        """Resampling one image: latents attend to its tokens + the latents."""
+        kv_tokens = media_tokens + self.num_latents
+        return sum(self._trained_attention(s, self.num_latents, kv_tokens) for s in self.perceiver_layers)
+
+    def lm_per_sample(self, text_tokens: int, media_tokens: int) -> float:
+        """LM (frozen layers and head) plus cross-attention blocks on one sequence of `text_tokens`."""
+        flops = 0.0
+        for layer in self.lm_layers:
+            if layer.cross_attention is not None:
+                flops += self._trained_attention(layer.cross_attention, text_tokens, media_tokens)
+            weight_passes = FORWARD + (ACTIVATION_GRAD if layer.grad_below else 0)
+            flops += weight_passes * layer.decoder_weights * text_tokens
+            flops += (3 if layer.grad_below else 1) * _attention_core(text_tokens, text_tokens, self.lm_hidden)
+        flops += (FORWARD + (ACTIVATION_GRAD if self.head_grad else 0)) * self.head_weights * text_tokens
+        return flops
+
+    def per_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """{dataset: training FLOPs} of one per-rank batch `{'laion': sub, 'mmc4': sub}` (absent datasets omitted)."""
+        flops: dict[str, float] = {}
+        for name, sub in batch.items():
+            if not isinstance(sub, Mapping) or "input_ids" not in sub:
+                continue
+            b, t_img, frames = sub["vision_x"].shape[:3]  # (B, T_img, F, C, H, W)
+            images = _images_encoded(sub)  # empty slots are neither encoded nor resampled
+            vision = self.vision_per_image * images * frames
+            perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images
+            lm = self.lm_per_sample(sub["input_ids"].shape[1], t_img * self.num_latents) * b
+            flops[name] = float(vision + perceiver + lm)
+        return flops
 
 
 def _images_encoded(sub: Mapping[str, Any]) -> int:
@@ -138,18 +182,5 @@ def _images_encoded(sub: Mapping[str, Any]) -> int:
 
 
 def flamingo_flops_per_batch(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
-    """{dataset: training FLOPs} of one per-rank batch `{'laion': sub, 'mmc4': sub}` (absent datasets omitted)."""
-    flops: dict[str, float] = {}
-    v_tokens = _vision_tokens_per_image(model.vision_encoder)
-    n_latents = model.perceiver.latents.shape[0]
-    for name, sub in batch.items():
-        if not isinstance(sub, Mapping) or "input_ids" not in sub:
-            continue
-        b, t_img, frames = sub["vision_x"].shape[:3]  # (B, T_img, F, C, H, W)
-        text_tokens = sub["input_ids"].shape[1]
-        images = _images_encoded(sub)  # empty slots are neither encoded nor resampled
-        vision = _vision_flops_per_image(model.vision_encoder) * images * frames
-        perceiver = _perceiver_flops_per_image(model.perceiver, v_tokens * frames) * images
-        lm = _lm_flops_per_sample(model, text_tokens, t_img * n_latents) * b
-        flops[name] = float(vision + perceiver + lm)
-    return flops
+    """{dataset: training FLOPs} of one per-rank batch, for an unwrapped model (see `FlamingoFlops`)."""
+    return FlamingoFlops.of(model).per_batch(batch)

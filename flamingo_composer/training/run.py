@@ -26,7 +26,11 @@ from flamingo_composer.training.builders import (
     build_optimizer,
     build_scheduler,
 )
-from flamingo_composer.training.callbacks import DataPositionCallback
+from flamingo_composer.training.callbacks import (
+    DataPositionCallback,
+    GlooFSDP2GradientMean,
+    TrainableOnlyModelState,
+)
 from flamingo_composer.training.composer_model import (
     REQUIRED_TRAINER_KWARGS,
     FlamingoComposerModel,
@@ -41,11 +45,14 @@ log = logging.getLogger(__name__)
 
 
 def trainable_only_filter(trainable_names: set[str]) -> Callable[[dict], None]:
-    """A `save_ignore_keys` callable dropping every model tensor that is not a trainable parameter.
+    """A `save_ignore_keys` / `load_ignore_keys` callable dropping every model tensor that is not a trainable
+    parameter.
 
     Checkpoints then hold the perceiver, cross-attention blocks and new-token rows (plus optimizer, scheduler,
     RNG, timestamp, callbacks); the frozen CLIP and LM weights are rebuilt from the recipe on load
-    (`load_strict_model_weights=False`). `trainable_names` are names in the ComposerModel (`model.perceiver...`).
+    (`load_strict_model_weights=False`). On load it trims what Composer asks a sharded checkpoint for to what was
+    saved (`torch.distributed.checkpoint` fails on any requested key it lacks). `trainable_names` are names in
+    the ComposerModel (`model.perceiver...`).
     """
 
     def drop_frozen(checkpoint: dict) -> None:
@@ -112,7 +119,10 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
 
     train_loader = build_data_loader(cfg.data, "data", bundle)
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
-    callbacks = [*build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), *extra_callbacks]
+    callbacks = [
+        *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), TrainableOnlyModelState(),
+        GlooFSDP2GradientMean(), *extra_callbacks,
+    ]
     sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
 
     trainer = Trainer(
@@ -138,6 +148,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
         save_ignore_keys=trainable_only_filter(trainable),
+        load_ignore_keys=trainable_only_filter(trainable),
         save_latest_filename="latest-sharded-rank{rank}" if sharded else "latest-rank{rank}.pt",
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
@@ -145,7 +156,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         device=device,
         precision=cfg.precision,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config={"fsdp": cfg.fsdp_config.to_composer()} if cfg.fsdp_config is not None else None,
+        parallelism_config=cfg.fsdp_config.to_composer() if cfg.fsdp_config is not None else None,
         seed=cfg.seed,
         dist_timeout=cfg.dist_timeout,
         **REQUIRED_TRAINER_KWARGS,
