@@ -80,6 +80,8 @@ class SourceBatcher:
         self.close()
         if cursors is not None and len(cursors) != self.readers:
             raise ValueError(f"{self.name}: {len(cursors)} reader cursors for {self.readers} workers")
+        if cursors is not None:
+            self.make_items(int(position), list(cursors))  # checks the cursors now, not in a worker
         self.position = int(position)
         self.cursors = list(cursors) if cursors is not None else [None] * self.readers
 
