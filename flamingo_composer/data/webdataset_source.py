@@ -363,6 +363,10 @@ class WebDatasetItems(IterableDataset):
             shards = self._pass_shards(epoch, logical, num_workers)
             resuming = epoch == cursor.epoch
             produced = resuming and cursor.offset > 0
+            if resuming and produced and cursor.shards != len(shards):
+                log.warning("webdataset reader %d of rank %d: its pass had %d shards at the checkpoint, %d now (the "
+                            "shard list changed): it continues at shard %d, not at the exact sample", logical,
+                            self.rank, cursor.shards, len(shards), cursor.shard)  # fmt: skip
             for index in range(cursor.shard if resuming else 0, len(shards)):
                 skip = cursor.offset if resuming and index == cursor.shard else 0
                 raw_count, done = [0], 0
