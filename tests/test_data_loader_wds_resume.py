@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -33,13 +33,13 @@ def _instrument(monkeypatch, log: Path) -> None:
     process's pid (DataLoader workers are forked, so they inherit the patches)."""
     read_shard, iterate = webdataset_source.shard_samples, WebDatasetItems.__iter__
 
-    def write(what: str) -> None:
+    def write(what: str, url: str = "") -> None:
         with open(log, "a") as handle:
-            handle.write(f"{what} {os.getpid()}\n")
+            handle.write(f"{what} {os.getpid()} {url}\n")
 
     def counted_shard_samples(url):
         for sample in read_shard(url):
-            write("read")
+            write("read", url.split()[-1])  # a pipe:'s shard is its last word
             yield sample
 
     def logged_iter(self):
@@ -51,16 +51,16 @@ def _instrument(monkeypatch, log: Path) -> None:
     monkeypatch.setattr(WebDatasetItems, "__iter__", logged_iter)
 
 
-def _before_first_item(log: Path, what: str) -> dict[str, int]:
-    """Per reading process: how many `what` lines it logged before its first item."""
-    counts, started = Counter(), set()
+def _before_first_item(log: Path, what: str) -> dict[str, list[str]]:
+    """Per reading process: the `what` lines (their shards) it logged before its first item."""
+    lines, started = defaultdict(list), set()
     for line in log.read_text().splitlines():
-        kind, pid = line.split()[:2]
+        kind, pid, *shard = line.split()
         if kind == "item":
             started.add(pid)
         elif kind == what and pid not in started:
-            counts[pid] += 1
-    return {pid: counts[pid] for pid in started}
+            lines[pid].append(" ".join(shard))
+    return {pid: lines[pid] for pid in started}
 
 
 def _loader(root: Path, tok, workers: int, shards: list[str] | None = None):
@@ -105,12 +105,13 @@ def test_late_resume_reads_at_most_one_shard_and_continues_exactly(root, tok, tm
     reads = _before_first_item(fetch_log, "read")
     position = state["positions"]["laion"][0]
     print(f"\nresume at item {position} ({[c.to_state() for c in cursors]}), {workers} workers, {source} shards: "
-          f"raw samples read before each reader's first new item {sorted(reads.values())} (shard: {SHARD_SIZE}); "
-          f"a replay from pass 0 reads about {position // max(workers, 1)} per reader")
+          f"raw samples read before each reader's first new item {sorted(map(len, reads.values()))} (shard: "
+          f"{SHARD_SIZE}); a replay from pass 0 reads about {position // max(workers, 1)} per reader")
     assert len(reads) == max(workers, 1)
-    assert all(0 < count <= SHARD_SIZE for count in reads.values()), reads
+    assert all(0 < len(shards) <= SHARD_SIZE and len(set(shards)) == 1 for shards in reads.values()), reads
     if source == "pipe":
-        assert _before_first_item(fetch_log, "fetch") == dict.fromkeys(reads, 1), "one fetch: the cursor's shard"
+        fetches = _before_first_item(fetch_log, "fetch")
+        assert {pid: len(f) for pid, f in fetches.items()} == dict.fromkeys(reads, 1), "one fetch: the cursor's"
 
 
 @pytest.mark.parametrize("change", ["workers", "ranks"])
@@ -138,7 +139,7 @@ def test_changed_layout_logs_a_fallback_near_the_saved_progress(root, tok, tmp_p
     fresh = _batches(_loader(root, tok, 1 if change == "workers" else 2), 1)[0]
     assert first["keys"] != fresh["keys"], "the stream must not restart from the beginning"
     reads = _before_first_item(log, "read")
-    assert reads and all(count <= SHARD_SIZE for count in reads.values()), reads
+    assert reads and all(len(set(shards)) == 1 and len(shards) <= SHARD_SIZE for shards in reads.values()), reads
 
 
 @pytest.mark.parametrize("mode", ["sample_split", "resample"])
@@ -188,3 +189,22 @@ def test_old_state_version_and_bad_cursors_are_named(root, tok):
     with pytest.raises(ValueError, match="cursor must be 5 ints"):
         loader.load_state_dict(bad)
 
+
+
+def test_a_cursor_after_the_last_sample_of_a_shard_points_at_the_next(root, tok, tmp_path, monkeypatch):
+    """Resuming right after a shard's last item opens the next shard, not that one again to find its end."""
+    process = LaionProcessor(tok, transform, data_config(root, "wds").laion.preprocess, seed=0)
+
+    def items(start: int = 0, cursors=None):
+        return WebDatasetItems(_shards(root), process, seed=7, shuffle=True, shuffle_buffer=8, resample=False,
+                               rank=0, world_size=1, start=start, cursors=cursors)  # fmt: skip
+
+    reference = list(itertools.islice(iter(items()), SHARD_SIZE + 3))
+    after_first_shard = reference[SHARD_SIZE - 1]["cursor"]
+    assert after_first_shard == [0, 1, 0, 6, 0]
+    log = tmp_path / "reads.log"
+    _instrument(monkeypatch, log)
+    resumed = list(itertools.islice(iter(items(SHARD_SIZE, [after_first_shard])), 3))
+    assert [item["key"] for item in resumed] == [item["key"] for item in reference[SHARD_SIZE:]]
+    (shards,) = _before_first_item(log, "read").values()
+    assert len(set(shards)) == 1 and len(shards) <= SHARD_SIZE, shards  # only the next shard

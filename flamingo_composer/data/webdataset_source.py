@@ -28,8 +28,9 @@ only the current shard's samples, so the difference is in the ~buffer samples ar
 Resume: every item carries its reader's cursor just after it (`stream_items.CURSOR`); the batcher keeps the
 latest cursor per logical worker and the loader's state stores them per rank. `WebDatasetItems(start, cursors)`
 then opens each reader's cursor shard (a `pipe:` shard is fetched once; nothing before it is read), drops the
-outputs already consumed without decoding them (at most one shard of raw samples is read before the first new
-item) and continues. This is exact when the shards read the same bytes as before (a transient remote failure
+outputs already consumed without decoding them and continues: at most one shard of raw samples is read before
+the first new item (a cursor after a shard's last output points at the next shard; only shards that give a
+reader no sample at all, in a sample-level split of shards smaller than the split, are read on top). This is exact when the shards read the same bytes as before (a transient remote failure
 changes the sequence) and the numbers of shards, ranks and workers are unchanged. When ranks or workers changed,
 a reader's shard list is a different one and no exact position exists: `cursors_near` starts every new reader
 at the start of a shard at the saved readers' mean progress (pass + fraction of the pass); the loader logs this
@@ -240,6 +241,17 @@ def count_local_samples(urls: list[str]) -> int:
     return total
 
 
+def _with_last(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
+    """(item, is it the last one) for each item: one item of look-ahead."""
+    previous, started = None, False
+    for item in items:
+        if started:
+            yield previous, False
+        previous, started = item, True
+    if started:
+        yield previous, True
+
+
 @dataclass(frozen=True)
 class ShardCursor:
     """Where a reader's stream continues: pass `epoch`, shard number `shard` of that pass's list (`shards` long),
@@ -362,7 +374,7 @@ class WebDatasetItems(IterableDataset):
         for epoch in itertools.count(cursor.epoch):
             shards = self._pass_shards(epoch, logical, num_workers)
             resuming = epoch == cursor.epoch
-            produced = resuming and cursor.offset > 0
+            produced = resuming and (cursor.shard > 0 or cursor.offset > 0)  # an earlier shard of it was read
             if resuming and produced and cursor.shards != len(shards):
                 log.warning("webdataset reader %d of rank %d: its pass had %d shards at the checkpoint, %d now (the "
                             "shard list changed): it continues at shard %d, not at the exact sample", logical,
@@ -370,14 +382,23 @@ class WebDatasetItems(IterableDataset):
             for index in range(cursor.shard if resuming else 0, len(shards)):
                 skip = cursor.offset if resuming and index == cursor.shard else 0
                 raw_count, done = [0], 0
-                for done, sample in enumerate(
-                    self._shard_outputs(shards[index], epoch, index, logical, split, phase, raw_count), 1
-                ):
-                    if done > skip:  # the first `skip` outputs were consumed before the checkpoint: not decoded
+                outputs = self._shard_outputs(shards[index], epoch, index, logical, split, phase, raw_count)
+                for done, (sample, last) in enumerate(_with_last(outputs), 1):
+                    if done <= skip:  # consumed before the checkpoint: dropped undecoded
+                        continue
+                    if not last:
                         yield sample, ShardCursor(epoch, index, done, len(shards), phase)
-                if done < skip:
-                    log.warning("shard %s gave %d samples on resume, %d before the checkpoint: it changed since; "
-                                "continuing with the next shard", shards[index], done, skip)
+                        continue
+                    # The shard's last output points past the shard, so a resume does not re-read it to find
+                    # its end (the shard is read to its end by now, so raw_count is final).
+                    following = (phase + raw_count[0]) % split[0]
+                    if index + 1 < len(shards):
+                        yield sample, ShardCursor(epoch, index + 1, 0, len(shards), following)
+                    else:
+                        yield sample, ShardCursor(epoch + 1, 0, 0, len(shards), following)
+                if skip and done <= skip:  # before the checkpoint it had outputs after the first `skip`
+                    log.warning("shard %s gave %d samples on resume, more than %d before the checkpoint: it "
+                                "changed since; continuing with the next shard", shards[index], done, skip)
                 produced = produced or raw_count[0] > 0
                 phase = (phase + raw_count[0]) % split[0]
             if not produced:
