@@ -30,11 +30,13 @@ latest cursor per logical worker and the loader's state stores them per rank. `W
 then opens each reader's cursor shard (a `pipe:` shard is fetched once; nothing before it is read), drops the
 outputs already consumed without decoding them and continues: at most one shard of raw samples is read before
 the first new item (a cursor after a shard's last output points at the next shard; only shards that give a
-reader no sample at all, in a sample-level split of shards smaller than the split, are read on top). This is exact when the shards read the same bytes as before (a transient remote failure
-changes the sequence) and the numbers of shards, ranks and workers are unchanged. When ranks or workers changed,
-a reader's shard list is a different one and no exact position exists: `cursors_near` starts every new reader
-at the start of a shard at the saved readers' mean progress (pass + fraction of the pass); the loader logs this
-as a warning. Samples near the checkpoint may then be read twice or skipped, nothing is replayed from pass 0.
+reader no sample at all, in a sample-level split of shards smaller than the split, are read on top). This is
+exact when the shards read the same bytes as before (a transient remote failure changes the sequence) and the
+numbers of shards, ranks and workers are unchanged (a changed shard list is logged by each reader). When ranks
+or workers changed, a reader's shard list is a different one and no exact position exists: `cursors_near`
+starts every new reader at the start of a shard at the saved readers' mean progress (pass + fraction of the
+pass); the loader logs this as a warning. Samples near the checkpoint may then be read twice or skipped;
+nothing is replayed from pass 0.
 """
 
 from __future__ import annotations
