@@ -254,6 +254,21 @@ def _with_last(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
         yield previous, True
 
 
+class _Counted:
+    """An iterator that counts the items taken from it."""
+
+    def __init__(self, items: Iterator[Any]):
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
 @dataclass(frozen=True)
 class ShardCursor:
     """Where a reader's stream continues: pass `epoch`, shard number `shard` of that pass's list (`shards` long),
@@ -348,18 +363,12 @@ class WebDatasetItems(IterableDataset):
             out.append(ShardCursor(int(epoch), min(int(fraction * shards), shards - 1), 0, shards, 0).to_state())
         return out
 
-    def _shard_outputs(self, url: str, epoch: int, index: int, logical: int, split: tuple[int, int], phase: int,
-                       raw_count: list[int]) -> Iterator[dict]:
-        """One shard's outputs for this reader: its kept raw samples (see `sample_split`), buffer-shuffled
-        within the shard; `raw_count[0]` counts the raw samples read (for the next shard's phase)."""
-
-        def counted(samples: Iterator[dict]) -> Iterator[dict]:
-            for sample in samples:
-                raw_count[0] += 1
-                yield sample
-
+    def _shard_outputs(self, raw: _Counted, epoch: int, index: int, logical: int, split: tuple[int, int],
+                       phase: int) -> Iterator[dict]:
+        """One shard's outputs for this reader: of its raw samples `raw`, those this reader keeps (see
+        `sample_split`), buffer-shuffled within the shard."""
         k, offset = split
-        stream = counted(shard_samples(url))
+        stream: Iterator[dict] = raw
         if k > 1:
             stream = itertools.islice(stream, (offset - phase) % k, None, k)
         if self.shuffle and self.shuffle_buffer > 1:
@@ -383,8 +392,8 @@ class WebDatasetItems(IterableDataset):
                             self.rank, cursor.shards, len(shards), cursor.shard)  # fmt: skip
             for index in range(cursor.shard if resuming else 0, len(shards)):
                 skip = cursor.offset if resuming and index == cursor.shard else 0
-                raw_count, done = [0], 0
-                outputs = self._shard_outputs(shards[index], epoch, index, logical, split, phase, raw_count)
+                raw, done = _Counted(shard_samples(shards[index])), 0  # raw.count: for the next shard's phase
+                outputs = self._shard_outputs(raw, epoch, index, logical, split, phase)
                 for done, (sample, last) in enumerate(_with_last(outputs), 1):
                     if done <= skip:  # consumed before the checkpoint: dropped undecoded
                         continue
@@ -392,8 +401,8 @@ class WebDatasetItems(IterableDataset):
                         yield sample, ShardCursor(epoch, index, done, len(shards), phase)
                         continue
                     # The shard's last output points past the shard, so a resume does not re-read it to find
-                    # its end (the shard is read to its end by now, so raw_count is final).
-                    following = (phase + raw_count[0]) % split[0]
+                    # its end (the shard is read to its end by now, so raw.count is final).
+                    following = (phase + raw.count) % split[0]
                     if index + 1 < len(shards):
                         yield sample, ShardCursor(epoch, index + 1, 0, len(shards), following)
                     else:
@@ -401,8 +410,8 @@ class WebDatasetItems(IterableDataset):
                 if skip and done <= skip:  # before the checkpoint it had outputs after the first `skip`
                     log.warning("shard %s gave %d samples on resume, more than %d before the checkpoint: it "
                                 "changed since; continuing with the next shard", shards[index], done, skip)
-                produced = produced or raw_count[0] > 0
-                phase = (phase + raw_count[0]) % split[0]
+                produced = produced or raw.count > 0
+                phase = (phase + raw.count) % split[0]
             if not produced:
                 marker = {_MARKER: EMPTY_SHARDS, "__url__": ",".join(shards[:3])}
                 yield marker, ShardCursor(epoch + 1, 0, 0, len(shards), phase)
