@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.data.processors import LaionProcessor
-from flamingo_composer.data.stream_items import passthrough_collate
+from flamingo_composer.data.stream_items import note_cursor, passthrough_collate
 from flamingo_composer.data.streaming_source import MDSItems, open_mds
 from flamingo_composer.data.webdataset_source import WebDatasetItems
 
@@ -64,10 +64,14 @@ def test_resumed_loader_continues_at_the_next_sample(root, tok, fmt, workers):
     resumed.close()
 
 
-def _items(dataset, workers: int, count: int) -> list[tuple]:
+def _items(dataset, workers: int, count: int, cursors: list | None = None) -> list[tuple]:
+    """The first `count` items as comparable tuples; `cursors` (one per reader) collects the readers' latest
+    cursors as the batcher does."""
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate)
     out = []
-    for item in itertools.islice(loader, count):
+    for position, item in enumerate(itertools.islice(loader, count)):
+        if cursors is not None:
+            note_cursor(cursors, position, item)
         if "skip" in item:
             out.append(("skip", item["skip"], item["key"]))
         else:
@@ -80,7 +84,7 @@ def test_item_stream_restarts_at_any_position(root, tok, fmt):
     """Workers restart in the right round-robin role for every start, odd ones included."""
     process = LaionProcessor(tok, transform, data_config(root, fmt).laion.preprocess, seed=0)
 
-    def items(start: int):
+    def items(start: int, cursors=None):
         if fmt == "mds":
             dataset = open_mds(str(root / "mds" / "laion" / "train"))
             return MDSItems(
@@ -97,20 +101,24 @@ def test_item_stream_restarts_at_any_position(root, tok, fmt):
             rank=0,
             world_size=1,
             start=start,
+            cursors=cursors,
         )
 
     total = 110  # crosses the end of the first pass (96 samples)
     reference = _items(items(0), 2, total)
     assert {kind for kind, *_ in reference} == {"sample", "skip"}
     for start in (1, 5, 96, 97):
-        assert _items(items(start), 2, total - start) == reference[start:], start
+        cursors = [None, None]  # webdataset: where each worker stood after the first `start` items
+        _items(items(0), 2, start, cursors)
+        assert _items(items(start, cursors), 2, total - start) == reference[start:], start
 
 
 def test_state_from_another_world_size_keeps_the_global_progress(root, tok, caplog):
     cfg = data_config(root, "mds")
     state = {
-        "version": 1, "world_size": 4, "batches_in_epoch": 2, "num_workers": {"laion": 0, "mmc4": 0},
+        "version": 2, "world_size": 4, "batches_in_epoch": 2, "num_workers": {"laion": 0, "mmc4": 0},
         "positions": {"laion": [10, 12, 11, 13], "mmc4": [5, 6, 5, 6]},
+        "cursors": {"laion": [[None]] * 4, "mmc4": [[None]] * 4},
     }  # fmt: skip
     loader = build_dual_loader(cfg, tok, transform, rank=1, world_size=2)
     with caplog.at_level("WARNING"):
@@ -118,4 +126,4 @@ def test_state_from_another_world_size_keeps_the_global_progress(root, tok, capl
     assert "resumed on 2" in caplog.text
     assert loader.state_dict()["positions"] == {"laion": [23], "mmc4": [11]}  # (sum over 4 ranks) / 2
     with pytest.raises(ValueError, match="version"):
-        loader.load_state_dict({**state, "version": 0})
+        loader.load_state_dict({**state, "version": 1})

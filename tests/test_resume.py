@@ -1,7 +1,8 @@
 """Exact resume: a run stopped at step k and resumed with autoresume gives the losses of a run that never stopped.
 
-Through the real entry point (`train_from_config` on yamls/run.yaml), MDS data with rejected samples (every 9th
-synthetic sample is broken) read by 2 DataLoader workers per dataset. Both runs have the same max_duration, so
+Through the real entry point (`train_from_config` on yamls/run.yaml), MDS or webdataset data with rejected samples
+(every 9th synthetic sample is broken) read by 2 DataLoader workers per dataset (webdataset: the readers' shard
+cursors travel through the Composer checkpoint). Both runs have the same max_duration, so
 the schedule is the same; the interrupted one stops after k steps (`Trainer.fit(duration=...)`), which saves a
 checkpoint, and a fresh Trainer resumes from it.
 """
@@ -21,7 +22,17 @@ TOTAL_STEPS, STOP_AT = 6, 3
 KEYS = ("loss/train/total", "loss/train/laion", "loss/train/mmc4")
 
 
-def _config(data_root: Path, out: Path):
+def _webdataset(data_root: Path) -> list[str]:
+    overrides = []
+    for name in ("laion", "mmc4"):
+        count = len(list((data_root / "wds" / name).glob("train-*.tar")))
+        overrides += [f"data.{name}.format=wds", f"data.{name}.local=null", f"data.{name}.split=null",
+                      f"data.{name}.shards={data_root}/wds/{name}/train-{{000000..{count - 1:06d}}}.tar",
+                      f"data.{name}.shuffle_buffer=8"]  # fmt: skip
+    return overrides
+
+
+def _config(data_root: Path, out: Path, fmt: str):
     overrides = short_run_overrides(data_root, out, max_duration=TOTAL_STEPS) + [
         "data.laion.num_workers=2",
         "data.mmc4.num_workers=2",
@@ -30,7 +41,7 @@ def _config(data_root: Path, out: Path):
         "loggers={}",
         "callbacks.speed_monitor.window_size=1",
     ]
-    return load_config(RUN_YAML, overrides)
+    return load_config(RUN_YAML, overrides + (_webdataset(data_root) if fmt == "wds" else []))
 
 
 def _run(cfg, duration: str | None = None) -> list[tuple[int, dict[str, float]]]:
@@ -42,16 +53,17 @@ def _run(cfg, duration: str | None = None) -> list[tuple[int, dict[str, float]]]
 
 
 @pytest.mark.slow
-def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path_factory, tmp_path, fmt):
     data_root = small_data(tmp_path_factory)
-    uninterrupted = _run(_config(data_root, tmp_path / "straight"))
+    uninterrupted = _run(_config(data_root, tmp_path / "straight", fmt))
     assert [step for step, _ in uninterrupted] == list(range(1, TOTAL_STEPS + 1))
 
-    interrupted_cfg = _config(data_root, tmp_path / "interrupted")
+    interrupted_cfg = _config(data_root, tmp_path / "interrupted", fmt)
     first = _run(interrupted_cfg, duration=f"{STOP_AT}ba")
     assert [step for step, _ in first] == list(range(1, STOP_AT + 1))
     assert (tmp_path / "interrupted" / "checkpoints" / f"ep0-ba{STOP_AT}-rank0.pt").exists()
-    resumed = _run(_config(data_root, tmp_path / "interrupted"))
+    resumed = _run(_config(data_root, tmp_path / "interrupted", fmt))
     assert [step for step, _ in resumed] == list(range(STOP_AT + 1, TOTAL_STEPS + 1))
 
     straight = dict(uninterrupted)

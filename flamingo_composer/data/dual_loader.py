@@ -9,9 +9,12 @@ Epochs: every source is an endless stream, and a loader epoch is a fixed number 
 min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every
 rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
 
-Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, plus the batches
-already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The Trainer
-must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
+Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, the readers' cursors
+(webdataset: per rank and logical worker, where that worker continues; see `webdataset_source`), plus the
+batches already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The
+Trainer must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
+Exact with the same ranks and workers (MDS: any workers). Otherwise a logged approximation: MDS restarts at the
+mean position, webdataset readers at a shard boundary at the saved readers' mean progress.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from flamingo_composer.data.collate import collate_laion, collate_mmc4
 from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.processors import LaionProcessor, MMC4Processor
 from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, SkipCounter
-from flamingo_composer.data.stream_items import is_rejected, passthrough_collate
+from flamingo_composer.data.stream_items import is_rejected, note_cursor, passthrough_collate
 from flamingo_composer.data.streaming_source import MDSItems, open_mds
 from flamingo_composer.data.text import SpecialTokens
 from flamingo_composer.data.webdataset_source import WebDatasetItems, count_local_samples, split_plan
@@ -39,18 +42,22 @@ from flamingo_composer.data.webdataset_source import WebDatasetItems, count_loca
 log = logging.getLogger(__name__)
 
 DATASETS = ("laion", "mmc4")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + webdataset reader cursors (version 1 re-read the stream from its start)
 PER_BATCH_KEYS = ("skipped", "position", "keys")
 NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)  # travel with the full batch, not with each microbatch
 
 
 class SourceBatcher:
-    """One dataset's endless item stream -> batches of exactly `batch_size` valid samples."""
+    """One dataset's endless item stream -> batches of exactly `batch_size` valid samples.
+
+    `make_items(start, cursors)` builds the reader that continues after `start` consumed items, its logical
+    workers at `cursors` (None: the readers' own beginning).
+    """
 
     def __init__(
         self,
         name: str,
-        make_items: Callable[[int], IterableDataset],
+        make_items: Callable[[int, list | None], IterableDataset],
         *,
         batch_size: int,
         collate: Callable[..., dict],
@@ -62,14 +69,27 @@ class SourceBatcher:
         self.name, self.make_items, self.batch_size, self.collate = name, make_items, batch_size, collate
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.max_consecutive_skips, self.return_keys = max_consecutive_skips, return_keys
+        self.readers = max(num_workers, 1)  # logical workers of the round robin
         self.position = 0
+        self.cursors: list = [None] * self.readers  # latest cursor per logical worker (None: not started)
         self._items: Iterator[dict] | None = None
         self._named: Counter[str] = Counter()  # rejections named in the log so far, per reason
 
-    def seek(self, position: int) -> None:
-        """Restart the stream so the next item is item `position` (workers restart lazily)."""
+    def seek(self, position: int, cursors: list | None = None) -> None:
+        """Restart the stream so the next item is item `position`, the readers at `cursors` (restarted lazily)."""
         self.close()
+        if cursors is not None and len(cursors) != self.readers:
+            raise ValueError(f"{self.name}: {len(cursors)} reader cursors for {self.readers} workers")
+        if cursors is not None:
+            self.make_items(int(position), list(cursors))  # checks the cursors now, not in a worker
         self.position = int(position)
+        self.cursors = list(cursors) if cursors is not None else [None] * self.readers
+
+    def seek_near(self, position: int, saved_cursors: list) -> None:
+        """Restart at `position` after a layout change; readers that keep cursors (`cursors_near`) start near the
+        saved readers' progress (any ranks and workers), the others at `position` alone."""
+        near = getattr(self.make_items(0, None), "cursors_near", None)
+        self.seek(position, near(saved_cursors, self.readers) if near is not None else None)
 
     def close(self) -> None:
         self._items = None  # the DataLoader iterator shuts its workers down when released
@@ -77,7 +97,7 @@ class SourceBatcher:
     def _next_item(self) -> dict:
         if self._items is None:
             loader = DataLoader(
-                self.make_items(self.position),
+                self.make_items(self.position, list(self.cursors)),
                 batch_size=None,
                 num_workers=self.num_workers,
                 collate_fn=passthrough_collate,
@@ -88,6 +108,7 @@ class SourceBatcher:
             item = next(self._items)
         except StopIteration:
             raise RuntimeError(f"{self.name}: the item stream ended; readers must be endless") from None
+        note_cursor(self.cursors, self.position, item)
         self.position += 1
         return item
 
@@ -186,21 +207,30 @@ class DualBatchLoader:
             batcher.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Raw positions of every rank's streams (a collective when distributed: call it on all ranks)."""
-        own = {name: batcher.position for name, batcher in self.batchers.items()}
+        """Raw positions and reader cursors of every rank's streams (a collective when distributed: call it on all
+        ranks). Small: one int per rank, and per rank one cursor (5 ints) per webdataset worker."""
+        own = {name: (batcher.position, list(batcher.cursors)) for name, batcher in self.batchers.items()}
         everyone = dist.all_gather_object(own) if self.world_size > 1 else [own]
         return {
             "version": STATE_VERSION,
             "world_size": self.world_size,
             "batches_in_epoch": self.batches_in_epoch,
             "num_workers": {name: batcher.num_workers for name, batcher in self.batchers.items()},
-            "positions": {name: [ranks[name] for ranks in everyone] for name in self.batchers},
+            "positions": {name: [ranks[name][0] for ranks in everyone] for name in self.batchers},
+            "cursors": {name: [ranks[name][1] for ranks in everyone] for name in self.batchers},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue every stream at the stored position of this rank (approximately if the world size changed)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state: unsupported version {state.get('version')!r}")
+        """Continue every stream where this rank stopped: exactly with the same ranks and workers, else a logged
+        approximation (see the module docstring)."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"data loader state: version {version!r} cannot be resumed by this loader (it reads version "
+                f"{STATE_VERSION}"
+                + (", which adds the webdataset shard cursors; version 1 was written before them)" if version == 1
+                   else ")")
+            )
         self.batches_in_epoch = int(state["batches_in_epoch"])
         for name, batcher in self.batchers.items():
             positions = state["positions"].get(name)
@@ -208,19 +238,22 @@ class DualBatchLoader:
                 log.warning("data loader state has no position for %s: it starts from its beginning", name)
                 batcher.seek(0)
                 continue
-            if len(positions) == self.world_size:
-                batcher.seek(positions[self.rank])
-            else:
-                log.warning(
-                    "%s: checkpoint from %d ranks resumed on %d: the stream restarts near the same global "
-                    "progress, not at the exact sample",
-                    name,
-                    len(positions),
-                    self.world_size,
-                )
-                batcher.seek(sum(positions) // self.world_size)
-            if state.get("num_workers", {}).get(name, batcher.num_workers) != batcher.num_workers:
-                log.warning("%s: num_workers changed since the checkpoint; webdataset order differs", name)
+            cursors = state["cursors"][name]  # per saved rank, per saved logical worker
+            saved_readers = max(int(state["num_workers"][name]), 1)
+            has_cursors = any(c is not None for rank in cursors for c in rank)
+            if len(positions) == self.world_size and (saved_readers == batcher.readers or not has_cursors):
+                batcher.seek(positions[self.rank], cursors[self.rank] if has_cursors else None)
+                continue
+            log.warning(
+                "%s: checkpoint from %d ranks x %d workers resumed on %d ranks x %d workers: no exact position "
+                "exists; %s",
+                name, len(positions), saved_readers, self.world_size, batcher.readers,
+                "each webdataset worker restarts at the start of a shard at the saved workers' mean progress "
+                "(samples near the checkpoint may be read twice or skipped; nothing before is re-read)"
+                if has_cursors else "the stream restarts near the same global progress, not at the exact sample",
+            )  # fmt: skip
+            position = positions[self.rank] if len(positions) == self.world_size else sum(positions) // self.world_size
+            batcher.seek_near(position, [c for rank in cursors for c in rank])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,11 +269,11 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
-    """(make_items(start) -> IterableDataset, samples in the data or None when unknown) for one dataset."""
+    """(make_items(start, cursors) -> IterableDataset, samples in the data or None when unknown) for one dataset."""
     if cfg.format == "mds":
         dataset = open_mds(cfg.local, cfg.remote, cfg.split)
 
-        def make_items(start: int) -> IterableDataset:
+        def make_items(start: int, cursors: list | None = None) -> IterableDataset:  # MDS: start is the position
             return MDSItems(
                 dataset,
                 process,
@@ -267,7 +300,7 @@ def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
             max(cfg.num_workers, 1),
         )
 
-    def make_items(start: int) -> IterableDataset:
+    def make_items(start: int, cursors: list | None = None) -> IterableDataset:
         return WebDatasetItems(
             urls,
             process,
@@ -278,6 +311,7 @@ def _source(name: str, cfg: DatasetConfig, process, rank: int, world_size: int):
             rank=rank,
             world_size=world_size,
             start=start,
+            cursors=cursors,
         )
 
     samples = None if cfg.epoch_size is not None else count_local_samples(urls)

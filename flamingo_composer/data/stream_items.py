@@ -6,17 +6,22 @@ DataLoader runs with `batch_size=None`, so it hands items to the main process in
 workers (item i comes from worker i % W). A reader therefore defines ONE endless item sequence per rank, lets
 worker w produce the items i = start + w + k*W, and the main process sees that sequence in order, whatever W
 is. The data position is then simply the number of items the main process has consumed.
+
+A reader whose position is more than that count (webdataset: which shard, how far into it) also puts its own
+position just after the item into `item[CURSOR]`; `note_cursor` keeps the latest one per logical worker, so
+the loader state holds where every worker continues.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from flamingo_composer.data.skips import SkipSample
+
+CURSOR = "cursor"  # item key: the producing reader's position after this item (see `note_cursor`)
 
 SampleProcessor = Callable[
     ..., Mapping[str, torch.Tensor]
@@ -61,9 +66,12 @@ def logical_worker(worker: int, num_workers: int, start: int) -> int:
     return (worker + start) % num_workers
 
 
-def items_before(start: int, logical: int, num_workers: int) -> int:
-    """How many of the first `start` items of the round robin came from (logical) worker `logical`."""
-    return max(0, math.ceil((start - logical) / num_workers))
+def note_cursor(cursors: list, position: int, item: dict[str, Any]) -> None:
+    """Move `item[CURSOR]` (if any) into `cursors[logical worker]`; item `position` (0-based, counted by the main
+    process) came from logical worker position % len(cursors)."""
+    cursor = item.pop(CURSOR, None)
+    if cursor is not None:
+        cursors[position % len(cursors)] = cursor
 
 
 def passthrough_collate(item: Any) -> Any:

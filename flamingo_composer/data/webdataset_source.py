@@ -1,23 +1,42 @@
-"""Webdataset readers (both layouts): shard lists, shuffling, split by node/worker, resampling, shard errors.
+"""Webdataset readers (both layouts): shard lists, shuffling, split by node/worker, resampling, shard errors, and
+resume in O(1 shard).
 
-Each rank reads an endless item stream (see `stream_items`): epoch after epoch, the shard list is shuffled with
-(seed, epoch), split by rank, then by DataLoader worker; each worker reads its shards in turn, passes the raw
-samples through a seeded shuffle buffer, and only then decodes and preprocesses them. With `resample`, every
-worker instead draws shards with replacement, len(shards) per pass, from a generator seeded by (seed, rank,
-worker, pass).
+Each rank reads an endless item stream (see `stream_items`); each of its DataLoader workers is one *reader*.
+Pass after pass, the shard list is shuffled with (seed, pass), split by rank, then by worker; a reader reads its
+shards in turn, passes each shard's raw samples through a seeded shuffle buffer, and only then decodes and
+preprocesses them. With `resample`, a reader instead draws len(shards) shards per pass with replacement, from a
+generator seeded by (seed, rank, worker, pass).
 
 Fewer shards than ranks (or than workers per rank) would leave some readers with nothing: the webdataset trap
 where a rank hangs or runs dry. Then that level falls back to splitting at sample level: every reader reads the
-shards and keeps every k-th raw sample (with a warning, since each shard is read k times).
+shards and keeps every k-th raw sample of its own raw stream (with a warning, since each shard is read k times).
 
 Shard errors (a `pipe:` command that fails, a remote URL that does not open, a truncated tar) end that shard with
 one `shard_error` rejection item after the samples read before the failure; the stream goes on.
 
-Resume: the item stream is a deterministic function of (urls, seed, rank, world size, num_workers), so
-`WebDatasetItems(start=n)` continues exactly after the first n items: each worker re-reads its shards and drops
-the raw samples it had already produced, without decoding them (the tar bytes are read again, nothing is
-decoded or preprocessed). This is exact as long as the shards read the same bytes as before (a transient remote
-failure changes the sequence) and the number of ranks and workers is unchanged.
+The shuffle buffer is drained at every shard boundary (webdataset's usual buffer carries samples across shards).
+That is what makes resume cheap: a reader's position is a `ShardCursor` (pass, index in that pass's shard list,
+outputs already taken from that shard, and the sample-split phase), and its output from there on depends on
+nothing read before that shard. Storing the buffer's contents instead would mean re-reading the earlier shards
+they came from (a `pipe:` shard fetched again per buffered shard), and a buffer of 1000 can span many small
+shards. The price is mixing: samples of one shard are permuted among themselves only (fully, when the shard is
+no larger than the buffer). Across shards the stream is still mixed: the shard order is reshuffled every pass,
+each rank reads other shards, and a rank's batches interleave its W workers' shards. With the usual shard sizes
+(about 10k LAION pairs or 1-2k MMC4 documents per tar, buffer 1000), a cross-shard buffer would also hold almost
+only the current shard's samples, so the difference is in the ~buffer samples around each boundary.
+
+Resume: every item carries its reader's cursor just after it (`stream_items.CURSOR`); the batcher keeps the
+latest cursor per logical worker and the loader's state stores them per rank. `WebDatasetItems(start, cursors)`
+then opens each reader's cursor shard (a `pipe:` shard is fetched once; nothing before it is read), drops the
+outputs already consumed without decoding them and continues: at most one shard of raw samples is read before
+the first new item (a cursor after a shard's last output points at the next shard; only shards that give a
+reader no sample at all, in a sample-level split of shards smaller than the split, are read on top). This is
+exact when the shards read the same bytes as before (a transient remote failure changes the sequence) and the
+numbers of shards, ranks and workers are unchanged (a changed shard list is logged by each reader). When ranks
+or workers changed, a reader's shard list is a different one and no exact position exists: `cursors_near`
+starts every new reader at the start of a shard at the saved readers' mean progress (pass + fraction of the
+pass); the loader logs this as a warning. Samples near the checkpoint may then be read twice or skipped;
+nothing is replayed from pass 0.
 """
 
 from __future__ import annotations
@@ -28,7 +47,8 @@ import os
 import random
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import IterableDataset
@@ -40,8 +60,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from flamingo_composer.data.config import is_remote_url, local_path
 from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, report_shard_once
 from flamingo_composer.data.stream_items import (
+    CURSOR,
     SampleProcessor,
-    items_before,
     logical_worker,
     process_to_item,
     rejected,
@@ -103,9 +123,16 @@ def split_plan(num_shards: int, world_size: int, num_workers: int) -> tuple[bool
     return by_node, shards_per_rank >= num_workers
 
 
-def every_kth(stream: Iterator[dict], k: int, offset: int) -> Iterator[dict]:
-    """Keep raw items number offset, offset + k, ... (sample-level split); markers count like samples."""
-    return itertools.islice(stream, offset, None, k) if k > 1 else stream
+def sample_split(num_shards: int, rank: int, world_size: int, logical: int, num_workers: int) -> tuple[int, int]:
+    """(k, offset): a reader keeps the raw samples offset, offset + k, ... of its raw stream (k = 1: all).
+
+    Sample-level splits of both levels combine into one: every R-th raw sample for the rank, of those every W-th
+    for the worker, i.e. every (R * W)-th starting at rank + R * worker.
+    """
+    by_node, by_worker = split_plan(num_shards, world_size, num_workers)
+    ranks = 1 if by_node else world_size
+    workers = 1 if by_worker else num_workers
+    return ranks * workers, (0 if by_node else rank) + ranks * (0 if by_worker else logical)
 
 
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
@@ -216,8 +243,72 @@ def count_local_samples(urls: list[str]) -> int:
     return total
 
 
+def _with_last(items: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
+    """(item, is it the last one) for each item: one item of look-ahead."""
+    previous, started = None, False
+    for item in items:
+        if started:
+            yield previous, False
+        previous, started = item, True
+    if started:
+        yield previous, True
+
+
+class _Counted:
+    """An iterator that counts the items taken from it."""
+
+    def __init__(self, items: Iterator[Any]):
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
+@dataclass(frozen=True)
+class ShardCursor:
+    """Where a reader's stream continues: pass `epoch`, shard number `shard` of that pass's list (`shards` long),
+    after the first `offset` outputs of that shard (split, then buffer-shuffled); `phase` = raw samples this
+    reader read before that shard, modulo the sample-split factor k (which raw samples of the shard it keeps)."""
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    shards: int = 1
+    phase: int = 0
+
+    def to_state(self) -> list[int]:
+        return [self.epoch, self.shard, self.offset, self.shards, self.phase]
+
+    @classmethod
+    def from_state(cls, value: Any) -> ShardCursor:
+        if not (
+            isinstance(value, list | tuple)
+            and len(value) == 5
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        ):
+            raise ValueError(
+                f"data loader state: a webdataset cursor must be 5 ints >= 0 "
+                f"[pass, shard, offset, shards, phase], got {value!r}"
+            )
+        return cls(*value)
+
+    @property
+    def progress(self) -> float:
+        """Passes completed, with the fraction of the current one (shards done / shards in the pass)."""
+        return self.epoch + self.shard / max(self.shards, 1)
+
+
 class WebDatasetItems(IterableDataset):
-    """One rank's endless item stream over webdataset shards (one item per raw sample or shard failure)."""
+    """One rank's endless item stream over webdataset shards (one item per raw sample or shard failure).
+
+    `start`: items the main process already consumed (it fixes which worker plays which reader's role);
+    `cursors`: per logical worker, the `ShardCursor.to_state()` it continues from (None: from the beginning).
+    """
 
     def __init__(
         self,
@@ -231,18 +322,26 @@ class WebDatasetItems(IterableDataset):
         rank: int,
         world_size: int,
         start: int = 0,
+        cursors: Sequence[Sequence[int] | None] | None = None,
     ):
         super().__init__()
         if not urls:
             raise ValueError("WebDatasetItems: empty shard list")
         if not 0 <= rank < world_size:
             raise ValueError(f"WebDatasetItems: rank {rank} is not in [0, {world_size})")
+        if start > 0 and cursors is None:
+            raise ValueError(f"WebDatasetItems: start={start} needs the readers' cursors (from the loader state)")
         self.urls, self.process = list(urls), process
         self.seed, self.shuffle, self.shuffle_buffer, self.resample = seed, shuffle, shuffle_buffer, resample
         self.rank, self.world_size, self.start = rank, world_size, start
+        self.cursors = None if cursors is None else [None if c is None else ShardCursor.from_state(c) for c in cursors]
 
-    def _epoch_shards(self, epoch: int, logical: int, num_workers: int) -> list[str]:
-        """This reader's shards for one pass: the (seed, epoch)-shuffled list, split by rank and worker."""
+    def _pass_shards(self, epoch: int, logical: int, num_workers: int) -> list[str]:
+        """This reader's shards for one pass: the (seed, epoch)-shuffled list split by rank and worker, or
+        len(urls) draws with replacement (`resample`)."""
+        if self.resample:
+            rng = _rng(self.seed, "resample", self.rank, logical, epoch)
+            return [self.urls[rng.randrange(len(self.urls))] for _ in self.urls]
         order = list(self.urls)
         if self.shuffle:
             _rng(self.seed, "shards", epoch).shuffle(order)
@@ -253,49 +352,82 @@ class WebDatasetItems(IterableDataset):
             order = order[logical::num_workers]
         return order
 
-    def _split_raw(self, logical: int, num_workers: int) -> Iterator[dict]:
-        """Endless raw samples (with '__epoch__') of this reader, before the shuffle buffer."""
-        by_node, by_worker = split_plan(len(self.urls), self.world_size, num_workers)
-        stream = self._pass_raw(logical, num_workers)
-        if not by_node:
-            stream = every_kth(stream, self.world_size, self.rank)
-        if not by_worker:
-            stream = every_kth(stream, num_workers, logical)
+    def cursors_near(self, saved: Sequence[Sequence[int] | None], num_workers: int) -> list[list[int]]:
+        """Start cursors for this rank's `num_workers` readers when the saved readers (any ranks and workers,
+        None = not started) had another layout: each starts at a shard boundary at their mean progress."""
+        progress = [ShardCursor.from_state(c).progress if c is not None else 0.0 for c in saved] or [0.0]
+        epoch, fraction = divmod(sum(progress) / len(progress), 1.0)
+        out = []
+        for logical in range(num_workers):
+            shards = len(self._pass_shards(int(epoch), logical, num_workers))
+            out.append(ShardCursor(int(epoch), min(int(fraction * shards), shards - 1), 0, shards, 0).to_state())
+        return out
+
+    def _shard_outputs(self, raw: _Counted, epoch: int, index: int, logical: int, split: tuple[int, int],
+                       phase: int) -> Iterator[dict]:
+        """One shard's outputs for this reader: of its raw samples `raw`, those this reader keeps (see
+        `sample_split`), buffer-shuffled within the shard."""
+        k, offset = split
+        stream: Iterator[dict] = raw
+        if k > 1:
+            stream = itertools.islice(stream, (offset - phase) % k, None, k)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = _rng(self.seed, "buffer", self.rank, logical, epoch, index)
+            stream = shuffle_stage(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
         return stream
 
-    def _pass_raw(self, logical: int, num_workers: int) -> Iterator[dict]:
-        """Endless raw samples, pass after pass (or draw after draw). A pass that yields nothing at all (every
-        shard empty) yields one `empty_shards` marker, so the main process counts it instead of waiting forever."""
-        for epoch in itertools.count():
-            if self.resample:
-                rng = _rng(self.seed, "resample", self.rank, logical, epoch)
-                shards = [
-                    self.urls[rng.randrange(len(self.urls))] for _ in self.urls
-                ]  # one pass = len(urls) draws
-            else:
-                shards = self._epoch_shards(epoch, logical, num_workers)
-            produced = 0
-            for url in shards:
-                for sample in shard_samples(url):
-                    sample["__epoch__"] = epoch
-                    produced += 1
-                    yield sample
+    def _reader_samples(self, logical: int, num_workers: int, cursor: ShardCursor) -> Iterator[tuple[dict, ShardCursor]]:
+        """Endless raw samples of one reader from `cursor` on, each with the cursor just after it. A pass that
+        reads nothing at all (every shard empty) yields one `empty_shards` marker, so the main process counts it
+        instead of waiting forever."""
+        split = sample_split(len(self.urls), self.rank, self.world_size, logical, num_workers)
+        phase = cursor.phase
+        for epoch in itertools.count(cursor.epoch):
+            shards = self._pass_shards(epoch, logical, num_workers)
+            resuming = epoch == cursor.epoch
+            produced = resuming and (cursor.shard > 0 or cursor.offset > 0)  # an earlier shard of it was read
+            if resuming and produced and cursor.shards != len(shards):
+                log.warning("webdataset reader %d of rank %d: its pass had %d shards at the checkpoint, %d now (the "
+                            "shard list changed): it continues at shard %d, not at the exact sample", logical,
+                            self.rank, cursor.shards, len(shards), cursor.shard)  # fmt: skip
+            for index in range(cursor.shard if resuming else 0, len(shards)):
+                skip = cursor.offset if resuming and index == cursor.shard else 0
+                raw, done = _Counted(shard_samples(shards[index])), 0  # raw.count: for the next shard's phase
+                outputs = self._shard_outputs(raw, epoch, index, logical, split, phase)
+                for done, (sample, last) in enumerate(_with_last(outputs), 1):
+                    if done <= skip:  # consumed before the checkpoint: dropped undecoded
+                        continue
+                    if not last:
+                        yield sample, ShardCursor(epoch, index, done, len(shards), phase)
+                        continue
+                    # The shard's last output points past the shard, so a resume does not re-read it to find
+                    # its end (the shard is read to its end by now, so raw.count is final).
+                    following = (phase + raw.count) % split[0]
+                    if index + 1 < len(shards):
+                        yield sample, ShardCursor(epoch, index + 1, 0, len(shards), following)
+                    else:
+                        yield sample, ShardCursor(epoch + 1, 0, 0, len(shards), following)
+                if skip and done <= skip:  # before the checkpoint it had outputs after the first `skip`
+                    log.warning("shard %s gave %d samples on resume, more than %d before the checkpoint: it "
+                                "changed since; continuing with the next shard", shards[index], done, skip)
+                produced = produced or raw.count > 0
+                phase = (phase + raw.count) % split[0]
             if not produced:
-                yield {_MARKER: EMPTY_SHARDS, "__url__": ",".join(shards[:3])}
+                marker = {_MARKER: EMPTY_SHARDS, "__url__": ",".join(shards[:3])}
+                yield marker, ShardCursor(epoch + 1, 0, 0, len(shards), phase)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = worker_info()
         logical = logical_worker(worker, num_workers, self.start)
-        raw = self._split_raw(logical, num_workers)
-        if self.shuffle and self.shuffle_buffer > 1:
-            buffer_rng = _rng(self.seed, "buffer", self.rank, logical)
-            raw = shuffle_stage(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=buffer_rng)(raw)
-        # Resume: drop (unread by preprocessing) the raw samples this worker produced before `start`.
-        raw = itertools.islice(raw, items_before(self.start, logical, num_workers), None)
-        for sample in raw:
+        if self.cursors is not None and len(self.cursors) != num_workers:
+            raise ValueError(f"WebDatasetItems: {len(self.cursors)} reader cursors for {num_workers} workers")
+        cursor = (self.cursors[logical] if self.cursors else None) or ShardCursor()
+        for sample, after in self._reader_samples(logical, num_workers, cursor):
             if _MARKER in sample:
-                yield rejected(sample[_MARKER], sample["__url__"], source=sample["__url__"])
+                item = rejected(sample[_MARKER], sample["__url__"], source=sample["__url__"])
             else:
-                yield process_to_item(
-                    self.process, sample, epoch=sample["__epoch__"], key=sample["__key__"], source=sample["__url__"]
+                item = process_to_item(
+                    self.process, sample, epoch=after.epoch, key=sample["__key__"], source=sample["__url__"]
                 )
+            item[CURSOR] = after.to_state()
+            yield item
