@@ -221,13 +221,17 @@ def dual_dataspec(batches: list[dict]) -> DataSpec:
 
 def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,
                      lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), multipliers=(0.2, 1.0),
-                     algorithms=None) -> Trainer:
+                     algorithms=None, parallelism_config=None) -> Trainer:
     """A real Composer Trainer for one optimizer step of `flamingo` on `batch` (fp32, CPU), as run.py builds it."""
     from flamingo_composer.training.builders import build_optimizer
     from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
     from flamingo_composer.training.config import OptimizerConfig
 
     model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1])
+    if parallelism_config is not None:
+        from flamingo_composer.training.fsdp import install_fsdp_policies
+
+        install_fsdp_policies(model)
     optimizer = build_optimizer(OptimizerConfig(lr=lr, weight_decay=weight_decay), flamingo)
     if algorithms is None:
         from composer.algorithms import GradientClipping
@@ -246,6 +250,7 @@ def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = Non
         device_train_microbatch_size=microbatch_size or BatchList([batch]).batch_size,
         progress_bar=False,
         seed=0,
+        parallelism_config=parallelism_config,
         **REQUIRED_TRAINER_KWARGS,
     )
 
@@ -265,7 +270,8 @@ def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tenso
 def _two_rank_main(out_path: str, scenario: str) -> None:
     """`composer -n 2 tests/step_utils.py OUT.pt SCENARIO`: one step on each rank's share of the global batch.
 
-    'halves': the dual batch, microbatches of 1. 'zero_image': MMC4 only, rank 1's documents hold no image, and
+    'halves': the dual batch, microbatches of 1. 'zero_image': MMC4 only, rank 1's documents hold no image, under
+    FSDP2 (where a rank that skipped a module's forward would leave the others waiting in its all-gather), and
     each rank records how often its vision encoder and perceiver ran.
     """
     from composer.utils import dist
@@ -277,13 +283,20 @@ def _two_rank_main(out_path: str, scenario: str) -> None:
     calls = {"vision_encoder": 0, "perceiver": 0}
     if scenario == "zero_image":
         batch = rank_slice(zero_image_batch(bundle.tokenizer), rank, world)
+        from composer.utils import FSDP2Config
+
+        from flamingo_composer.training.callbacks import GlooFSDP2GradientMean
+
         for name in calls:
             getattr(bundle.model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
-        kwargs = {"microbatch_size": None}
+        kwargs = {"microbatch_size": None, "parallelism_config": {"fsdp": FSDP2Config()},
+                  "callbacks": [GlooFSDP2GradientMean()]}  # fmt: skip
     else:
         batch = rank_slice(dual_batch(bundle.tokenizer), rank, world)
         kwargs = {"microbatch_size": 1}
     grads, losses = run_one_step(bundle.model, batch, clip=None, **kwargs)
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): (g.full_tensor() if hasattr(g, "full_tensor") else g)
+             for n, g in grads.items()}  # fmt: skip
     everyone = dist.all_gather_object(calls)
     if rank == 0:
         torch.save({"grads": grads, "losses": losses, "world_size": world, "calls": everyone}, out_path)

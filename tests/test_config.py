@@ -296,3 +296,8 @@ def test_model_sources_checked_at_load(tmp_path, shards):
         tmp_path, base_config(shards), ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"]
     )
     assert message == f"model.vision.config_path: file not found: {tmp_path}/v.json"
+
+
+def test_low_precision_frozen_weights_need_an_amp_precision(tmp_path, shards):
+    message = load_error(tmp_path, base_config(shards), ["model.frozen_dtype=bfloat16"])
+    assert message.startswith("model.frozen_dtype: bfloat16 weights need an amp precision")

@@ -141,3 +141,21 @@ def test_every_tiny_family_is_small_and_sized_to_the_tokenizer():
         assert config["vocab_size"] >= TINY_VOCAB_SIZE
     vision, transform = build_vision(tiny_model_config().vision)
     assert vision.transformer.width == 64 and transform(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+
+
+def test_frozen_weights_can_be_stored_in_bfloat16():
+    """`frozen_dtype: bfloat16` halves the frozen CLIP and LM weights; trainable ones stay fp32, and every FSDP
+    unit holds one dtype (FSDP2 requires it). A forward needs CUDA autocast (amp_bf16), checked by the config."""
+    from flamingo_composer.models.tiny import tiny_model_config
+    from flamingo_composer.training.composer_model import FlamingoComposerModel
+    from flamingo_composer.training.fsdp import install_fsdp_policies, simulate_fsdp_units
+
+    model = build_flamingo(tiny_model_config("mpt", frozen_dtype="bfloat16")).model
+    dtypes = {True: set(), False: set()}
+    for p in model.parameters():
+        dtypes[p.requires_grad].add(p.dtype)
+    assert dtypes == {False: {torch.bfloat16}, True: {torch.float32}}
+    install_fsdp_policies(FlamingoComposerModel(model))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for unit, names in simulate_fsdp_units(model).items():
+        assert len({params[n].dtype for n in names}) <= 1, unit

@@ -225,5 +225,7 @@ def resize_and_splice(lm: nn.Module, tokenizer, special_token_ids: dict[str, int
     Rows that exist at both sizes keep their values; new rows are initialised by transformers' resize.
     """
     ensure_input_embedding_accessors(lm)  # MosaicGPT lacks them; resize needs them
-    lm.resize_token_embeddings(len(tokenizer))
+    # On the meta device there are no values to take a mean of (the rank gets its weights from rank 0).
+    on_meta = lm.get_input_embeddings().weight.is_meta
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=not on_meta)
     return splice_new_token_rows(lm, [special_token_ids["endofchunk"], special_token_ids["media"]])

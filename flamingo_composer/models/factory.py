@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -81,6 +81,9 @@ class FlamingoModelConfig:
     perceiver_num_latents: int = 64
     gradient_checkpointing: bool = False
     seed: int | None = None
+    # Storage dtype of the frozen CLIP and LM weights (null: as built, fp32). bfloat16 halves their memory on GPUs;
+    # it needs an amp precision (the trainable parameters stay fp32, autocast runs the matmuls in bf16).
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FlamingoModelConfig:
@@ -152,24 +155,37 @@ def _check_open_clip_config(model_cfg: Any, where: str) -> None:
         raise ValueError(f"{where} must be an open_clip model config with a 'vision_cfg' mapping")
 
 
-def build_vision(vision: VisionConfig) -> tuple[nn.Module, Callable]:
-    """open_clip `.visual` (the text tower is dropped) and open_clip's eval image transform."""
+def build_vision(vision: VisionConfig, on_meta: bool = False) -> tuple[nn.Module, Callable]:
+    """open_clip `.visual` (the text tower is dropped) and open_clip's eval image transform.
+
+    `on_meta`: shapes only, no weights read (a rank that receives its weights from rank 0).
+    """
     import open_clip
 
     with _registered_open_clip_config(vision) as model_name:
-        clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=vision.pretrained)
+        if on_meta:
+            clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=None, device="meta")
+        else:
+            clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=vision.pretrained)
     return clip.visual, eval_transform
 
 
 # --------------------------------------------------------------------------------------------- language model
 
 
-def build_lm(lm: LMConfig) -> nn.Module:
-    """The causal LM, with input-embedding accessors ensured (some remote-code LMs lack them)."""
+def build_lm(lm: LMConfig, on_meta: bool = False) -> nn.Module:
+    """The causal LM, with input-embedding accessors ensured (some remote-code LMs lack them).
+
+    `on_meta` (inside a `torch.device("meta")` context): the architecture from the config, no weights read.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (lm.name is None) == (lm.config is None):
         raise ValueError("lm config needs exactly one of lm.name (hub id / local dir) or lm.config (inline config)")
+    if lm.name is not None and on_meta:
+        config = AutoConfig.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=lm.trust_remote_code)
+        return ensure_input_embedding_accessors(model)
     if lm.name is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code)
@@ -205,21 +221,23 @@ def build_tokenizer(tokenizer: TokenizerConfig):
 # -------------------------------------------------------------------------------------------------- assembly
 
 
-def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any]) -> FlamingoBundle:
+def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any], *, on_meta: bool = False) -> FlamingoBundle:
     """Tokenizer with the new tokens, LM resized to len(tokenizer) with spliced rows, ViT, perceiver, blocks.
 
     With `cfg.seed` set, every random initialisation happens under that seed (the global RNG is left as it was).
+    `on_meta`: every tensor on the meta device and no weight file read: the ranks of an FSDP run other than 0,
+    which receive rank 0's weights when Composer shards the model (so a node holds one host copy, not one per GPU).
     """
     if isinstance(cfg, Mapping):
         cfg = FlamingoModelConfig.from_dict(cfg)
     seeded = torch.random.fork_rng(devices=[]) if cfg.seed is not None else contextlib.nullcontext()
-    with seeded:
+    with seeded, torch.device("meta") if on_meta else contextlib.nullcontext():
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         tokenizer = build_tokenizer(cfg.tokenizer)
         special_token_ids = add_flamingo_tokens(tokenizer)
-        vision_encoder, image_transform = build_vision(cfg.vision)
-        lang_encoder = build_lm(cfg.lm)
+        vision_encoder, image_transform = build_vision(cfg.vision, on_meta)
+        lang_encoder = build_lm(cfg.lm, on_meta)
         resize_and_splice(lang_encoder, tokenizer, special_token_ids)
         model = Flamingo(
             vision_encoder,
@@ -233,4 +251,15 @@ def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any]) -> FlamingoBund
             gradient_checkpointing=cfg.gradient_checkpointing,
             vision_ln_post_on_tokens=cfg.vision.ln_post_on_tokens,
         )
+    if cfg.frozen_dtype is not None:
+        cast_frozen_weights(model, getattr(torch, cfg.frozen_dtype))
     return FlamingoBundle(model, tokenizer, image_transform)
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store every frozen parameter in `dtype` (the trainable ones keep theirs). FSDP units stay one dtype each:
+    the wrap policy never mixes frozen and trainable parameters in a unit."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model

@@ -329,6 +329,11 @@ def check_consistency(cfg: TrainConfig) -> None:
             "device_train_microbatch_size: 'auto' needs FSDP1 in Composer 0.32.1; give a size, or set "
             "fsdp_config.version: 1"
         )
+    if cfg.model.frozen_dtype in ("bfloat16", "float16") and cfg.precision == "fp32":
+        raise ConfigError(
+            f"model.frozen_dtype: {cfg.model.frozen_dtype} weights need an amp precision (amp_bf16 on GPUs), "
+            "which runs the frozen matmuls in low precision; with fp32 use null"
+        )
     _check_model_sources(cfg.model)
     if cfg.activation_checkpointing and cfg.fsdp_config is not None:
         raise ConfigError(

@@ -71,6 +71,9 @@ class FSDPSettings:
     keep_low_precision_grads: bool = False
     load_monolith_rank0_only: bool = False
     verbose: bool = False
+    # Ranks other than 0 build the model on the meta device (no weights read, no host copy) and receive rank 0's
+    # weights when Composer shards it (FSDP1: sync_module_states; FSDP2: a broadcast of rank 0's state).
+    mixed_init: bool = True
 
     def __post_init__(self):
         if not self.use_orig_params:
@@ -114,8 +117,9 @@ class FSDPSettings:
         """
         if self.version == 1:
             kwargs = asdict(self)
-            for key in ("version", *FSDP2_ONLY_KEYS):
+            for key in ("version", "mixed_init", *FSDP2_ONLY_KEYS):
                 kwargs.pop(key)
+            kwargs["sync_module_states"] = self.sync_module_states or self.mixed_init
             return {"fsdp": kwargs}
         from composer.utils import FSDP2Config
 

@@ -106,8 +106,10 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
 
-    bundle = build_flamingo(_model_config(cfg))
-    if cfg.load_reference_checkpoint:
+    # Under FSDP only rank 0 reads the weights; the other ranks get them from it when Composer shards the model.
+    on_meta = cfg.fsdp_config is not None and cfg.fsdp_config.mixed_init and dist.get_global_rank() > 0
+    bundle = build_flamingo(_model_config(cfg), on_meta=on_meta)
+    if cfg.load_reference_checkpoint and not on_meta:
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
     composer_model = FlamingoComposerModel(
