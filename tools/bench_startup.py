@@ -30,14 +30,12 @@ LMS = {
 }  # fmt: skip
 
 
-def _overrides(data_root: Path, out_dir: Path, lm: str, mixed_init: bool) -> list[str]:
-    lm_config = json.dumps(LMS[lm]).replace('"', "")
+def _overrides(data_root: Path, out_dir: Path, mixed_init: bool) -> list[str]:
     return [
         f"variables.data_root={data_root}", "max_duration=1", "run_name=startup", "eval_loader=null",
         "data.laion.num_workers=0", "data.mmc4.num_workers=0", "data.laion.batch_size=2", "data.mmc4.batch_size=1",
         f"data.mmc4.preprocess.min_image_bytes={_min_image_bytes()}", "callbacks={}", "loggers={}",
-        "autoresume=false", f"save_folder={out_dir}/ckpt", f"model.lm.config={lm_config}",
-        "model.tokenizer.builtin=tiny-50k", f"fsdp_config={{version: 2, mixed_init: {str(mixed_init).lower()}}}",
+        "autoresume=false", f"save_folder={out_dir}/ckpt", "model.tokenizer.builtin=tiny-50k", f"fsdp_config={{version: 2, mixed_init: {str(mixed_init).lower()}}}",
     ]  # fmt: skip
 
 
@@ -47,13 +45,15 @@ def _min_image_bytes() -> int:
     return SYNTHETIC_MIN_IMAGE_BYTES
 
 
-def worker(out: str, overrides: list[str]) -> None:
+def worker(out: str, lm: str, overrides: list[str]) -> None:
     """One rank: build everything as `composer train.py` does (no step), then record this process's peak RSS."""
     from composer.utils import dist
 
     from flamingo_composer.training.run import load_config, train_from_config
 
-    trainer = train_from_config(load_config(REPO_ROOT / "yamls" / "run.yaml", overrides), fit=False)
+    cfg = load_config(REPO_ROOT / "yamls" / "run.yaml", overrides)
+    cfg.model.lm.config = dict(LMS[lm])  # replaced whole (a dotted override would merge into run.yaml's LM)
+    trainer = train_from_config(cfg, fit=False)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     params = sum(p.numel() for p in trainer.state.model.parameters())  # this rank's shard sizes
     Path(f"{out}.rank{dist.get_global_rank()}").write_text(json.dumps({"peak_rss_gb": peak_kb / 2**20,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker[0], args.worker[1:])
+        worker(args.worker[0], args.lm, args.worker[1:])
         return 0
 
     from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         write_synthetic_dataset(Path(tmp) / "data", data, formats=("mds",))
         for mixed_init in (True, False):
             out = Path(tmp) / f"mixed-{mixed_init}"
-            cmd = [composer, "-n", str(args.ranks), __file__, "--worker", str(out),
-                   *_overrides(Path(tmp) / "data", out, args.lm, mixed_init)]  # fmt: skip
+            cmd = [composer, "-n", str(args.ranks), __file__, "--lm", args.lm, "--worker", str(out),
+                   *_overrides(Path(tmp) / "data", out, mixed_init)]  # fmt: skip
             result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
             if result.returncode != 0:
