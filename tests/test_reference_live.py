@@ -12,6 +12,8 @@ same files with the reference's state loaded, and the batch by the reference's o
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 from step_utils import run_one_step
 from tool_modules import load_tool
 
+from flamingo_composer.models.reference_checkpoint import released_state_dict
 from flamingo_composer.models.tiny import tiny_model_config
 
 oracle = load_tool("reference_oracle")
@@ -54,8 +57,12 @@ def fp32_case(request, tmp_path_factory):
             )
             for name, sub in ours.items()
         }
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning per frozen non-embedding buffer
+        released = oracle.reference_modules().train_utils.filter_state_dict_to_trainable(
+            pair.reference, {k: v.clone() for k, v in pair.reference.state_dict().items()}
+        )
     step = oracle.reference_train_step(pair, batch)  # trains the reference: run after the forwards above
-    return {"pair": pair, "ours": ours, "outputs": logits, "step": step, "case": request.param}
+    return {"pair": pair, "ours": ours, "outputs": logits, "step": step, "case": request.param, "released": released}
 
 
 def test_every_reference_key_maps(fp32_case):
@@ -67,6 +74,17 @@ def test_every_reference_key_maps(fp32_case):
     n_blocks = n_layers // fp32_case["case"][2]
     assert sum(".gated_cross_attn_layer." in k for k in report.loaded) == 11 * n_blocks  # 11 tensors per block
     assert pair.ours.model.special_token_ids["media"] == pair.reference.media_token_id
+
+
+def test_export_equals_the_reference_checkpoint_layout(fp32_case):
+    """released_state_dict (tools/export_openflamingo.py) = what the reference saves as checkpoint.pt, key for key."""
+    want = fp32_case["released"]
+    got = released_state_dict(fp32_case["pair"].ours.model)
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    if fp32_case["case"][0] == "mpt":  # the tied head is listed under its own name, as the same tensor
+        assert got["lang_encoder.lm_head.weight"] is got["lang_encoder.transformer.wte.weight"]
 
 
 def test_logits_and_losses_match_reference(fp32_case):
@@ -160,3 +178,46 @@ def test_runtime_package_never_imports_the_reference():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_exported_run_checkpoint_loads_into_the_reference_with_equal_logits(tmp_path_factory, tmp_path, capsys):
+    """A real short run (MPT, tied head) -> Composer checkpoint -> export CLI -> reference Flamingo, strict=False."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from train_helpers import RUN_YAML, short_run_overrides, small_data
+
+    from flamingo_composer.training.config import load_config
+    from flamingo_composer.training.run import train_from_config
+
+    pair = oracle.build_pair(tiny_model_config("mpt", cross_attn_every_n_layers=1), tmp_path / "files", seed=0)
+    recipe = OmegaConf.load(RUN_YAML)
+    recipe.model = OmegaConf.create(dataclasses.asdict(pair.config))  # the oracle's files, reference perceiver
+    recipe_path = tmp_path / "recipe.yaml"
+    OmegaConf.save(recipe, recipe_path)
+    out = tmp_path / "run"
+    overrides = short_run_overrides(small_data(tmp_path_factory), out, max_duration=2) + ["loggers={}"]
+    trainer = train_from_config(load_config(recipe_path, overrides))
+    trained = trainer.state.model.model.eval()
+    trainer.close()
+
+    export = load_tool("export_openflamingo")
+    checkpoint = out / "checkpoints" / "ep0-ba2-rank0.pt"
+    assert export.main([str(checkpoint), "--config", str(recipe_path), "--out", str(tmp_path / "checkpoint.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "all mapped" in printed and "not exported (training state): " in printed and "optimizers" in printed
+
+    reference = pair.reference.eval()
+    reference.vision_encoder.load_state_dict(trained.vision_encoder.state_dict())  # the frozen CLIP, as released
+    batch = oracle.ours_batch(pair, oracle.reference_batch(pair, seed=3))
+    sub = batch["mmc4"]
+    with torch.no_grad():
+        before = reference(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
+        result = reference.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True), strict=False)
+        assert result.unexpected_keys == []
+        after = reference(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
+        ours = trained(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
+    scale = ours.abs().max().item()
+    assert (before - ours).abs().max() > 1e-3 * scale  # the run moved the weights: the load is what matches them
+    torch.testing.assert_close(after, ours, rtol=0, atol=1e-5 * scale)
