@@ -20,6 +20,7 @@ from flamingo_composer.config_schema import ConfigError, from_dict
 from flamingo_composer.data.config import DataConfig
 from flamingo_composer.models.factory import FlamingoModelConfig
 from flamingo_composer.training.fsdp import FSDPSettings
+from flamingo_composer.training.recipe import load_recipe_yaml
 from flamingo_composer.training.registry import validate_components
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def load_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None
     if not yaml_path.is_file():
         raise ConfigError(f"config file not found: {yaml_path}")
     try:
-        cfg = om.load(yaml_path)
+        cfg = load_recipe_yaml(yaml_path)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
