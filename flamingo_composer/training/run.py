@@ -30,6 +30,7 @@ from flamingo_composer.training.callbacks import DataPositionCallback
 from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
+from flamingo_composer.training.summary import run_summary
 
 __all__ = ["ConfigError", "load_config", "main", "train_from_config", "trainable_only_filter"]
 
@@ -168,5 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
-    train_from_config(cfg)
+    trainer = train_from_config(cfg)
+    if dist.get_global_rank() == 0:
+        print(run_summary(trainer, cfg, recipe=argv[0]), flush=True)
     return 0
