@@ -163,6 +163,16 @@ def test_step_weights_match_reference_in_float64(float64_step):
     assert changed == sorted(ids)
 
 
+def test_pair_from_a_recipe(tmp_path):
+    """What tools/bench.py --vs-reference builds: both models from a training YAML's `model:` section."""
+    from train_helpers import RUN_YAML
+
+    pair = oracle.build_pair_from_recipe(RUN_YAML, tmp_path, seed=3)
+    assert pair.load_report.missing == [] and pair.config.perceiver_depth == 6  # the reference's fixed perceiver
+    assert pair.config.cross_attn_every_n_layers == 1 and pair.seed == 3
+    assert type(pair.reference.lang_encoder).__name__ == "GPTNeoXForCausalLM"
+
+
 def test_runtime_package_never_imports_the_reference():
     """The oracle is test-only: importing every module of flamingo_composer loads no `open_flamingo`."""
     import subprocess

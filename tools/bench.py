@@ -207,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         "load_path=null",
         "eval_loader=null",
         "loggers={}",
+        "progress_bar=false",
+        "log_to_console=false",
     ]
     cfg = load_config(args.config, overrides)
     timer = StepTimer()
