@@ -13,5 +13,7 @@ RUN mkdir -p flamingo_composer && touch flamingo_composer/__init__.py \
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
+# DL3064 flags the name (TOKEN...): it is the tokenizers library's thread switch, not a secret.
+# hadolint ignore=DL3064
 ENV TOKENIZERS_PARALLELISM=false
 CMD ["composer", "train.py", "yamls/gpu-smoke.yaml"]

@@ -9,11 +9,13 @@ DATA := data/synthetic
 
 .PHONY: train test test-fast lint clean
 
-# Re-install only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Re-install only when pyproject.toml (or the install steps here) change.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The reference OpenFlamingo, a test-only oracle (tools/reference_oracle.py); it pins torch==2.0.1, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps open-flamingo==2.0.1 einops-exts==0.0.4
 	touch $(STAMP)
 
 # Regenerated (from scratch) only when the generator changes; a re-install alone keeps the data.
@@ -34,6 +36,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) $(DATA)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from streaming.base.format import reader_from_json
+from tool_modules import load_tool
 
 from flamingo_composer.data.convert import (
     convert_img2dataset_to_mds,
@@ -434,15 +435,6 @@ def test_every_tool_has_help(tool):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage:") and "--" in done.stdout
-
-
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_prints_a_summary_and_exits_non_zero_when_nothing_was_written(synthetic, tmp_path, capsys):

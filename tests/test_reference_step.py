@@ -66,13 +66,18 @@ def test_gradients_equal_reference(stepped):
     ref_embed = ref[f"{EMBED}.weight"]  # (621, D): non-zero only in the new-token rows
     others = [r for r in range(ref_embed.shape[0]) if r not in ROW_IDS]
     assert torch.count_nonzero(ref_embed[others]) == 0
-    # The fixture README's tolerance: 1e-5 x max|ref| per tensor, the fp32 noise between CPU models (the
-    # reference itself, rerun on an AMD EPYC, is off its own fixture by up to 5.8e-6 x max).
+    # The fixture README suggests 1e-6 x max|ref| per tensor, but that is one machine's noise floor: rerun on other
+    # CPUs the reference itself differs from its fixture by up to 5.8e-6 x max, and on this suite's CPUs most
+    # tensors land between 1e-6 and 1e-5. Tolerance that holds on any CPU: 1e-5 x max|ref| for every tensor
+    # (tests/test_reference_live.py compares with the live reference in float64, where the noise vanishes).
+    worst = 0.0
     for name, grad in ours.items():
         want = ref_embed[ROW_IDS] if name == stepped["rows_key"] else ref[name]
         want = want.reshape(grad.shape)
         scale = want.abs().max().item()
         torch.testing.assert_close(grad, want, rtol=0, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+        worst = max(worst, (grad - want).abs().max().item() / scale)
+    print(f"{len(ours)} gradient tensors, worst |ours - fixture| / max|fixture| = {worst:.2e}")
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ours.values()]))
     expected = json.loads((REFERENCE_FIXTURE / "expected.json").read_text())
     assert norm.item() == pytest.approx(expected["grad"]["total_norm_before_clip"], rel=1e-4)

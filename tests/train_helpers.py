@@ -46,6 +46,7 @@ def short_run_overrides(data_root: Path, out_dir: Path, max_duration: int = 3) -
         "save_interval=2",
         f"loggers.file.filename={out_dir}/logs-rank{{rank}}.txt",
         "loggers.file.flush_interval=1",
+        "progress_bar=false",  # run.yaml shows one; tests read the logs (pytest's capsys has no terminal for it)
     ]
 
 

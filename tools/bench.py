@@ -52,7 +52,9 @@ def ensure_synthetic_data(config: str, overrides: list[str]) -> None:
     """Generate the built-in synthetic data at `variables.data_root` when missing and the YAML asks for it."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(list(overrides)))
+    from flamingo_composer.training.recipe import load_recipe_yaml
+
+    raw = OmegaConf.merge(load_recipe_yaml(config), OmegaConf.from_dotlist(list(overrides)))
     variables = raw.get("variables") or {}
     root, size = variables.get("data_root"), variables.get("synthetic_image_size")
     if root is None or size is None or Path(root).exists():
@@ -205,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         "load_path=null",
         "eval_loader=null",
         "loggers={}",
+        "progress_bar=false",
+        "log_to_console=false",
     ]
     cfg = load_config(args.config, overrides)
     timer = StepTimer()

@@ -37,11 +37,12 @@ def read_model_config(path: str | Path):
     from omegaconf import OmegaConf
 
     from flamingo_composer.models.factory import FlamingoModelConfig
+    from flamingo_composer.training.recipe import load_recipe_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data = OmegaConf.to_container(load_recipe_yaml(path), resolve=True)  # a recipe's `base:` files merged in
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping at the top level")
     if isinstance(data.get("model"), dict):

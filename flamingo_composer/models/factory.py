@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -15,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from flamingo_composer.config_schema import from_dict
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.flamingo import Flamingo
 from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
@@ -87,22 +87,8 @@ class FlamingoModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FlamingoModelConfig:
-        """Nested plain dicts -> config; an unknown key raises ValueError naming it."""
-        nested = {"vision": VisionConfig, "lm": LMConfig, "tokenizer": TokenizerConfig}
-        kwargs = {}
-        for key, value in data.items():
-            if key in nested and isinstance(value, Mapping):
-                value = _dataclass_from_dict(nested[key], value, prefix=f"model.{key}")
-            kwargs[key] = value
-        return _dataclass_from_dict(cls, kwargs, prefix="model")
-
-
-def _dataclass_from_dict(cls, data: Mapping[str, Any], prefix: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; allowed: {sorted(known)}")
-    return cls(**data)
+        """Nested plain dicts -> config; an unknown key or a wrong type raises ConfigError naming `model.<key>`."""
+        return from_dict(cls, dict(data), "model")
 
 
 class FlamingoBundle(NamedTuple):

@@ -31,6 +31,7 @@ __all__ = [
     "convert_reference_checkpoint",
     "load_reference_state_dict",
     "read_state_dict",
+    "released_state_dict",
 ]
 
 LAYOUTS = ("auto", "full", "checkpoint")
@@ -359,3 +360,30 @@ def convert_reference_checkpoint(
         if param.requires_grad
     }
     return trainable, report
+
+
+def released_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our `Flamingo` -> a state dict in the released `checkpoint.pt` layout, under the reference's key names.
+
+    What the reference's `filter_state_dict_to_trainable` keeps of its own model: every trainable parameter
+    (perceiver, gated cross-attention blocks), every parameter whose name contains "embed" (frozen ones too, e.g.
+    GPT-NeoX's untied `embed_out`), and the LM's persistent buffers; no vision encoder, no alias keys. The input
+    embedding is the whole (V, D) matrix with our trained `<|endofchunk|>` / `<image>` rows written in; a tied head
+    listed under its own name (transformers' MPT: `lang_encoder.lm_head.weight`) holds that same tensor.
+    Loads back with `load_reference_state_dict` and into the reference's `Flamingo` with `strict=False`.
+    """
+    keys = _ModelKeys.of(model)
+    out: dict[str, torch.Tensor] = {}
+    for clean, tensor in keys.tensors.items():
+        if clean.startswith("vision_encoder.") or clean == keys.new_token_rows:
+            continue
+        if isinstance(tensor, nn.Parameter) and not (tensor.requires_grad or "embed" in clean or clean == keys.embed_weight):
+            continue  # a frozen LM weight: rebuilt from the LM on load
+        out[clean] = tensor.detach().clone()
+    if keys.new_token_rows is not None:
+        weight = out[keys.embed_weight]  # (V, D), frozen rows as resized
+        rows = keys.tensors[keys.new_token_rows].detach()  # (K, D)
+        weight[keys.new_token_ids] = rows.to(weight.dtype)
+    if keys.tied_head is not None:
+        out[keys.tied_head] = out[keys.embed_weight]  # the same tensor, as in the reference's state dict
+    return out

@@ -38,6 +38,7 @@ from flamingo_composer.training.composer_model import (
 )
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
+from flamingo_composer.training.summary import run_summary
 
 __all__ = ["ConfigError", "load_config", "main", "train_from_config", "trainable_only_filter"]
 
@@ -200,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         configure_package_logging()
-        train_from_config(cfg)
+        trainer = train_from_config(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if dist.get_global_rank() == 0:
+        print(run_summary(trainer, cfg, recipe=argv[0]), flush=True)
     return 0
