@@ -264,6 +264,20 @@ def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tenso
     return grads.grads[0], losses.losses[0][1]
 
 
+def peak_cpu_memory(fn) -> int:
+    """Peak bytes of CPU tensor memory that `fn()` allocates on top of what exists (torch.profiler's allocation
+    and free events, summed in time order): a structural measure, the same on any machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
 # ------------------------------------------------------------------------------------------- 2-rank script
 
 

@@ -9,10 +9,24 @@ import torch
 from composer import Trainer
 from composer.callbacks import SpeedMonitor
 from composer.loggers import InMemoryLogger
-from step_utils import dual_batch, dual_dataspec, reference_batch, reference_bundle, tiny_bundle
+from step_utils import (
+    dual_batch,
+    dual_dataspec,
+    peak_cpu_memory,
+    reference_batch,
+    reference_bundle,
+    set_gates,
+    tiny_bundle,
+)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+from flamingo_composer.training.composer_model import (
+    REQUIRED_TRAINER_KWARGS,
+    FinalHidden,
+    FlamingoComposerModel,
+    head_cross_entropy_sum,
+    token_cross_entropy_sum,
+)
 from flamingo_composer.training.flops import flamingo_flops_per_batch
 
 
@@ -37,9 +51,9 @@ def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
     model = FlamingoComposerModel(bundle.model, loss_multiplier_laion=0.3, loss_multiplier_mmc4=0.7)
     outputs = model(batch)
     assert list(outputs) == ["laion", "mmc4"]  # LAION first, as the reference
-    for name in outputs:
+    for name in outputs:  # training: the LM's last hidden states; the loss projects only the supervised positions
         b, length = batch[name]["input_ids"].shape
-        assert outputs[name].shape == (b, length, len(bundle.tokenizer))
+        assert isinstance(outputs[name], FinalHidden) and outputs[name].hidden.shape == (b, length, 64)
     losses = model.loss(outputs, batch)
     assert set(losses) == {"total", "laion", "mmc4"}
     laion, mmc4 = _hf_loss(bundle.model, batch["laion"]), _hf_loss(bundle.model, batch["mmc4"])
@@ -220,3 +234,60 @@ def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
     assert figures["achieved_over_matmul"] == pytest.approx(
         figures["achieved_flops_per_s"] / figures["matmul_flops_per_s"]
     )
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "mpt", "opt", "gpt2", "gptj"])
+def test_output_head_of_the_final_hidden_states_gives_the_logits(family):
+    """The loss's path (last hidden states, then the head at supervised positions) computes forward's logits."""
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    bundle = build_flamingo(tiny_model_config(family))
+    set_gates(bundle.model, 0.5)
+    bundle.model.eval()  # GPT-2 and OPT configs have dropout: compare deterministic forwards
+    sub = dual_batch(bundle.tokenizer)["mmc4"]
+    inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
+    with torch.no_grad():
+        logits = bundle.model(**inputs).logits  # (B, L, V)
+        hidden = bundle.model(**inputs, final_hidden_states=True)  # (B, L, D)
+        torch.testing.assert_close(bundle.model.output_head(hidden), logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 7, 4096])
+def test_chunked_head_cross_entropy_equals_cross_entropy_in_value_and_gradient(chunk_tokens):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 9, 16, requires_grad=True)  # (B, L, D)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0] = -100  # a row with no supervised token
+    labels[1, :5] = -100
+    expected = torch.nn.functional.cross_entropy(
+        head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    want = torch.autograd.grad(expected, [hidden, head.weight])
+    total = head_cross_entropy_sum(hidden, labels, head, chunk_tokens)
+    got = torch.autograd.grad(total, [hidden, head.weight])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # The logits path shifts the labels, not the logits: same value.
+    assert token_cross_entropy_sum(head(hidden), labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    # Nothing supervised: exactly 0, with the graph kept (every rank's backward reaches the same parameters).
+    none = head_cross_entropy_sum(hidden, torch.full_like(labels, -100), head, chunk_tokens)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
+    """Peak memory of the loss's forward + backward: bounded by a chunk's (n, V) logits, not all N positions'."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 20_000, bias=False)
+    hidden = torch.randn(4, 256, 32, requires_grad=True)  # 1,020 supervised positions
+    labels = torch.randint(0, 20_000, (4, 256))
+    full_logits = 4 * 255 * 20_000 * 4  # bytes of all positions' fp32 logits (82 MB)
+
+    def step(chunk_tokens):
+        return lambda: head_cross_entropy_sum(hidden, labels, head, chunk_tokens).backward()
+
+    whole, chunked = peak_cpu_memory(step(None)), peak_cpu_memory(step(128))
+    assert whole > full_logits  # logits, and their gradient, alive at once
+    assert chunked < full_logits / 3, (chunked, whole)  # 128 positions' logits at a time

@@ -73,10 +73,14 @@ class SplicedEmbedding(nn.Module):
         return torch.where((slot >= 0).unsqueeze(-1), spliced.to(base.dtype), base)  # (..., D)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Output projection with the spliced matrix (tied LMs): (..., D) -> (..., V)."""
+        """Output projection with the spliced matrix (tied LMs): (..., D) -> (..., V).
+
+        The K new-token columns are written into the frozen projection's output in place: no second (..., V)
+        tensor (linear's backward needs its inputs, not its output, so autograd allows it).
+        """
         logits = F.linear(hidden_states, self.weight)  # (..., V)
         new_logits = F.linear(hidden_states, self.trainable_rows().to(hidden_states.dtype))  # (..., K)
-        return logits.index_copy(-1, self.new_token_ids, new_logits.to(logits.dtype))  # (..., V)
+        return logits.index_copy_(-1, self.new_token_ids, new_logits.to(logits.dtype))  # (..., V)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, new_token_ids={self.new_token_ids.tolist()}"
@@ -142,6 +146,7 @@ class TiedLogitsInForward:
     @classmethod
     def install(cls, lm: nn.Module) -> TiedLogitsInForward:
         router = cls()
+        lm._tied_logits_in_forward = True  # Flamingo.output_head: no head module to call on hidden states
         lm.register_forward_pre_hook(router._enter)
         lm.register_forward_hook(router._leave, always_call=True)
         return router

@@ -111,9 +111,15 @@ class Flamingo(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        final_hidden_states: bool = False,
         **lm_kwargs,
     ):
-        """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels."""
+        """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels.
+
+        `final_hidden_states=True`: the LM's last hidden states (B, L, D) instead (final norm applied, before
+        `output_head`, so `output_head(h)` equals the logits), for a loss that projects only the positions it
+        needs (never a (B, L, V) tensor). Called through this module (not a separate method) so FSDP's hooks run.
+        """
         if input_ids.dim() != 2 or vision_x.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"input_ids must be (B, L) with B = vision_x's batch {vision_x.shape[0]}, got {tuple(input_ids.shape)}"
@@ -122,7 +128,23 @@ class Flamingo(nn.Module):
         text_time = media_text_time(input_ids, self.media_token_id)  # (B, L)
         lm_kwargs.setdefault("use_cache", False)
         with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
+            if final_hidden_states:
+                if self.output_head is None:
+                    raise ValueError(
+                        f"{type(self.lang_encoder).__name__} computes its logits inside forward: no hidden-state path"
+                    )
+                output = self.lang_encoder.base_model(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+                return output.last_hidden_state  # (B, L, D)
             return self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @property
+    def output_head(self) -> nn.Module | None:
+        """The LM's output projection as a module of its own (hidden (..., D) -> logits (..., V)), or None when the
+        LM computes its logits inside its forward (the remote MosaicGPT / MPT code): then only `forward` gives them."""
+        lm = self.lang_encoder
+        if isinstance(lm.get_input_embeddings(), SplicedEmbedding) and getattr(lm, "_tied_logits_in_forward", False):
+            return None
+        return lm.get_output_embeddings()
 
     @torch.no_grad()
     def generate(

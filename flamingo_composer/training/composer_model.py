@@ -19,10 +19,11 @@ becomes the true global CE of each dataset.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
 from composer.models import ComposerModel
 from composer.utils import dist
@@ -36,6 +37,7 @@ DATASETS = ("laion", "mmc4")  # forward order: LAION then MMC4, as the reference
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
 REQUIRED_TRAINER_KWARGS = {"accumulate_train_batch_on_tokens": True}
 MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
+DEFAULT_CHUNK_TOKENS = 4096  # supervised positions per chunk of the CE: (4096, V) fp32 logits = 0.8 GB at V = 50k
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -46,12 +48,50 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over supervised shifted targets of the token CE: logits (B, L, V), labels (B, L) -> 0-d.
 
-    Exactly 0 (not NaN) when no target is supervised.
+    The labels are shifted, not the logits (a view of all L positions, the last one ignored): no copy of the
+    (B, L, V) tensor. Exactly 0 (not NaN) when no target is supervised.
     """
     vocab = logits.shape[-1]
-    pred = logits[:, :-1].reshape(-1, vocab)  # (B*(L-1), V)
-    target = shifted_targets(labels).reshape(-1)  # (B*(L-1),)
-    return F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = F.pad(shifted_targets(labels), (0, 1), value=IGNORE_INDEX)  # (B, L): position L-1 predicts nothing
+    return F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class FinalHidden(NamedTuple):
+    """A training forward's output when the LM has a head module: last hidden states (B, L, D), not logits."""
+
+    hidden: torch.Tensor
+
+
+def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden)  # (n, V): one chunk's logits, the only ones alive at a time
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def head_cross_entropy_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """The token CE sum of `head(hidden)`, computed only at supervised positions and `chunk_tokens` at a time.
+
+    hidden (B, L, D), labels (B, L) -> 0-d. Equal to `token_cross_entropy_sum(head(hidden), labels)` (the logits of
+    unsupervised positions never enter the loss), but no (B, L, V) tensor exists: each chunk's (n, V) logits are
+    recomputed in backward (activation checkpointing), so the head's memory is one chunk's, in fp32 at most.
+    """
+    targets = shifted_targets(labels)  # (B, L-1)
+    supervised = targets != IGNORE_INDEX  # (B, L-1)
+    selected = hidden[:, :-1][supervised]  # (N, D): the positions that predict a supervised target
+    selected_targets = targets[supervised]  # (N,)
+    total = hidden.new_zeros((), dtype=torch.float32) + hidden.sum() * 0  # 0 with the graph kept (DDP, FSDP)
+    if selected.shape[0] == 0:
+        return total
+    step = chunk_tokens or selected.shape[0]
+    chunked = torch.is_grad_enabled() and selected.shape[0] > step
+    for start in range(0, selected.shape[0], step):
+        args = (selected[start : start + step], selected_targets[start : start + step], head)
+        if chunked:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_cross_entropy_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_cross_entropy_sum(*args)
+    return total
 
 
 def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
@@ -76,9 +116,11 @@ def _for_dataset(metric: Metric, dataset: str) -> Metric:
 class FlamingoComposerModel(ComposerModel):
     """Wraps one `Flamingo` module (its single child `self.model`, so FSDP1 clips one global norm)."""
 
-    def __init__(self, model: nn.Module, loss_multiplier_laion: float = 0.2, loss_multiplier_mmc4: float = 1.0):
+    def __init__(self, model: nn.Module, loss_multiplier_laion: float = 0.2, loss_multiplier_mmc4: float = 1.0,
+                 loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS):  # fmt: skip
         super().__init__()
         self.model = model
+        self.loss_chunk_tokens = loss_chunk_tokens
         # Read the model's shapes now: once Composer wraps it under FSDP, parameters are flattened shards.
         self.flop_counter = FlamingoFlops.of(model)
         self.loss_multipliers = {"laion": float(loss_multiplier_laion), "mmc4": float(loss_multiplier_mmc4)}
@@ -98,19 +140,22 @@ class FlamingoComposerModel(ComposerModel):
             raise KeyError(f"batch holds no dataset; expected at least one of {list(DATASETS)}")
         return present
 
-    def _forward_dataset(self, sub: Mapping[str, Any]) -> torch.Tensor:
-        output = self.model(
-            vision_x=sub["vision_x"],  # (B, T_img, 1, 3, H, W)
-            input_ids=sub["input_ids"],  # (B, L)
-            attention_mask=sub["attention_mask"],  # (B, L)
-            image_mask=sub.get("image_mask"),  # (B, T_img) or None
-        )
-        return output.logits  # (B, L, V)
+    def _forward_dataset(self, sub: Mapping[str, Any]) -> torch.Tensor | FinalHidden:
+        inputs = {
+            "vision_x": sub["vision_x"],  # (B, T_img, 1, 3, H, W)
+            "input_ids": sub["input_ids"],  # (B, L)
+            "attention_mask": sub["attention_mask"],  # (B, L)
+            "image_mask": sub.get("image_mask"),  # (B, T_img) or None
+        }
+        if self.training and self.model.output_head is not None:  # the loss projects the supervised positions
+            return FinalHidden(self.model(**inputs, final_hidden_states=True))  # (B, L, D)
+        return self.model(**inputs).logits  # (B, L, V)
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """One Flamingo forward per present sub-batch (LAION, then MMC4) -> {dataset: logits (B, L, V)}.
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor | FinalHidden]:
+        """One Flamingo forward per present sub-batch (LAION, then MMC4) -> {dataset: logits (B, L, V)}, or in
+        training, for LMs with a head module, {dataset: FinalHidden (B, L, D)} (`loss` projects what it needs).
 
-        A zero-row part (a microbatch that got no row of a smaller dataset) has no forward and no logits.
+        A zero-row part (a microbatch that got no row of a smaller dataset) has no forward and no output.
         """
         return {
             name: self._forward_dataset(batch[name])
@@ -148,7 +193,7 @@ class FlamingoComposerModel(ComposerModel):
         contributes exactly 0.
         """
         names = self.present_datasets(batch)
-        device = next(iter(outputs.values())).device
+        device = next(iter(batch[name]["labels"].device for name in names))
         n_global = self._global_supervised_counts(batch, device)  # {dataset: 0-d long}
         microbatch_tokens = sum(count_supervised_tokens(batch[name]["labels"]) for name in names)  # 0-d long
         # T_global: supervised tokens of all datasets in the global batch, what Composer's token weights sum to.
@@ -163,7 +208,11 @@ class FlamingoComposerModel(ComposerModel):
             if name not in outputs:  # zero-row part: no forward, contributes nothing
                 losses[name] = torch.zeros((), device=device)
                 continue
-            ce_sum = token_cross_entropy_sum(outputs[name], batch[name]["labels"])  # 0-d
+            output, labels = outputs[name], batch[name]["labels"]
+            if isinstance(output, FinalHidden):
+                ce_sum = head_cross_entropy_sum(output.hidden, labels, self.model.output_head, self.loss_chunk_tokens)
+            else:
+                ce_sum = token_cross_entropy_sum(output, labels)  # 0-d
             ce_share = ce_sum / n_global[name].clamp(min=1).to(ce_sum.dtype)  # share of the global CE mean
             losses[name] = ce_share * compensation
             total = total + self.loss_multipliers[name] * ce_share

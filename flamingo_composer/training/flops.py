@@ -5,7 +5,8 @@ and 2N for the weight gradient, but frozen parts skip the weight gradient:
 - vision encoder (frozen, no autograd): forward only, 2N per token of each image actually encoded;
 - perceiver and gated cross-attention blocks (trainable): 6N per token they process;
 - LM decoder layers and head (frozen): 2N forward + 2N activation gradient per text token where a trainable
-  parameter lies below them (the new-token embedding rows, or a cross-attention block), else 2N;
+  parameter lies below them (the new-token embedding rows, or a cross-attention block), else 2N; the head only at
+  the supervised positions when the training loss projects just those (LMs with a head module);
 - attention score/value products (no weights): 4*q*k*d forward, twice that backward when gradients pass.
 Norms, biases, activations and embedding look-ups are ignored (they are not matmuls).
 """
@@ -85,6 +86,7 @@ class FlamingoFlops:
     lm_hidden: int
     head_weights: int
     head_grad: bool
+    head_on_supervised_only: bool  # the training loss projects only the supervised positions (a head module)
 
     @classmethod
     def of(cls, model: nn.Module) -> FlamingoFlops:
@@ -132,6 +134,7 @@ class FlamingoFlops:
             lm_hidden=lm_hidden_size(lm),
             head_weights=head.weight.numel() if head is not None else 0,
             head_grad=grad_below,
+            head_on_supervised_only=model.output_head is not None,
         )
 
     @staticmethod
@@ -145,8 +148,12 @@ class FlamingoFlops:
         kv_tokens = media_tokens + self.num_latents
         return sum(self._trained_attention(s, self.num_latents, kv_tokens) for s in self.perceiver_layers)
 
-    def lm_per_sample(self, text_tokens: int, media_tokens: int) -> float:
-        """LM (frozen layers and head) plus cross-attention blocks on one sequence of `text_tokens`."""
+    def head(self, positions: int) -> float:
+        """The output projection at `positions` tokens (with its activation gradient when one is needed)."""
+        return (FORWARD + (ACTIVATION_GRAD if self.head_grad else 0)) * self.head_weights * positions
+
+    def lm_layers_per_sample(self, text_tokens: int, media_tokens: int) -> float:
+        """LM decoder layers (frozen) plus cross-attention blocks on one sequence of `text_tokens`."""
         flops = 0.0
         for layer in self.lm_layers:
             if layer.cross_attention is not None:
@@ -154,7 +161,6 @@ class FlamingoFlops:
             weight_passes = FORWARD + (ACTIVATION_GRAD if layer.grad_below else 0)
             flops += weight_passes * layer.decoder_weights * text_tokens
             flops += (3 if layer.grad_below else 1) * _attention_core(text_tokens, text_tokens, self.lm_hidden)
-        flops += (FORWARD + (ACTIVATION_GRAD if self.head_grad else 0)) * self.head_weights * text_tokens
         return flops
 
     def per_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -167,8 +173,14 @@ class FlamingoFlops:
             images = _images_encoded(sub)  # empty slots are neither encoded nor resampled
             vision = self.vision_per_image * images * frames
             perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images
-            lm = self.lm_per_sample(sub["input_ids"].shape[1], t_img * self.num_latents) * b
-            flops[name] = float(vision + perceiver + lm)
+            text_tokens = sub["input_ids"].shape[1]
+            lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents) * b
+            labels = sub.get("labels")
+            if self.head_on_supervised_only and labels is not None:  # what the loss projects (recompute not counted)
+                head = self.head(int((torch.as_tensor(labels)[:, 1:] != -100).sum()))
+            else:
+                head = self.head(text_tokens * b)
+            flops[name] = float(vision + perceiver + lm + head)
         return flops
 
 

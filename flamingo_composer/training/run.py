@@ -114,7 +114,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
     composer_model = FlamingoComposerModel(
-        bundle.model, loss_multiplier_laion=cfg.loss_multiplier_laion, loss_multiplier_mmc4=cfg.loss_multiplier_mmc4
+        bundle.model, loss_multiplier_laion=cfg.loss_multiplier_laion, loss_multiplier_mmc4=cfg.loss_multiplier_mmc4,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     if cfg.fsdp_config is not None:
         install_fsdp_policies(composer_model)
