@@ -23,6 +23,14 @@ PUNCTUATION = [".", ",", "!", "?", ":"]
 
 WORDS: list[str] = COLORS + SHAPES + SIZES + POSITIONS + TEXTURES + NUMBERS + FUNCTION_WORDS + PUNCTUATION
 
+# The easy-vqa data set's words (questions and the 13 answers) and the few-shot prompt words, appended to WORDS
+# for the `easy_vqa` built-in tokenizer (tests check every easy-vqa question and answer is in-vocabulary).
+EASY_VQA_WORDS = [
+    "question", "short", "answer", "output", "what", "does", "contain", "not", "present", "rectangle", "teal",
+    "yes", "no", "circle", "triangle", "gray", "red", "green", "blue", "yellow", "black", "brown", "shape",
+    "color", "image", "there", "the", "is", "in", "a", "of",
+]  # fmt: skip
+
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 
@@ -33,12 +41,26 @@ def build_tiny_tokenizer():
     Like a hub tokenizer it has an eos (= bos) token and no pad, `<image>` or `<|endofchunk|>` token: the model
     factory adds those exactly as it does for a real LM's tokenizer.
     """
+    return build_word_level_tokenizer(WORDS)
+
+
+def build_easy_vqa_tokenizer():
+    """`WORDS` + `EASY_VQA_WORDS` (new words appended, so the tiny ids stay): easy-vqa in the VQA prompt format."""
+    return build_word_level_tokenizer(WORDS + EASY_VQA_WORDS)
+
+
+BUILTIN_TOKENIZERS = {"tiny": build_tiny_tokenizer, "easy_vqa": build_easy_vqa_tokenizer}
+
+
+def build_word_level_tokenizer(words: list[str]):
+    """Offline word-level tokenizer over `words` (duplicates keep their first id): lower-cased, split on
+    whitespace and punctuation; eos = bos = `<|endoftext|>` (id 0), `<unk>` (id 1)."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
-    for word in WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     backend.normalizer = normalizers.Lowercase()

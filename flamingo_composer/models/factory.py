@@ -191,11 +191,11 @@ def build_tokenizer(tokenizer: TokenizerConfig):
     if (tokenizer.name is None) == (tokenizer.builtin is None):
         raise ValueError("tokenizer config needs exactly one of tokenizer.name or tokenizer.builtin")
     if tokenizer.builtin is not None:
-        if tokenizer.builtin != "tiny":
-            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: 'tiny'")
-        from flamingo_composer.vocab import build_tiny_tokenizer
+        from flamingo_composer.vocab import BUILTIN_TOKENIZERS
 
-        return build_tiny_tokenizer()
+        if tokenizer.builtin not in BUILTIN_TOKENIZERS:
+            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: {sorted(BUILTIN_TOKENIZERS)}")
+        return BUILTIN_TOKENIZERS[tokenizer.builtin]()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer.name, trust_remote_code=tokenizer.trust_remote_code)

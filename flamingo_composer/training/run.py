@@ -17,6 +17,7 @@ from composer.core import Evaluator, Time
 from composer.utils import dist, get_device, reproducibility
 
 from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+from flamingo_composer.eval.composer_eval import FewShotComposerModel, build_fewshot_evaluators
 from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
 from flamingo_composer.training.builders import (
@@ -27,7 +28,7 @@ from flamingo_composer.training.builders import (
     build_scheduler,
 )
 from flamingo_composer.training.callbacks import DataPositionCallback
-from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+from flamingo_composer.training.composer_model import DATASETS, REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
 
@@ -75,6 +76,7 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
             dataloader=build_dataspec(loader),
             subset_num_batches=cfg.eval_subset_num_batches,
             device_eval_microbatch_size=loader.batch_size,
+            metric_names=[f"^{name}/" for name in DATASETS],  # its own metrics, not the few-shot ones
         )
     ]
 
@@ -89,14 +91,19 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     if cfg.load_reference_checkpoint:
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
-    composer_model = FlamingoComposerModel(
-        bundle.model, loss_multiplier_laion=cfg.loss_multiplier_laion, loss_multiplier_mmc4=cfg.loss_multiplier_mmc4
-    )
+    losses = {"loss_multiplier_laion": cfg.loss_multiplier_laion, "loss_multiplier_mmc4": cfg.loss_multiplier_mmc4}
+    if cfg.evaluators:  # few-shot evaluators (issue 9): the model also answers generation batches
+        composer_model = FewShotComposerModel(bundle.model, bundle.tokenizer, **losses)
+    else:
+        composer_model = FlamingoComposerModel(bundle.model, **losses)
     if cfg.fsdp_config is not None:
         install_fsdp_policies(composer_model)
     trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
 
     train_loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform)
+    evaluators = _evaluators(cfg, bundle) + build_fewshot_evaluators(
+        cfg.evaluators, bundle.tokenizer, bundle.image_transform
+    )
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
     callbacks = [*build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), *extra_callbacks]
     sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
@@ -117,8 +124,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
         python_log_level=cfg.python_log_level,
-        eval_dataloader=_evaluators(cfg, bundle) or None,
-        eval_interval=cfg.eval_interval if cfg.eval_loader is not None else 0,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_interval if evaluators else 0,
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
