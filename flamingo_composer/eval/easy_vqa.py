@@ -80,3 +80,61 @@ def write_easy_vqa_vqav2(out_dir: str | Path) -> dict[str, dict[str, str]]:
         a_path.write_text(json.dumps(annotations))
         paths[split] = {"questions": str(q_path), "annotations": str(a_path), "images": images}
     return paths
+
+
+# ------------------------------------------------------------------------------------------------ training data
+
+
+def fewshot_training_documents(
+    split: str = "train", *, per_document: int = 5, seed: int = 0, max_documents: int | None = None
+) -> list[dict]:
+    """easy-vqa questions as MMC4-style documents in the few-shot VQA format, for training on easy-vqa.
+
+    Each document interleaves `per_document` (image, "Question:{q} Short answer:{a}") pairs, so the MMC4
+    pipeline makes the evaluation's prompt text (`<image>Question:... Short answer:...<|endofchunk|><image>...`)
+    with every answer supervised in context. Questions are shuffled (seeded) and each image is matched to its
+    own sentence (similarity 0.3, others 0.1). Images are the package's PNGs, base64 as in MMC4.
+    `max_documents` caps the count (small test sets).
+    """
+    import base64
+
+    import numpy as np
+
+    questions, annotations, image_dir = easy_vqa_layout(split)
+    answers = {a["question_id"]: a["answers"][0]["answer"] for a in annotations["annotations"]}
+    order = np.random.default_rng(seed).permutation(len(questions["questions"]))
+    cache: dict[int, str] = {}
+    docs = []
+    for start in range(0, len(order) - per_document + 1, per_document):
+        if max_documents is not None and len(docs) >= max_documents:
+            break
+        picked = [questions["questions"][i] for i in order[start : start + per_document]]
+        infos, texts = [], []
+        for j, q in enumerate(picked):
+            image_id = q["image_id"]
+            if image_id not in cache:
+                cache[image_id] = base64.b64encode(
+                    (Path(image_dir) / IMAGE_FILENAME.format(image_id=image_id)).read_bytes()
+                ).decode()
+            texts.append(f"Question:{q['question']} Short answer:{answers[q['question_id']]}")
+            infos.append({"image_name": f"{image_id}.png", "matched_text_index": j, "matched_sim": 0.3,
+                          "image_base64": cache[image_id]})  # fmt: skip
+        sim = [[0.3 if i == j else 0.1 for j in range(per_document)] for i in range(per_document)]
+        docs.append({"key": f"easyvqa-{split}-{start // per_document:06d}",
+                     "doc": {"text_list": texts, "image_info": infos, "similarity_matrix": sim}})  # fmt: skip
+    return docs
+
+
+def write_fewshot_training_mds(out_dir: str | Path, split: str = "train", **kwargs) -> int:
+    """Write `fewshot_training_documents` as an MMC4 MDS dataset (data/mds_format.py columns); returns the count."""
+    from streaming import MDSWriter
+
+    from flamingo_composer.data.mds_format import MMC4_MDS_COLUMNS, mmc4_doc_to_mds
+
+    docs = fewshot_training_documents(split, **kwargs)
+    with MDSWriter(
+        out=str(out_dir), columns=MMC4_MDS_COLUMNS, compression=None, size_limit=1 << 22
+    ) as writer:
+        for d in docs:
+            writer.write(mmc4_doc_to_mds(d["doc"], d["key"]))
+    return len(docs)
