@@ -86,7 +86,12 @@ def write_easy_vqa_vqav2(out_dir: str | Path) -> dict[str, dict[str, str]]:
 
 
 def fewshot_training_documents(
-    split: str = "train", *, per_document: int = 5, seed: int = 0, max_documents: int | None = None
+    split: str = "train",
+    *,
+    per_document: int = 5,
+    seed: int = 0,
+    max_documents: int | None = None,
+    balance_answers: bool = True,
 ) -> list[dict]:
     """easy-vqa questions as MMC4-style documents in the few-shot VQA format, for training on easy-vqa.
 
@@ -95,6 +100,11 @@ def fewshot_training_documents(
     with every answer supervised in context. Questions are shuffled (seeded) and each image is matched to its
     own sentence (similarity 0.3, others 0.1). Images are the package's PNGs, base64 as in MMC4.
     `max_documents` caps the count (small test sets).
+
+    `balance_answers`: easy-vqa's question text alone predicts its answer for 67% of the test questions ("is
+    there not a blue shape?" is "yes" 88% of the time), and a model trained on all of it learns that prior long
+    before it learns to look. With balancing, each question text keeps the same number of questions per
+    answer (the count of its rarest answer, a seeded draw), so only the image tells the answer.
     """
     import base64
 
@@ -102,13 +112,17 @@ def fewshot_training_documents(
 
     questions, annotations, image_dir = easy_vqa_layout(split)
     answers = {a["question_id"]: a["answers"][0]["answer"] for a in annotations["annotations"]}
-    order = np.random.default_rng(seed).permutation(len(questions["questions"]))
+    rng = np.random.default_rng(seed)
+    pool = questions["questions"]
+    if balance_answers:
+        pool = _balanced_by_question_text(pool, answers, rng)
+    order = rng.permutation(len(pool))
     cache: dict[int, str] = {}
     docs = []
     for start in range(0, len(order) - per_document + 1, per_document):
         if max_documents is not None and len(docs) >= max_documents:
             break
-        picked = [questions["questions"][i] for i in order[start : start + per_document]]
+        picked = [pool[i] for i in order[start : start + per_document]]
         infos, texts = [], []
         for j, q in enumerate(picked):
             image_id = q["image_id"]
@@ -123,6 +137,20 @@ def fewshot_training_documents(
         docs.append({"key": f"easyvqa-{split}-{start // per_document:06d}",
                      "doc": {"text_list": texts, "image_info": infos, "similarity_matrix": sim}})  # fmt: skip
     return docs
+
+
+def _balanced_by_question_text(questions: list[dict], answers: dict, rng) -> list[dict]:
+    """Per question text, keep min-count questions of every answer it has (seeded choice, original order)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, q in enumerate(questions):
+        groups.setdefault((q["question"], answers[q["question_id"]]), []).append(i)
+    per_text: dict[str, int] = {}
+    for (text, _), members in groups.items():
+        per_text[text] = min(per_text.get(text, len(members)), len(members))
+    keep = []
+    for (text, _), members in groups.items():
+        keep.extend(rng.choice(members, per_text[text], replace=False).tolist())
+    return [questions[i] for i in sorted(keep)]
 
 
 def write_fewshot_training_mds(out_dir: str | Path, split: str = "train", **kwargs) -> int:
