@@ -34,17 +34,19 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def easy_vqa_run(tmp_path_factory):
-    """A 6-step run of yamls/eval-easyvqa.yaml on 120 easy-vqa training documents, its evaluators at the end."""
-    from flamingo_composer.eval.easy_vqa import write_fewshot_training_mds
+    """A 6-step run of yamls/eval-easyvqa.yaml (120 easy-vqa training documents + the caption pairs), its
+    evaluators at the end."""
+    from flamingo_composer.eval.easy_vqa import write_caption_pairs_mds, write_fewshot_training_mds
 
     root = tmp_path_factory.mktemp("easyvqa")
     write_fewshot_training_mds(root / "mds" / "train", max_documents=120)
+    write_caption_pairs_mds(root / "mds" / "captions")
     out = root / "run"
     _run([
         COMPOSER, "-n", "1", "train.py", str(RECIPE), f"variables.data_root={root}",
         "variables.eval_samples=24", "variables.eval_shots=[0,4]", f"max_duration={STEPS}",
         f"eval_interval={STEPS}", "run_name=evaltest", f"save_folder={out}/checkpoints", f"save_interval={STEPS}",
-        "autoresume=false", "data.mmc4.num_workers=0", f"loggers.file.filename={out}/logs-rank{{rank}}.txt",
+        "autoresume=false", "data.mmc4.num_workers=0", "data.laion.num_workers=0", f"loggers.file.filename={out}/logs-rank{{rank}}.txt",
         "loggers.file.flush_interval=1", "callbacks={}",
     ], timeout=400)  # fmt: skip
     return root, out

@@ -4,8 +4,10 @@
     python tools/prepare_easy_vqa.py --out data/easy-vqa
 
 Writes OUT/{train,test}_questions.json and OUT/{train,test}_annotations.json (the VQAv2 layout; images stay in
-the package, named {image_id}.png), and OUT/mds/train/ (MMC4 MDS documents of 5 image-question-answer pairs in
-the few-shot VQA prompt format, for yamls/eval-easyvqa.yaml). Prints what it wrote as JSON.
+the package, named {image_id}.png), and the training data of yamls/eval-easyvqa.yaml (train split only):
+OUT/mds/train/ (MMC4 MDS documents of 5 image-question-answer pairs in the few-shot VQA prompt format, answers
+balanced per question text) and OUT/mds/captions/ (LAION MDS pairs "a {color} {shape}" read off the answers).
+Prints what it wrote as JSON.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from flamingo_composer.eval.easy_vqa import write_easy_vqa_vqav2, write_fewshot_training_mds
+    from flamingo_composer.eval.easy_vqa import (
+        write_caption_pairs_mds,
+        write_easy_vqa_vqav2,
+        write_fewshot_training_mds,
+    )
 
     out = Path(args.out)
-    mds = out / "mds" / "train"
-    if mds.exists() and any(mds.iterdir()):
-        print(f"error: {mds} exists and is not empty", file=sys.stderr)
-        return 2
+    mds, captions = out / "mds" / "train", out / "mds" / "captions"
+    for folder in (mds, captions):
+        if folder.exists() and any(folder.iterdir()):
+            print(f"error: {folder} exists and is not empty", file=sys.stderr)
+            return 2
     paths = write_easy_vqa_vqav2(out)
     docs = write_fewshot_training_mds(mds, per_document=args.per_document, seed=args.seed)
-    print(
-        json.dumps({"vqav2_layout": paths, "training_documents": {"mds": str(mds), "count": docs}}, indent=1)
-    )
+    pairs = write_caption_pairs_mds(captions)
+    summary = {
+        "vqav2_layout": paths,
+        "training_documents": {"mds": str(mds), "count": docs},
+        "caption_pairs": {"mds": str(captions), "count": pairs},
+    }
+    print(json.dumps(summary, indent=1))
     return 0
 
 

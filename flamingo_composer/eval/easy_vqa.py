@@ -166,3 +166,44 @@ def write_fewshot_training_mds(out_dir: str | Path, split: str = "train", **kwar
         for d in docs:
             writer.write(mmc4_doc_to_mds(d["doc"], d["key"]))
     return len(docs)
+
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+
+
+def image_captions(split: str = "train") -> dict[int, str]:
+    """{image_id: "a {color} {shape}"} read off easy-vqa's own "what ..." questions and answers (a colour
+    question names the shape or a shape question the colour, e.g. "what is the blue shape?" -> "circle");
+    images whose questions give only one of the two are left out."""
+    questions, annotations, _ = easy_vqa_layout(split)
+    answers = {a["question_id"]: a["answers"][0]["answer"] for a in annotations["annotations"]}
+    found: dict[int, dict[str, str]] = {}
+    for q in questions["questions"]:
+        if not q["question"].startswith("what"):
+            continue
+        facts = found.setdefault(q["image_id"], {})
+        words = q["question"].rstrip("?").split()
+        for word in [*words, answers[q["question_id"]]]:
+            if word in SHAPES:
+                facts["shape"] = word
+            elif word in COLORS:
+                facts["color"] = word
+    return {i: f"a {f['color']} {f['shape']}" for i, f in sorted(found.items()) if len(f) == 2}
+
+
+def write_caption_pairs_mds(out_dir: str | Path, split: str = "train") -> int:
+    """LAION-style (image, caption) pairs of `image_captions` as LAION MDS (data/mds_format.py columns)."""
+    from streaming import MDSWriter
+
+    from flamingo_composer.data.mds_format import LAION_MDS_COLUMNS
+
+    image_dir = Path(easy_vqa_layout(split)[2])
+    captions = image_captions(split)
+    with MDSWriter(
+        out=str(out_dir), columns=LAION_MDS_COLUMNS, compression=None, size_limit=1 << 22
+    ) as writer:
+        for image_id, caption in captions.items():
+            png = (image_dir / IMAGE_FILENAME.format(image_id=image_id)).read_bytes()
+            writer.write({"key": f"easyvqa-{split}-{image_id}", "jpg": png, "txt": caption})
+    return len(captions)
