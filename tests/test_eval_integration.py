@@ -88,7 +88,12 @@ def _evaluate(world_size: int, checkpoint: Path, out: Path) -> dict:
         "variables.data_root=/nonexistent",
     ]  # fmt: skip  (evaluation needs no training data)
     proc = _run(cmd)
-    return json.loads(proc.stdout[proc.stdout.index("{") :])
+    printed, _ = json.JSONDecoder().raw_decode(
+        proc.stdout[proc.stdout.index("{") :]
+    )  # the launcher may add lines
+    saved = json.loads((out / "summary.json").read_text())
+    assert printed == saved
+    return saved
 
 
 @pytest.mark.slow
@@ -186,6 +191,7 @@ def test_missing_annotation_file_stops_the_run_before_training(easy_vqa_data_roo
 @pytest.fixture
 def easy_vqa_data_root_for_config(tmp_path):
     """A data root whose MDS index exists (config validation checks it); no data needed to fail on evaluators."""
-    (tmp_path / "data" / "mds" / "train").mkdir(parents=True)
-    (tmp_path / "data" / "mds" / "train" / "index.json").write_text("{}")
+    for split in ("train", "captions"):
+        (tmp_path / "data" / "mds" / split).mkdir(parents=True)
+        (tmp_path / "data" / "mds" / split / "index.json").write_text("{}")
     return tmp_path / "data"

@@ -8,8 +8,8 @@ The recipe's `model:` section builds the model (frozen CLIP/LM from the recipe),
 Composer checkpoints (train.py) or a released OpenFlamingo `checkpoint.pt`. Protocol: the reference's (prompts,
 demos per trial seed, beam search 3 / length_penalty 0, post-processing). Under `composer -n N` the queries
 are split across the ranks and gathered; the score is computed once. Prints one JSON summary on stdout (per task
-and shot: trials, mean, std; the caption tokenizer used; skipped records; eval samples/s); writes the predictions
-in each benchmark's results format under --out; shows a progress bar with an ETA on stderr. Exit status 2 on a
+and shot: trials, mean, std; the caption tokenizer used; skipped records; eval samples/s), also saved as
+OUT/summary.json; writes the predictions in each benchmark's results format under --out; shows a progress bar with an ETA on stderr. Exit status 2 on a
 bad config or arguments.
 """
 
@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval_samples_per_s_per_rank": sum(queries) / max(sum(seconds), 1e-9),
     }
     if dist.get_global_rank() == 0:
-        print(json.dumps(summary, indent=1, default=str))
+        text = json.dumps(summary, indent=1, default=str)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "summary.json").write_text(text)
+        print(text)
     return 0
 
 
