@@ -195,3 +195,20 @@ def easy_vqa_data_root_for_config(tmp_path):
         (tmp_path / "data" / "mds" / split).mkdir(parents=True)
         (tmp_path / "data" / "mds" / split / "index.json").write_text("{}")
     return tmp_path / "data"
+
+
+def _composer_path_scores(world_size: int, out: Path) -> list[dict]:
+    out.mkdir()
+    _run([COMPOSER, "-n", str(world_size), "tests/eval_ddp_script.py", str(out)])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+@pytest.mark.slow
+def test_composer_evaluator_path_scores_the_same_on_every_rank_and_world_size(tmp_path):
+    (one,) = _composer_path_scores(1, tmp_path / "one")
+    two = _composer_path_scores(2, tmp_path / "two")
+    assert two[0]["values"] == two[1]["values"] == one["values"]  # identical on every rank, as on one rank
+    assert two[0]["trials"] == one["trials"] and len(one["trials"]) == 2
+    assert two[0]["records_this_rank"] + two[1]["records_this_rank"] == one["records_this_rank"] == 40
+    assert sorted(two[0]["predictions"] + two[1]["predictions"]) == sorted(one["predictions"])  # same text
+    print(f"Composer path, 2 trials: VQA accuracy {one['values']}")
