@@ -95,8 +95,17 @@ def _word_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(w) for w in WORDS]
 
 
-def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len: int = 16, mmc4_len: int = 48,
-               image_size: int = 32, max_images: int = 3, seed: int = 0) -> dict:
+def dual_batch(
+    tokenizer,
+    *,
+    laion_rows: int = 4,
+    mmc4_rows: int = 2,
+    laion_len: int = 16,
+    mmc4_len: int = 48,
+    image_size: int = 32,
+    max_images: int = 3,
+    seed: int = 0,
+) -> dict:
     """A collated {'laion', 'mmc4'} batch whose rows hold different numbers of supervised tokens.
 
     Token sequences follow SPEC 2's formats (`<image>caption<|endofchunk|>eos`, interleaved documents with a
@@ -165,9 +174,13 @@ class GradCapture(Callback):
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
         model = state.model.module if hasattr(state.model, "module") else state.model
-        self.grads.append({
-            n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
-        })
+        self.grads.append(
+            {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+        )
 
 
 class LossRecorder(Callback):
@@ -201,20 +214,33 @@ def dual_dataspec(batches: list[dict]) -> DataSpec:
     return build_dataspec(BatchList(batches))
 
 
-def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,
-                     lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), multipliers=(0.2, 1.0),
-                     algorithms=None) -> Trainer:
+def one_step_trainer(
+    flamingo,
+    batch: dict,
+    *,
+    microbatch_size: int | None = None,
+    clip: float | None = 1.0,
+    lr: float = 1e-4,
+    weight_decay: float = 0.1,
+    callbacks=(),
+    multipliers=(0.2, 1.0),
+    algorithms=None,
+) -> Trainer:
     """A real Composer Trainer for one optimizer step of `flamingo` on `batch` (fp32, CPU), as run.py builds it."""
     from flamingo_composer.training.builders import build_optimizer
     from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
     from flamingo_composer.training.config import OptimizerConfig
 
-    model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1])
+    model = FlamingoComposerModel(
+        flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1]
+    )
     optimizer = build_optimizer(OptimizerConfig(lr=lr, weight_decay=weight_decay), flamingo)
     if algorithms is None:
         from composer.algorithms import GradientClipping
 
-        algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=clip)] if clip is not None else []
+        algorithms = (
+            [GradientClipping(clipping_type="norm", clipping_threshold=clip)] if clip is not None else []
+        )
     return Trainer(
         model=model,
         train_dataloader=dual_dataspec([batch]),
@@ -235,7 +261,9 @@ def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = Non
 def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """(gradients the optimizer saw, logged losses) of one step."""
     grads, losses = GradCapture(), LossRecorder()
-    trainer = one_step_trainer(flamingo, batch, callbacks=[grads, losses, *kwargs.pop("callbacks", ())], **kwargs)
+    trainer = one_step_trainer(
+        flamingo, batch, callbacks=[grads, losses, *kwargs.pop("callbacks", ())], **kwargs
+    )
     trainer.fit()
     trainer.close()
     return grads.grads[0], losses.losses[0][1]

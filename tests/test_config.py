@@ -27,7 +27,11 @@ def base_config(shards: dict[str, str]) -> dict:
         "variables": {"lr": 2.0e-3, "run": "unit"},
         "run_name": "${variables.run}",
         "model": {
-            "vision": {"custom_config": {"vision_cfg": {"width": 64, "layers": 2, "image_size": 32, "patch_size": 16}}},
+            "vision": {
+                "custom_config": {
+                    "vision_cfg": {"width": 64, "layers": 2, "image_size": 32, "patch_size": 16}
+                }
+            },
             "lm": {"config": {"model_type": "gpt_neox", "hidden_size": 32}},
             "tokenizer": {"builtin": "tiny"},
         },
@@ -85,7 +89,7 @@ def test_unknown_key_anywhere_is_named(tmp_path, shards, section, bad_key, named
     if section == "fsdp_config":
         data["fsdp_config"] = {}
     target = data
-    for part in (section.split(".") if section else []):
+    for part in section.split(".") if section else []:
         target = target.setdefault(part, {})
     target[bad_key] = 1
     message = load_error(tmp_path, data)
@@ -118,7 +122,9 @@ def test_missing_shard_path_is_named(tmp_path, shards):
 
 
 def test_missing_reference_checkpoint_is_named(tmp_path, shards):
-    message = load_error(tmp_path, base_config(shards), [f"load_reference_checkpoint={tmp_path}/of3b/checkpoint.pt"])
+    message = load_error(
+        tmp_path, base_config(shards), [f"load_reference_checkpoint={tmp_path}/of3b/checkpoint.pt"]
+    )
     assert "load_reference_checkpoint" in message and "of3b/checkpoint.pt" in message
 
 
@@ -131,7 +137,9 @@ def test_fsdp_use_orig_params_false_rejected_with_reason(tmp_path, shards):
 
 
 def test_fsdp_settings_accepts_composer_keys_and_hybrid_shard():
-    settings = FSDPSettings(sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2, mixed_precision="PURE")
+    settings = FSDPSettings(
+        sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2, mixed_precision="PURE"
+    )
     composer_kwargs = settings.to_composer()
     assert composer_kwargs["sharding_strategy"] == "HYBRID_SHARD"
     assert composer_kwargs["activation_checkpointing_reentrant"] is False
@@ -143,7 +151,9 @@ def test_fsdp_settings_accepts_composer_keys_and_hybrid_shard():
 
 def test_cross_field_checks(tmp_path, shards):
     data = base_config(shards)
-    assert "autoresume: true needs both run_name and save_folder" in load_error(tmp_path, data, ["autoresume=true"])
+    assert "autoresume: true needs both run_name and save_folder" in load_error(
+        tmp_path, data, ["autoresume=true"]
+    )
     assert "precision: amp_bf16 needs a GPU" in load_error(tmp_path, data, ["precision=amp_bf16"])
     assert "'auto' needs a GPU" in load_error(tmp_path, data, ["device_train_microbatch_size=auto"])
     data["fsdp_config"] = {}
@@ -159,7 +169,9 @@ def test_component_names_and_kwargs_checked_against_registries(tmp_path, shards)
     assert "algorithms.gradient_clipping.clip" in message
     message = load_error(tmp_path, base_config(shards), ["callbacks.speed_monitor.window=3"])
     assert "callbacks.speed_monitor.window" in message
-    assert "optimizer.name: unknown name 'lion'" in load_error(tmp_path, base_config(shards), ["optimizer.name=lion"])
+    assert "optimizer.name: unknown name 'lion'" in load_error(
+        tmp_path, base_config(shards), ["optimizer.name=lion"]
+    )
     cfg = load_config(write_yaml(tmp_path, base_config(shards)), ["algorithms.ema={half_life: 10ba}"])
     assert "ema" in cfg.algorithms  # any composer algorithm by its name
 
@@ -196,20 +208,33 @@ def _recipe(name: str, overrides: list[str] | None = None) -> TrainConfig:
 def test_released_model_recipes(name, lm, every, gpus):
     """SPEC 3 and the released-model table; max_duration = 60M MMC4 + 120M LAION samples at the stated GPU count."""
     cfg = _recipe(name)
-    assert (cfg.model.lm.name, cfg.model.tokenizer.name, cfg.model.cross_attn_every_n_layers) == (lm, lm, every)
+    assert (cfg.model.lm.name, cfg.model.tokenizer.name, cfg.model.cross_attn_every_n_layers) == (
+        lm,
+        lm,
+        every,
+    )
     assert (cfg.model.vision.name, cfg.model.vision.pretrained) == ("ViT-L-14", "openai")
-    assert cfg.model.lm.trust_remote_code and cfg.model.tokenizer.trust_remote_code  # as the reference loads them
+    assert (
+        cfg.model.lm.trust_remote_code and cfg.model.tokenizer.trust_remote_code
+    )  # as the reference loads them
     assert cfg.variables["num_gpus"] == gpus
     assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size) == (64, 32)
     steps = int(cfg.max_duration.removesuffix("ba"))
     assert steps == -(-60_000_000 // (32 * gpus)) == -(-120_000_000 // (64 * gpus))
     assert (cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.weight_decay) == (
-        1e-4, (0.9, 0.999), 1e-8, 0.1
+        1e-4,
+        (0.9, 0.999),
+        1e-8,
+        0.1,
     )
     assert (cfg.scheduler.name, cfg.scheduler.t_warmup) == ("constant_with_warmup", "1875ba")
     assert (cfg.loss_multiplier_laion, cfg.loss_multiplier_mmc4) == (0.2, 1.0)
     assert cfg.data.mmc4.preprocess.sim_threshold == 0.24
-    assert cfg.precision == "amp_bf16" and cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing
+    assert (
+        cfg.precision == "amp_bf16"
+        and cfg.fsdp_config is not None
+        and cfg.fsdp_config.activation_checkpointing
+    )
     assert cfg.algorithms["gradient_clipping"] == {"clipping_type": "norm", "clipping_threshold": 1.0}
     assert "wandb" in cfg.loggers and cfg.autoresume and cfg.save_folder
 
@@ -229,7 +254,12 @@ def test_gpu_smoke_and_main_recipes_validate(tmp_path_factory):
 
 def test_microbatch_size_checked_against_both_batch_sizes(tmp_path, shards):
     data = base_config(shards)  # LAION 4, MMC4 2 per rank
-    assert load_config(write_yaml(tmp_path, data), ["device_train_microbatch_size=2"]).device_train_microbatch_size == 2
+    assert (
+        load_config(
+            write_yaml(tmp_path, data), ["device_train_microbatch_size=2"]
+        ).device_train_microbatch_size
+        == 2
+    )
     message = load_error(tmp_path, data, ["device_train_microbatch_size=3"])
     assert message.startswith("device_train_microbatch_size:") and "laion batch_size=4" in message
     message = load_error(tmp_path, data, ["device_train_microbatch_size=1"])  # 4 chunks cannot cut MMC4's 2
@@ -254,6 +284,8 @@ def test_model_sources_checked_at_load(tmp_path, shards):
     message = load_error(tmp_path, base_config(shards), ["model.tokenizer.builtin=null"])
     assert message == "model.tokenizer: set exactly one of name, builtin (got none)"
     message = load_error(
-        tmp_path, base_config(shards), ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"]
+        tmp_path,
+        base_config(shards),
+        ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"],
     )
     assert message == f"model.vision.config_path: file not found: {tmp_path}/v.json"

@@ -66,8 +66,13 @@ def test_logged_losses_are_global_token_means(batch, full_batch_step):
     with torch.no_grad():
         for name in ("laion", "mmc4"):
             sub = batch[name]
-            out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"],
-                           attention_mask=sub["attention_mask"], labels=sub["labels"], image_mask=sub["image_mask"])
+            out = flamingo(
+                vision_x=sub["vision_x"],
+                input_ids=sub["input_ids"],
+                attention_mask=sub["attention_mask"],
+                labels=sub["labels"],
+                image_mask=sub["image_mask"],
+            )
             means[name] = out.loss.item()  # HF: mean over the batch's supervised shifted targets
     assert losses["loss/train/laion"] == pytest.approx(means["laion"], rel=1e-6)
     assert losses["loss/train/mmc4"] == pytest.approx(means["mmc4"], rel=1e-6)
@@ -84,8 +89,13 @@ def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
         total = 0.0
         for name, mult in (("laion", 0.2), ("mmc4", 1.0)):
             sub = chunk[name]
-            out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"],
-                           attention_mask=sub["attention_mask"], labels=sub["labels"], image_mask=sub["image_mask"])
+            out = flamingo(
+                vision_x=sub["vision_x"],
+                input_ids=sub["input_ids"],
+                attention_mask=sub["attention_mask"],
+                labels=sub["labels"],
+                image_mask=sub["image_mask"],
+            )
             total = total + mult * out.loss / 2  # mean of the two microbatch means
         total.backward()
     naive = {f"model.{n}": p.grad for n, p in flamingo.named_parameters() if p.grad is not None}
@@ -129,10 +139,14 @@ def test_gradient_clipping_runs_once_per_step_on_the_global_norm(batch, full_bat
     full_grads, _ = full_batch_step
     norm = _global_norm(full_grads)
     threshold = 0.1 * norm  # low: the clip must act
-    algorithms = build_algorithms({"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": threshold}})
+    algorithms = build_algorithms(
+        {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": threshold}}
+    )
     grads, _ = run_one_step(tiny_bundle().model, batch, microbatch_size=1, algorithms=algorithms)
 
-    assert calls == [len(full_grads)]  # one call per optimizer step (4 microbatches), over every trainable tensor
+    assert calls == [
+        len(full_grads)
+    ]  # one call per optimizer step (4 microbatches), over every trainable tensor
     assert _global_norm(grads) == pytest.approx(threshold, rel=1e-4)
     # One global factor for every tensor (per-module clipping would scale the tensors differently).
     _assert_grads_close(grads, {n: g * (threshold / norm) for n, g in full_grads.items()}, rtol=1e-4)
@@ -146,7 +160,11 @@ def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two_ranks = torch.load(out, weights_only=True)

@@ -39,7 +39,13 @@ def stepped():
     trainer.close()
     after = {n: p.detach().clone() for n, p in flamingo.named_parameters()}
     ours = {n.removeprefix("model."): g for n, g in grads.grads[0].items()}
-    return {"before": before, "after": after, "grads": ours, "losses": losses.losses[0][1], "rows_key": rows_key}
+    return {
+        "before": before,
+        "after": after,
+        "grads": ours,
+        "losses": losses.losses[0][1],
+        "rows_key": rows_key,
+    }
 
 
 def _reference(name: str) -> dict[str, torch.Tensor]:
@@ -76,7 +82,9 @@ def test_gradients_equal_reference(stepped):
         scale = want.abs().max().item()
         torch.testing.assert_close(grad, want, rtol=0, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
         within_readme += bool((grad - want).abs().max().item() <= 1e-6 * scale)
-    assert within_readme >= 0.7 * len(ours), f"only {within_readme}/{len(ours)} tensors within 1e-6 x max|ref|"
+    assert within_readme >= 0.7 * len(
+        ours
+    ), f"only {within_readme}/{len(ours)} tensors within 1e-6 x max|ref|"
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ours.values()]))
     expected = json.loads((REFERENCE_FIXTURE / "expected.json").read_text())
     assert norm.item() == pytest.approx(expected["grad"]["total_norm_before_clip"], rel=1e-4)
@@ -94,7 +102,9 @@ def test_trainable_weights_equal_reference_after_step(stepped):
         want, ref_grad = want.reshape(ours.shape), ref_grad.reshape(ours.shape)
         # Adam's g / (|g| + eps) magnifies noise in tiny gradients: compare where the gradient is clear.
         where = ref_grad.abs() >= 1e-7
-        torch.testing.assert_close(ours[where], want[where], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            ours[where], want[where], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
         assert not torch.equal(ours[where], stepped["before"][name][where]), f"{name} did not move"
         checked += 1
     assert checked == 92
