@@ -23,6 +23,14 @@ PUNCTUATION = [".", ",", "!", "?", ":"]
 
 WORDS: list[str] = COLORS + SHAPES + SIZES + POSITIONS + TEXTURES + NUMBERS + FUNCTION_WORDS + PUNCTUATION
 
+# The easy-vqa data set's words (questions and the 13 answers) and the few-shot prompt words, appended to WORDS
+# for the `easy_vqa` built-in tokenizer (tests check every easy-vqa question and answer is in-vocabulary).
+EASY_VQA_WORDS = [
+    "question", "short", "answer", "output", "what", "does", "contain", "not", "present", "rectangle", "teal",
+    "yes", "no", "circle", "triangle", "gray", "red", "green", "blue", "yellow", "black", "brown", "shape",
+    "color", "image", "there", "the", "is", "in", "a", "of",
+]  # fmt: skip
+
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 
@@ -32,19 +40,40 @@ UNK_TOKEN = "<unk>"
 MPT_1B_BASE_VOCAB = 50_277
 
 
-def build_tiny_tokenizer(vocab_size: int | None = None):
+def build_tiny_tokenizer():
     """A deterministic word-level tokenizer built offline from `WORDS` (no hub, no files).
 
     Like a hub tokenizer it has an eos (= bos) token and no pad, `<image>` or `<|endofchunk|>` token: the model
-    factory adds those exactly as it does for a real LM's tokenizer. `vocab_size` pads it with never-used filler
-    tokens (`<filler123>`) to that many tokens.
+    factory adds those exactly as it does for a real LM's tokenizer.
     """
+    return build_word_level_tokenizer(WORDS)
+
+
+def build_tiny_50k_tokenizer():
+    """`WORDS` padded with never-used filler tokens (`<filler123>`) to MPT-1B's vocabulary size."""
+    return build_word_level_tokenizer(WORDS, vocab_size=MPT_1B_BASE_VOCAB)
+
+
+def build_easy_vqa_tokenizer():
+    """`WORDS` + `EASY_VQA_WORDS` (new words appended, so the tiny ids stay): easy-vqa in the VQA prompt format."""
+    return build_word_level_tokenizer(WORDS + EASY_VQA_WORDS)
+
+
+BUILTIN_TOKENIZERS = {
+    "tiny": build_tiny_tokenizer, "tiny-50k": build_tiny_50k_tokenizer, "easy_vqa": build_easy_vqa_tokenizer,
+}
+
+
+def build_word_level_tokenizer(words: list[str], vocab_size: int | None = None):
+    """Offline word-level tokenizer over `words` (duplicates keep their first id): lower-cased, split on
+    whitespace and punctuation; eos = bos = `<|endoftext|>` (id 0), `<unk>` (id 1); padded with filler tokens to
+    `vocab_size` tokens if given."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {EOS_TOKEN: 0, UNK_TOKEN: 1}
-    for word in WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     while vocab_size is not None and len(vocab) < vocab_size:
         vocab[f"<filler{len(vocab)}>"] = len(vocab)

@@ -40,7 +40,9 @@ def test_decay_groups_follow_spec3(flamingo):
     trainable = _trainable(flamingo)
     # SPEC 3: every cross-attention parameter (norms and gates too) decays; perceiver and new-token rows do not.
     assert set(decay) == {n for n in trainable if ".gated_cross_attn_layer." in n}
-    assert set(no_decay) == {n for n in trainable if n.startswith("perceiver.") or n.endswith("trainable_rows.weight")}
+    assert set(no_decay) == {
+        n for n in trainable if n.startswith("perceiver.") or n.endswith("trainable_rows.weight")
+    }
     assert set(decay) | set(no_decay) == set(trainable) and not set(decay) & set(no_decay)
     assert any(n.endswith("attn_gate") for n in decay) and any(n.endswith("attn.norm.weight") for n in decay)
     assert any(n.endswith("ff.0.weight") for n in decay)  # the FF LayerNorm
@@ -49,7 +51,9 @@ def test_decay_groups_follow_spec3(flamingo):
 def test_decay_option_excludes_gates_and_norms(flamingo):
     decay, no_decay = split_decay_groups(flamingo, decay_gates_and_norms=False)
     xattn = {n for n in _trainable(flamingo) if ".gated_cross_attn_layer." in n}
-    gates_and_norms = {n for n in xattn if n.endswith(("_gate", "norm.weight", "norm.bias", "ff.0.weight", "ff.0.bias"))}
+    gates_and_norms = {
+        n for n in xattn if n.endswith(("_gate", "norm.weight", "norm.bias", "ff.0.weight", "ff.0.bias"))
+    }
     assert gates_and_norms and set(decay) == xattn - gates_and_norms
     assert gates_and_norms <= set(no_decay)
 
@@ -116,7 +120,9 @@ def test_scheduler_warmup_shapes_in_batches(name, alpha_f, expected):
 
 
 def test_unknown_names_list_registered_ones(flamingo):
-    with pytest.raises(ValueError, match=r"optimizer.name: unknown name 'sgd'; registered: \['adamw', 'decoupled_adamw'\]"):
+    with pytest.raises(
+        ValueError, match=r"optimizer.name: unknown name 'sgd'; registered: \['adamw', 'decoupled_adamw'\]"
+    ):
         build_optimizer(OptimizerConfig(name="sgd"), flamingo)
     with pytest.raises(ValueError, match=r"loggers.tensorboard: unknown name .*'file', 'inmemory', 'wandb'"):
         build_loggers({"tensorboard": {}})
@@ -127,13 +133,20 @@ def test_unknown_names_list_registered_ones(flamingo):
 
 
 def test_components_built_from_names(tmp_path):
-    algorithms = build_algorithms({"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0},
-                                   "ema": {"half_life": "10ba"}})
+    algorithms = build_algorithms(
+        {
+            "gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0},
+            "ema": {"half_life": "10ba"},
+        }
+    )
     assert isinstance(algorithms[0], GradientClipping) and algorithms[0].clipping_threshold == 1.0
     assert isinstance(algorithms[1], EMA)
     wandb, file_logger, memory = build_loggers(
-        {"wandb": {"project": "p", "offline": True, "dir": str(tmp_path)}, "file": {"filename": str(tmp_path / "x.txt")},
-         "inmemory": {}}
+        {
+            "wandb": {"project": "p", "offline": True, "dir": str(tmp_path)},
+            "file": {"filename": str(tmp_path / "x.txt")},
+            "inmemory": {},
+        }
     )
     assert isinstance(wandb, WandBLogger) and wandb._init_kwargs["mode"] == "offline"
     assert wandb._init_kwargs["dir"] == str(tmp_path) and wandb._init_kwargs["project"] == "p"
@@ -157,7 +170,10 @@ def _state(batch, step):
 def test_data_skip_logger_cumulative_and_resumable():
     batches = [
         {"laion": {"skipped": {"corrupt_image": 2}}, "mmc4": {"skipped": {}}},
-        {"laion": {"skipped": {"corrupt_image": 1, "empty_caption": 1}}, "mmc4": {"skipped": {"low_similarity": 3}}},
+        {
+            "laion": {"skipped": {"corrupt_image": 1, "empty_caption": 1}},
+            "mmc4": {"skipped": {"low_similarity": 3}},
+        },
         {"laion": {"skipped": {}}, "mmc4": {"skipped": {"low_similarity": 1}}},
     ]
     logger, recorder = DataSkipLogger(log_interval=2), _Recorder()
@@ -165,8 +181,11 @@ def test_data_skip_logger_cumulative_and_resumable():
         logger.after_dataloader(_state(batch, step), recorder)
         logger.batch_end(_state(batch, step), recorder)
     assert recorder.logged == [
-        {"data/skipped/laion/corrupt_image": 3, "data/skipped/laion/empty_caption": 1,
-         "data/skipped/mmc4/low_similarity": 3}
+        {
+            "data/skipped/laion/corrupt_image": 3,
+            "data/skipped/laion/empty_caption": 1,
+            "data/skipped/mmc4/low_similarity": 3,
+        }
     ]  # logged at batch 2 only (interval 2), cumulative
     saved = logger.state_dict()
     resumed, recorder = DataSkipLogger(log_interval=1), _Recorder()

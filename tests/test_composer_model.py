@@ -42,8 +42,13 @@ def batch(bundle):
 
 def _hf_loss(flamingo, sub) -> float:
     with torch.no_grad():
-        out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                       labels=sub["labels"], image_mask=sub["image_mask"])
+        out = flamingo(
+            vision_x=sub["vision_x"],
+            input_ids=sub["input_ids"],
+            attention_mask=sub["attention_mask"],
+            labels=sub["labels"],
+            image_mask=sub["image_mask"],
+        )
     return out.loss.item()
 
 
@@ -113,7 +118,10 @@ def test_eval_metrics_per_dataset(bundle, batch):
     assert model.get_metrics(is_train=True) == {}
     metrics = model.get_metrics(is_train=False)
     assert set(metrics) == {
-        "laion/LanguageCrossEntropy", "laion/TokenAccuracy", "mmc4/LanguageCrossEntropy", "mmc4/TokenAccuracy",
+        "laion/LanguageCrossEntropy",
+        "laion/TokenAccuracy",
+        "mmc4/LanguageCrossEntropy",
+        "mmc4/TokenAccuracy",
     }
     model.eval()
     with torch.no_grad():
@@ -128,11 +136,15 @@ def test_eval_metrics_per_dataset(bundle, batch):
         logits, labels = outputs[name], batch[name]["labels"]
         target = labels[:, 1:]
         supervised = target != -100
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1][supervised], target[supervised], reduction="sum")
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1][supervised], target[supervised], reduction="sum"
+        )
         correct = (logits[:, :-1].argmax(-1) == target)[supervised].sum()
         count = supervised.sum()
         repeats = 2 if name == "laion" else 1  # the LAION batch was seen twice, MMC4 once
-        assert metrics[f"{name}/LanguageCrossEntropy"].compute().item() == pytest.approx((ce / count).item(), rel=1e-5)
+        assert metrics[f"{name}/LanguageCrossEntropy"].compute().item() == pytest.approx(
+            (ce / count).item(), rel=1e-5
+        )
         assert metrics[f"{name}/TokenAccuracy"].compute().item() == pytest.approx((correct / count).item())
         assert metrics[f"{name}/TokenAccuracy"].total.item() == repeats * count.item()
 
@@ -150,10 +162,25 @@ def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs)
     return 2 * sdpa_flop_count(query, key, value)  # model FLOPs: no recompute of the scores
 
 
-def _native_mha(query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, *args,
-                out_shape=None, **kwargs):
+def _native_mha(
+    query,
+    key,
+    value,
+    embed_dim,
+    num_heads,
+    qkv_weight,
+    qkv_bias,
+    proj_weight,
+    proj_bias,
+    *args,
+    out_shape=None,
+    **kwargs,
+):
     b, s, _ = query
-    return 2 * b * s * (qkv_weight[0] * qkv_weight[1] + proj_weight[0] * proj_weight[1]) + 4 * b * s * s * embed_dim
+    return (
+        2 * b * s * (qkv_weight[0] * qkv_weight[1] + proj_weight[0] * proj_weight[1])
+        + 4 * b * s * s * embed_dim
+    )
 
 
 # torch's FlopCounterMode does not count CPU's fused attention kernels; give them the standard formulas.
@@ -197,8 +224,14 @@ def test_speed_monitor_reports_flops(bundle):
     logger = InMemoryLogger()
     model = FlamingoComposerModel(bundle.model)
     trainer = Trainer(
-        model=model, train_dataloader=dual_dataspec(batches), max_duration="3ba", loggers=[logger],
-        callbacks=[SpeedMonitor(window_size=1)], device="cpu", precision="fp32", progress_bar=False,
+        model=model,
+        train_dataloader=dual_dataspec(batches),
+        max_duration="3ba",
+        loggers=[logger],
+        callbacks=[SpeedMonitor(window_size=1)],
+        device="cpu",
+        precision="fp32",
+        progress_bar=False,
         optimizers=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
         **REQUIRED_TRAINER_KWARGS,
     )
@@ -221,15 +254,34 @@ def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
     finally:
         sys.path.remove(str(REPO_ROOT / "tools"))
     data_root = small_data(tmp_path_factory)
-    argv = ["--config", str(RUN_YAML), "--steps", "2", "--warmup", "1", "--matmul-size", "256",
-            f"variables.data_root={data_root}", "data.laion.batch_size=4", "data.mmc4.batch_size=2"]
+    argv = [
+        "--config",
+        str(RUN_YAML),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--matmul-size",
+        "256",
+        f"variables.data_root={data_root}",
+        "data.laion.batch_size=4",
+        "data.mmc4.batch_size=2",
+    ]
     assert bench.main(argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     figures = json.loads(lines[0])
     assert figures["steps"] == 2 and figures["data"] == "memory"
-    assert figures["laion_samples_per_s"] == pytest.approx(2 * figures["mmc4_samples_per_s"])  # 4 vs 2 per step
-    for key in ("step_time_s", "tokens_per_s", "achieved_flops_per_s", "matmul_flops_per_s", "peak_memory_bytes"):
+    assert figures["laion_samples_per_s"] == pytest.approx(
+        2 * figures["mmc4_samples_per_s"]
+    )  # 4 vs 2 per step
+    for key in (
+        "step_time_s",
+        "tokens_per_s",
+        "achieved_flops_per_s",
+        "matmul_flops_per_s",
+        "peak_memory_bytes",
+    ):
         assert figures[key] > 0, key
     assert figures["achieved_over_matmul"] == pytest.approx(
         figures["achieved_flops_per_s"] / figures["matmul_flops_per_s"]

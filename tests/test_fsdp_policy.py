@@ -70,7 +70,9 @@ def test_activation_checkpointing_policy(composer_model):
     ac = flamingo.activation_checkpointing_fn
     chosen = {type(m) for m in flamingo.modules() if ac(m)}
     assert chosen == {flamingo.decoder_layer_class, GatedCrossAttentionBlock}
-    assert not any(ac(m) for m in flamingo.modules() if isinstance(m, FlamingoLayer))  # it reads the media context
+    assert not any(
+        ac(m) for m in flamingo.modules() if isinstance(m, FlamingoLayer)
+    )  # it reads the media context
 
 
 def test_explicit_fsdp_wrap_attribute_wins(composer_model):

@@ -64,8 +64,13 @@ def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
 
 
 def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:
-    out = flamingo(vision_x=vision_x, input_ids=sub["input_ids"], attention_mask=sub["attention_mask"],
-                   labels=sub["labels"], image_mask=sub["image_mask"])
+    out = flamingo(
+        vision_x=vision_x,
+        input_ids=sub["input_ids"],
+        attention_mask=sub["attention_mask"],
+        labels=sub["labels"],
+        image_mask=sub["image_mask"],
+    )
     return out.loss.item()
 
 
@@ -82,18 +87,24 @@ def image_use_gaps(flamingo, batches: list[dict]) -> dict[str, tuple[float, floa
         for batch in batches:
             laion = batch["laion"]
             sums["laion"][0] += _loss(flamingo, laion, laion["vision_x"])
-            sums["laion"][1] += _loss(flamingo, laion, laion["vision_x"].roll(1, dims=0))  # another sample's image
+            sums["laion"][1] += _loss(
+                flamingo, laion, laion["vision_x"].roll(1, dims=0)
+            )  # another sample's image
             mmc4 = batch["mmc4"]
             docs = [i for i, mask in enumerate(mmc4["image_mask"]) if mask.sum() >= 2]
             sub = _rows(mmc4, docs)
             permuted = sub["vision_x"].clone()  # (B, T_img, 1, 3, H, W)
             for row, mask in enumerate(sub["image_mask"]):
                 slots = mask.nonzero().flatten()
-                permuted[row, slots] = sub["vision_x"][row, slots.roll(1)]  # each chunk gets a sibling's image
+                permuted[row, slots] = sub["vision_x"][
+                    row, slots.roll(1)
+                ]  # each chunk gets a sibling's image
             sums["mmc4"][0] += _loss(flamingo, sub, sub["vision_x"])
             sums["mmc4"][1] += _loss(flamingo, sub, permuted)
     flamingo.train(was_training)
-    return {name: (true / len(batches), mismatched / len(batches)) for name, (true, mismatched) in sums.items()}
+    return {
+        name: (true / len(batches), mismatched / len(batches)) for name, (true, mismatched) in sums.items()
+    }
 
 
 @pytest.mark.slow
@@ -104,7 +115,9 @@ def test_the_trained_model_uses_each_image_for_its_own_text(tmp_path):
     held_out = _held_out_batches(data_root)
 
     recorder = LossRecorder()
-    trainer = train_from_config(load_config(RUN_YAML, _overrides(data_root)), extra_callbacks=[recorder], fit=False)
+    trainer = train_from_config(
+        load_config(RUN_YAML, _overrides(data_root)), extra_callbacks=[recorder], fit=False
+    )
     flamingo = trainer.state.model.model
     before = image_use_gaps(flamingo, held_out)
     trainer.fit()

@@ -58,7 +58,13 @@ def test_perceiver_shapes_names_and_reference_math():
     names = {name for name, _ in perceiver.named_parameters()}
     assert "latents" in names and "norm.weight" in names
     for i in range(2):
-        for sub in ("norm_media.weight", "norm_latents.weight", "to_q.weight", "to_kv.weight", "to_out.weight"):
+        for sub in (
+            "norm_media.weight",
+            "norm_latents.weight",
+            "to_q.weight",
+            "to_kv.weight",
+            "to_out.weight",
+        ):
             assert f"layers.{i}.0.{sub}" in names
         assert {f"layers.{i}.1.0.weight", f"layers.{i}.1.1.weight", f"layers.{i}.1.3.weight"} <= names
     assert not any(name.endswith("bias") and ".to_" in name for name in names)  # bias-free linears
@@ -111,7 +117,9 @@ def test_masked_cross_attention_matches_reference_and_only_attends_immediate_med
     ids, x, media = _block_inputs()
     text_time = media_text_time(ids, IMAGE)
     out = attn(x, media, text_time)  # (B, L, D)
-    torch.testing.assert_close(out, reference_masked_cross_attention(attn, x, media, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, reference_masked_cross_attention(attn, x, media, ids), atol=1e-5, rtol=1e-5
+    )
 
     # Tokens before the first <image> get exactly zero output.
     assert torch.equal(out[text_time == 0], torch.zeros_like(out[text_time == 0]))
@@ -132,8 +140,17 @@ def test_gated_block_identity_at_zero_gates_and_gated_when_open():
     assert block.attn_gate.shape == (1,) and block.ff_gate.shape == (1,)
     assert block.attn_gate.item() == 0.0 and block.ff_gate.item() == 0.0
     names = {name for name, _ in block.named_parameters()}
-    assert {"attn.norm.weight", "attn.to_q.weight", "attn.to_kv.weight", "attn.to_out.weight", "attn_gate",
-            "ff.0.weight", "ff.1.weight", "ff.3.weight", "ff_gate"} == names - {"attn.norm.bias", "ff.0.bias"}
+    assert {
+        "attn.norm.weight",
+        "attn.to_q.weight",
+        "attn.to_kv.weight",
+        "attn.to_out.weight",
+        "attn_gate",
+        "ff.0.weight",
+        "ff.1.weight",
+        "ff.3.weight",
+        "ff_gate",
+    } == names - {"attn.norm.bias", "ff.0.bias"}
     ids, x, media = _block_inputs()
     text_time = media_text_time(ids, IMAGE)
     assert torch.equal(block(x, media, text_time), x)

@@ -32,7 +32,9 @@ def test_new_tokens_are_added_and_looked_up():
     ids = add_flamingo_tokens(tokenizer)
     assert len(tokenizer) == TINY_VOCAB_SIZE + 3
     assert tokenizer.convert_ids_to_tokens([ids["endofchunk"], ids["media"], ids["pad"]]) == [
-        "<|endofchunk|>", "<image>", "<PAD>"
+        "<|endofchunk|>",
+        "<image>",
+        "<PAD>",
     ]
     assert ids["eos"] == tokenizer.eos_token_id
     assert tokenizer("<image> a red circle <|endofchunk|>").input_ids[0] == ids["media"]
@@ -40,7 +42,9 @@ def test_new_tokens_are_added_and_looked_up():
 
     with_pad = build_tiny_tokenizer()
     with_pad.pad_token = with_pad.eos_token  # an existing pad is kept, no <PAD> added
-    assert add_flamingo_tokens(with_pad)["pad"] == with_pad.eos_token_id and len(with_pad) == TINY_VOCAB_SIZE + 2
+    assert (
+        add_flamingo_tokens(with_pad)["pad"] == with_pad.eos_token_id and len(with_pad) == TINY_VOCAB_SIZE + 2
+    )
 
 
 def test_reference_lm_shrinks_640_to_621_keeping_rows(reference_dir):

@@ -96,15 +96,24 @@ def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family):
     model, _, tokenizer = build_with_bare_lm(family)
     set_gates(model, 1.0)
     # The prompts end after their second <image>: generated tokens must keep attending to image 2.
-    ids, mask = encode(tokenizer, ["<image> a red circle <|endofchunk|> <image> the", "<image> two <|endofchunk|> <image> a blue star"])
+    ids, mask = encode(
+        tokenizer,
+        ["<image> a red circle <|endofchunk|> <image> the", "<image> two <|endofchunk|> <image> a blue star"],
+    )
     ids, mask = ids[:, :6], mask[:, :6]
     vision_x = torch.randn(2, 2, 1, 3, 32, 32)
     steps = 4
 
     def generate(images):
         return model.generate(
-            images, ids, mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            images,
+            ids,
+            mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
 
     out = generate(vision_x)
@@ -126,8 +135,15 @@ def test_beam_search_expands_media_per_beam():
     model, _, tokenizer = build_with_bare_lm("gpt_neox")
     set_gates(model, 1.0)
     ids, mask = encode(tokenizer, ["<image> a red", "<image> the blue"])
-    out = model.generate(torch.randn(2, 1, 1, 3, 32, 32), ids, mask, max_new_tokens=3, num_beams=3,
-                         num_return_sequences=2, do_sample=False)
+    out = model.generate(
+        torch.randn(2, 1, 1, 3, 32, 32),
+        ids,
+        mask,
+        max_new_tokens=3,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+    )
     assert out.shape[0] == 4 and torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))
 
 
@@ -145,8 +161,12 @@ def test_flamingo_layer_passes_other_outputs_through(family):
 
 
 def test_unsupported_lm_names_the_class_and_supported_families():
-    cfg = tiny_model_config("gpt_neox", lm=LMConfig(config={"model_type": "bloom", "vocab_size": 102,
-                                                            "hidden_size": 32, "n_layer": 2, "n_head": 2}))
+    cfg = tiny_model_config(
+        "gpt_neox",
+        lm=LMConfig(
+            config={"model_type": "bloom", "vocab_size": 102, "hidden_size": 32, "n_layer": 2, "n_head": 2}
+        ),
+    )
     with pytest.raises(ValueError, match="BloomForCausalLM") as err:
         build_flamingo(cfg)
     for family in LAYERS_PATH:

@@ -50,7 +50,9 @@ def test_model_level_media_mask_only_later_tokens_see_image_j():
 
 def test_forward_returns_hf_output_with_shifted_loss_over_len_tokenizer():
     model, tokenizer = build_with_tokenizer()
-    ids, mask = encode(tokenizer, ["<image> a red circle <|endofchunk|> <|endoftext|>", "<image> the blue star on top"])
+    ids, mask = encode(
+        tokenizer, ["<image> a red circle <|endofchunk|> <|endoftext|>", "<image> the blue star on top"]
+    )
     labels = ids.clone()
     labels[:, 0] = -100
     labels[1, 3:] = -100
@@ -60,7 +62,9 @@ def test_forward_returns_hf_output_with_shifted_loss_over_len_tokenizer():
     torch.testing.assert_close(out.loss, expected)
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "mpt"])  # untied head, tied head (spliced into the projection)
+@pytest.mark.parametrize(
+    "family", ["gpt_neox", "mpt"]
+)  # untied head, tied head (spliced into the projection)
 def test_only_perceiver_blocks_and_new_rows_train_and_frozen_weights_never_move(family):
     model, tokenizer = build_with_tokenizer(family)
     model.train()
@@ -71,7 +75,9 @@ def test_only_perceiver_blocks_and_new_rows_train_and_frozen_weights_never_move(
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     for name, p in model.named_parameters():
         should_train = (
-            name.startswith("perceiver.") or ".gated_cross_attn_layer." in name or p is embedding.new_token_rows
+            name.startswith("perceiver.")
+            or ".gated_cross_attn_layer." in name
+            or p is embedding.new_token_rows
         )
         assert p.requires_grad == should_train, name
     assert any(p is embedding.new_token_rows for p in model.parameters())
@@ -83,7 +89,9 @@ def test_only_perceiver_blocks_and_new_rows_train_and_frozen_weights_never_move(
     with torch.no_grad():
         effective_before = embedding(all_ids).clone()  # (V, D) rows as the LM sees them
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     ids, mask = encode(tokenizer, ["<image> a red circle <|endofchunk|> <image> blue <|endofchunk|>"])
     out = model(torch.randn(1, 2, 1, 3, 32, 32), ids, mask, labels=ids)
     out.loss.backward()
@@ -113,14 +121,18 @@ def test_empty_image_slots_are_not_encoded_and_change_nothing():
     model, tokenizer = build_with_tokenizer()
     model.eval()
     set_gates(model, 1.0)
-    ids, mask = encode(tokenizer, ["<image> a red circle <image> a blue star", "<image> a green ring and more text"])
+    ids, mask = encode(
+        tokenizer, ["<image> a red circle <image> a blue star", "<image> a green ring and more text"]
+    )
     vision_x = torch.randn(2, 3, 1, 3, 32, 32)
     vision_x[0, 2] = 0  # row 0 has 2 images, row 1 has 1
     vision_x[1, 1:] = 0
     image_mask = torch.tensor([[True, True, False], [True, False, False]])
 
     encoded = []
-    hook = model.vision_encoder.register_forward_pre_hook(lambda module, args: encoded.append(args[0].shape[0]))
+    hook = model.vision_encoder.register_forward_pre_hook(
+        lambda module, args: encoded.append(args[0].shape[0])
+    )
     try:
         with torch.no_grad():
             from_mask = model(vision_x, ids, mask, image_mask=image_mask).logits
@@ -168,7 +180,10 @@ def test_vision_encoder_frozen_eval_no_grad_and_token_semantics():
     with_ln_cfg.vision.ln_post_on_tokens = True
     with_ln, _, _ = build_flamingo(with_ln_cfg)
     torch.testing.assert_close(
-        patch_tokens(with_ln.vision_encoder, images), with_ln.vision_encoder.ln_post(trunk[:, 1:]), atol=1e-5, rtol=1e-5
+        patch_tokens(with_ln.vision_encoder, images),
+        with_ln.vision_encoder.ln_post(trunk[:, 1:]),
+        atol=1e-5,
+        rtol=1e-5,
     )
     assert with_ln.vision_block_class.__name__ == "ResidualAttentionBlock"
 
@@ -186,8 +201,9 @@ def test_generate_stops_at_endofchunk_by_default():
         head[eoc] = 50 * head[first.argmax()]  # make <|endofchunk|> the greedy choice
     out = model.generate(vision_x, ids, mask, max_new_tokens=5, do_sample=False)
     assert out[0, ids.shape[1] :].tolist() == [eoc]
-    longer = model.generate(vision_x, ids, mask, max_new_tokens=5, do_sample=False,
-                            eos_token_id=model.special_token_ids["eos"])
+    longer = model.generate(
+        vision_x, ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=model.special_token_ids["eos"]
+    )
     assert longer.shape[1] > out.shape[1] and longer[0, ids.shape[1]] == eoc
 
 
@@ -196,10 +212,15 @@ def test_gradient_checkpointing_gives_equal_gradients_over_two_forwards():
     ckpt, _ = build_with_tokenizer(gradient_checkpointing=True)
     for key, value in plain.state_dict().items():
         assert torch.equal(value, ckpt.state_dict()[key]), key
-    laion_ids, laion_mask = encode(tokenizer, ["<image> a red circle <|endofchunk|>", "<image> two blue stars <|endofchunk|>"])
+    laion_ids, laion_mask = encode(
+        tokenizer, ["<image> a red circle <|endofchunk|>", "<image> two blue stars <|endofchunk|>"]
+    )
     mmc4_ids, mmc4_mask = encode(
         tokenizer,
-        ["<image> a red ring <|endofchunk|> <image> the cross", "the page <image> a star <|endofchunk|> <image> big"],
+        [
+            "<image> a red ring <|endofchunk|> <image> the cross",
+            "the page <image> a star <|endofchunk|> <image> big",
+        ],
     )
     laion_x = torch.randn(2, 1, 1, 3, 32, 32)
     mmc4_x = torch.randn(2, 3, 1, 3, 32, 32)
@@ -211,7 +232,9 @@ def test_gradient_checkpointing_gives_equal_gradients_over_two_forwards():
         set_gates(model, 0.5)
         block = model.lang_encoder.gpt_neox.layers[0].gated_cross_attn_layer
         count = []
-        handle = block.register_forward_pre_hook(lambda *_, count=count: count.append(1))  # recomputation stops early
+        handle = block.register_forward_pre_hook(
+            lambda *_, count=count: count.append(1)
+        )  # recomputation stops early
         laion = model(laion_x, laion_ids, laion_mask, labels=laion_ids)  # LAION, then MMC4, then one backward
         mmc4 = model(mmc4_x, mmc4_ids, mmc4_mask, labels=mmc4_ids)
         (0.2 * laion.loss + mmc4.loss).backward()

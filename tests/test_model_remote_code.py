@@ -112,8 +112,10 @@ def test_structure_keys_and_trainable_parameters(remote_dirs, variant):
     assert "lang_encoder.transformer.wte.trainable_rows.weight" in state
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert "lang_encoder.transformer.wte.trainable_rows.weight" in trainable
-    assert all(n.startswith("perceiver.") or ".gated_cross_attn_layer." in n or n.endswith("trainable_rows.weight")
-               for n in trainable)
+    assert all(
+        n.startswith("perceiver.") or ".gated_cross_attn_layer." in n or n.endswith("trainable_rows.weight")
+        for n in trainable
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -188,8 +190,16 @@ def test_generate_with_kv_cache_uses_the_images_and_the_trained_rows(remote_dirs
     steps = 4
 
     def generate(images):
-        return model.generate(images, ids, mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True)
+        return model.generate(
+            images,
+            ids,
+            mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
 
     out = generate(vision_x)
     assert out.sequences.shape == (1, ids.shape[1] + steps)
@@ -219,7 +229,9 @@ def test_released_checkpoint_layout_loads(remote_dirs, variant, tmp_path):
                 param.normal_(std=0.5)
     embedding = source.lang_encoder.get_input_embeddings()
     whole_matrix = embedding.weight.detach().clone()
-    whole_matrix[embedding.new_token_ids] = embedding.new_token_rows.detach()  # the reference keeps one matrix
+    whole_matrix[embedding.new_token_ids] = (
+        embedding.new_token_rows.detach()
+    )  # the reference keeps one matrix
     checkpoint = {"lang_encoder.transformer.wte.weight": whole_matrix}
     for name, param in source.named_parameters():
         if name.startswith("perceiver."):
@@ -227,7 +239,9 @@ def test_released_checkpoint_layout_loads(remote_dirs, variant, tmp_path):
         elif ".gated_cross_attn_layer." in name:
             checkpoint[name] = param.detach().clone()
             index, rest = name.split("transformer.blocks.")[1].split(".gated_cross_attn_layer.")
-            checkpoint[f"lang_encoder.gated_cross_attn_layers.{index}.{rest}"] = param.detach().clone()  # alias
+            checkpoint[f"lang_encoder.gated_cross_attn_layers.{index}.{rest}"] = (
+                param.detach().clone()
+            )  # alias
     assert any(k.startswith("lang_encoder.transformer.blocks.1.gated_cross_attn_layer.") for k in checkpoint)
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
 
@@ -240,8 +254,9 @@ def test_released_checkpoint_layout_loads(remote_dirs, variant, tmp_path):
     ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> two stars")
     vision_x = torch.randn(1, 2, 1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(target(vision_x, ids, mask).logits, source(vision_x, ids, mask).logits,
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            target(vision_x, ids, mask).logits, source(vision_x, ids, mask).logits, atol=1e-6, rtol=0
+        )
 
 
 def test_head_that_does_not_read_the_embedding_weight_is_refused():
@@ -270,9 +285,10 @@ def test_fsdp_units_keep_frozen_and_trainable_apart(remote_dirs):
     assert sum(len(names) for names in units.values()) == len(params)
     for unit, names in units.items():
         assert len({params[n].requires_grad for n in names}) <= 1, unit
-    assert {"lang_encoder.transformer.blocks.0.decoder_layer", "lang_encoder.transformer.wte.trainable_rows"} <= set(
-        units
-    )
+    assert {
+        "lang_encoder.transformer.blocks.0.decoder_layer",
+        "lang_encoder.transformer.wte.trainable_rows",
+    } <= set(units)
     assert "lang_encoder.transformer.wte.weight" in units[""]  # the frozen matrix stays in the root unit
 
 
@@ -280,13 +296,16 @@ def test_activation_checkpointing_gives_the_same_gradients(remote_dirs):
     """Recomputed layers run outside the LM call (no routing mode then): gradients must not change."""
     grads = []
     for checkpointing in (False, True):
-        cfg = tiny_model_config("gpt_neox", lm=lm_config(remote_dirs, "mosaic_gpt"), gradient_checkpointing=checkpointing)
+        cfg = tiny_model_config(
+            "gpt_neox", lm=lm_config(remote_dirs, "mosaic_gpt"), gradient_checkpointing=checkpointing
+        )
         model, tokenizer, _ = build_flamingo(cfg)
         set_gates(model, 0.5)
         model.train()
         ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> two stars <|endofchunk|>")
-        model(torch.randn(1, 2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ids, mask,
-              labels=ids).loss.backward()
+        model(
+            torch.randn(1, 2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ids, mask, labels=ids
+        ).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

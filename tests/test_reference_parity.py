@@ -97,7 +97,9 @@ def import_model(full_state):
 def losses(model, batch, datasets=("laion", "mmc4")) -> dict[str, float]:
     with torch.no_grad():
         return {
-            name: model(sub["vision_x"], sub["lang_x"], sub["attention_mask"], labels=sub["labels"]).loss.item()
+            name: model(
+                sub["vision_x"], sub["lang_x"], sub["attention_mask"], labels=sub["labels"]
+            ).loss.item()
             for name, sub in ((name, batch[name]) for name in datasets)
         }
 
@@ -136,9 +138,13 @@ def test_full_state_maps_every_key_and_folds_aliases(parity_model, full_state):
     assert torch.equal(state[EMBED_IN], full_state[EMBED_IN])
     assert report.new_token_rows_from == EMBED_IN
     ids = [model.special_token_ids["endofchunk"], model.special_token_ids["media"]]
-    assert torch.equal(state[new_token_rows_key(model)], full_state[EMBED_IN][ids])  # (2, D): <|endofchunk|>, <image>
-    assert torch.equal(state["lang_encoder.gpt_neox.layers.2.decoder_layer.mlp.dense_h_to_4h.bias"],
-                       full_state["lang_encoder.old_decoder_blocks.2.mlp.dense_h_to_4h.bias"])
+    assert torch.equal(
+        state[new_token_rows_key(model)], full_state[EMBED_IN][ids]
+    )  # (2, D): <|endofchunk|>, <image>
+    assert torch.equal(
+        state["lang_encoder.gpt_neox.layers.2.decoder_layer.mlp.dense_h_to_4h.bias"],
+        full_state["lang_encoder.old_decoder_blocks.2.mlp.dense_h_to_4h.bias"],
+    )
 
 
 @pytest.mark.parametrize("dataset", ["laion", "mmc4"])
@@ -156,10 +162,17 @@ def test_losses_and_logits_match_reference(parity_model, batch, expected, datase
 def test_greedy_generation_matches_reference(parity_model, batch, expected, use_cache):
     model, _ = parity_model
     vision_x, input_ids, attention_mask = generation_inputs(batch, expected)
-    out = model.generate(vision_x, input_ids, attention_mask, max_new_tokens=6, do_sample=False, num_beams=1,
-                         use_cache=use_cache)
+    out = model.generate(
+        vision_x,
+        input_ids,
+        attention_mask,
+        max_new_tokens=6,
+        do_sample=False,
+        num_beams=1,
+        use_cache=use_cache,
+    )
     key = "generated_cached" if use_cache else "generated_no_cache"
-    assert out[0, input_ids.shape[1]:].tolist() == expected["generation_check"][key]
+    assert out[0, input_ids.shape[1] :].tolist() == expected["generation_check"][key]
 
 
 def test_cached_step_logits_equal_full_forward_logits(parity_model, batch, expected):
@@ -169,8 +182,17 @@ def test_cached_step_logits_equal_full_forward_logits(parity_model, batch, expec
     prompt_len = input_ids.shape[1]
 
     def cached_steps(images):
-        out = model.generate(images, input_ids, attention_mask, max_new_tokens=6, do_sample=False, num_beams=1,
-                             use_cache=True, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            images,
+            input_ids,
+            attention_mask,
+            max_new_tokens=6,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         return out.sequences, torch.stack(out.logits, dim=1)  # (1, P + 6), (1, 6, V)
 
     sequences, step_logits = cached_steps(vision_x)
@@ -190,14 +212,18 @@ def test_checkpoint_import_reproduces_losses(import_model, batch, checkpoint, ex
     trainable_names = {name for name, p in model.named_parameters() if p.requires_grad}
     wipe_trainable(model)
     before = losses(model, batch, datasets=("mmc4",))
-    assert before["mmc4"] != pytest.approx(expected["import_check"]["losses"]["mmc4"], rel=1e-5)  # not loaded yet
+    assert before["mmc4"] != pytest.approx(
+        expected["import_check"]["losses"]["mmc4"], rel=1e-5
+    )  # not loaded yet
 
     report = load_reference_state_dict(model, checkpoint)
     assert report.layout == "checkpoint"
     assert trainable_names <= set(report.loaded)  # perceiver, blocks and the new-token rows all came from it
     assert not trainable_names & set(report.missing)
-    assert all(k.startswith("vision_encoder.") or ".decoder_layer." in k or "final_layer_norm" in k
-               for k in report.missing)  # only frozen CLIP / LM weights stay as built
+    assert all(
+        k.startswith("vision_encoder.") or ".decoder_layer." in k or "final_layer_norm" in k
+        for k in report.missing
+    )  # only frozen CLIP / LM weights stay as built
     ids = [model.special_token_ids["endofchunk"], model.special_token_ids["media"]]
     assert torch.equal(model.state_dict()[new_token_rows_key(model)], checkpoint[EMBED_IN][ids])
     after = losses(model, batch)
@@ -211,7 +237,8 @@ def test_convert_gives_trainable_only_state_dict_that_loads_back(import_model, b
     assert set(trainable) == {name for name, p in model.named_parameters() if p.requires_grad}
     assert new_token_rows_key(model) in trainable and EMBED_IN not in trainable
     assert sum(t.numel() for t in trainable.values()) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
     wipe_trainable(model)  # then restore the trainable parameters from our own layout
     back = load_reference_state_dict(model, trainable)
@@ -220,7 +247,8 @@ def test_convert_gives_trainable_only_state_dict_that_loads_back(import_model, b
     for name, value in trainable_state(model).items():
         assert torch.equal(value, trainable[name]), name
     assert losses(model, batch, datasets=("laion",))["laion"] == pytest.approx(
-        expected["import_check"]["losses"]["laion"], rel=1e-5)
+        expected["import_check"]["losses"]["laion"], rel=1e-5
+    )
 
 
 def test_trained_embedding_rows_reach_new_token_rows(import_model, checkpoint):
@@ -243,8 +271,10 @@ def test_trained_embedding_rows_reach_new_token_rows(import_model, checkpoint):
 def test_wrapper_prefixes_and_resumable_layout_load(import_model, checkpoint):
     model = import_model
     ddp = {f"module.{k}": v for k, v in checkpoint.items()}
-    compiled_fsdp = {k.replace("lang_encoder.", "_orig_mod.lang_encoder._fsdp_wrapped_module."): v
-                     for k, v in checkpoint.items()}
+    compiled_fsdp = {
+        k.replace("lang_encoder.", "_orig_mod.lang_encoder._fsdp_wrapped_module."): v
+        for k, v in checkpoint.items()
+    }
     plain = load_reference_state_dict(model, checkpoint).loaded
     assert load_reference_state_dict(model, ddp).loaded == plain
     assert load_reference_state_dict(model, compiled_fsdp).loaded == plain
@@ -252,7 +282,9 @@ def test_wrapper_prefixes_and_resumable_layout_load(import_model, checkpoint):
 
 
 def test_import_tool_cli(import_model, checkpoint, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("import_checkpoint", REPO_ROOT / "tools" / "import_checkpoint.py")
+    spec = importlib.util.spec_from_file_location(
+        "import_checkpoint", REPO_ROOT / "tools" / "import_checkpoint.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     with pytest.raises(SystemExit) as help_exit:
@@ -269,7 +301,14 @@ def test_import_tool_cli(import_model, checkpoint, tmp_path, capsys):
         "  cross_attn_every_n_layers: 2\n"
     )
     out = tmp_path / "trainable.pt"
-    args = ["--config", str(config_yaml), "--checkpoint", str(REFERENCE_FIXTURE / "checkpoint.pt"), "--out", str(out)]
+    args = [
+        "--config",
+        str(config_yaml),
+        "--checkpoint",
+        str(REFERENCE_FIXTURE / "checkpoint.pt"),
+        "--out",
+        str(out),
+    ]
     assert tool.main(args) == 0
     written = torch.load(out, weights_only=True)
     expected_trainable, _ = convert_reference_checkpoint(import_model, checkpoint)
@@ -302,8 +341,12 @@ def assert_rejected_unchanged(model, source, *fragments, **kwargs):
 def test_tampered_key_is_named(import_model, checkpoint):
     tampered = dict(checkpoint)
     tampered["perceiver.layers.0.0.to_qq.weight"] = tampered.pop("perceiver.layers.0.0.to_q.weight")
-    assert_rejected_unchanged(import_model, tampered, "unexpected key 'perceiver.layers.0.0.to_qq.weight'",
-                              "'perceiver.layers.0.0.to_q.weight'")  # and the trainable key it left unset
+    assert_rejected_unchanged(
+        import_model,
+        tampered,
+        "unexpected key 'perceiver.layers.0.0.to_qq.weight'",
+        "'perceiver.layers.0.0.to_q.weight'",
+    )  # and the trainable key it left unset
 
 
 def test_wrong_shapes_are_named_all_at_once(import_model, checkpoint, full_state):
@@ -311,7 +354,8 @@ def test_wrong_shapes_are_named_all_at_once(import_model, checkpoint, full_state
     wrong["perceiver.latents"] = wrong["perceiver.latents"][:32]
     wrong["lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.ff.1.weight"] = torch.zeros(128, 64)
     assert_rejected_unchanged(
-        import_model, wrong,
+        import_model,
+        wrong,
         "'perceiver.latents' is (32, 64), model expects (64, 64)",
         "'lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.ff.1.weight' is (128, 64), model expects (256, 64)",
         "2 problem(s)",
@@ -320,23 +364,34 @@ def test_wrong_shapes_are_named_all_at_once(import_model, checkpoint, full_state
 
 def test_embedding_row_count_mismatch_is_named(import_model, checkpoint, full_state):
     padded = dict(checkpoint)
-    padded[EMBED_IN] = torch.cat([checkpoint[EMBED_IN], torch.zeros(19, 64)])  # (640, 64): an un-resized vocab
-    assert_rejected_unchanged(import_model, padded, f"'{EMBED_IN}' is (640, 64), model expects (621, 64)",
-                              "embedding rows 640 vs 621")
+    padded[EMBED_IN] = torch.cat(
+        [checkpoint[EMBED_IN], torch.zeros(19, 64)]
+    )  # (640, 64): an un-resized vocab
+    assert_rejected_unchanged(
+        import_model,
+        padded,
+        f"'{EMBED_IN}' is (640, 64), model expects (621, 64)",
+        "embedding rows 640 vs 621",
+    )
 
 
 def test_mismatched_alias_is_named(import_model, full_state):
     broken = dict(full_state)
     alias = "lang_encoder.gated_cross_attn_layers.3.attn.to_q.weight"
     broken[alias] = full_state[alias] + 1.0
-    assert_rejected_unchanged(import_model, broken,
-                              f"alias '{alias}' differs from "
-                              "'lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.attn.to_q.weight'")
+    assert_rejected_unchanged(
+        import_model,
+        broken,
+        f"alias '{alias}' differs from "
+        "'lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.attn.to_q.weight'",
+    )
 
 
 def test_full_layout_requires_every_tensor(import_model, full_state):
     partial = {k: v for k, v in full_state.items() if k != "vision_encoder.ln_post.bias"}
-    assert_rejected_unchanged(import_model, partial, "'vision_encoder.ln_post.bias'", "missing from the 'full' layout")
+    assert_rejected_unchanged(
+        import_model, partial, "'vision_encoder.ln_post.bias'", "missing from the 'full' layout"
+    )
 
 
 def test_tied_lm_head_key_folds_into_the_spliced_embedding():
@@ -355,7 +410,10 @@ def test_tied_lm_head_key_folds_into_the_spliced_embedding():
 
     report = load_reference_state_dict(target, reference)
     assert report.aliases_folded == ["lang_encoder.lm_head.weight"] and report.missing == []
-    assert torch.equal(target.lang_encoder.get_input_embeddings().new_token_rows,
-                       embedding.weight[embedding.new_token_ids])
+    assert torch.equal(
+        target.lang_encoder.get_input_embeddings().new_token_rows, embedding.weight[embedding.new_token_ids]
+    )
     reference["lang_encoder.lm_head.weight"] = reference[embed_key] + 1.0
-    assert_rejected_unchanged(target, reference, f"alias 'lang_encoder.lm_head.weight' differs from '{embed_key}'")
+    assert_rejected_unchanged(
+        target, reference, f"alias 'lang_encoder.lm_head.weight' differs from '{embed_key}'"
+    )

@@ -24,7 +24,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def logged_values(log_file: Path, key: str) -> list[float]:
@@ -34,7 +36,9 @@ def logged_values(log_file: Path, key: str) -> list[float]:
 
 
 def test_config_errors_exit_nonzero_before_training(data_root, tmp_path):
-    bad_key = run([sys.executable, "train.py", str(RUN_YAML), f"variables.data_root={data_root}", "optimizer.lrr=1"])
+    bad_key = run(
+        [sys.executable, "train.py", str(RUN_YAML), f"variables.data_root={data_root}", "optimizer.lrr=1"]
+    )
     assert bad_key.returncode == 2
     assert "unknown key 'optimizer.lrr' (did you mean 'lr'?)" in bad_key.stderr
     assert "Building" not in bad_key.stdout + bad_key.stderr and "batch=" not in bad_key.stdout
@@ -59,7 +63,9 @@ def _check_run(out: Path, world_size: int, max_duration: int) -> None:
     keys = set(state["model"])
     # Trainable-only: perceiver, cross-attention blocks, new-token rows; no CLIP or LM weight.
     assert keys and all(
-        k.startswith("model.perceiver.") or ".gated_cross_attn_layer." in k or k.endswith("trainable_rows.weight")
+        k.startswith("model.perceiver.")
+        or ".gated_cross_attn_layer." in k
+        or k.endswith("trainable_rows.weight")
         for k in keys
     )
     assert state["timestamp"]["Timestamp"]["batch"] == max_duration
@@ -68,7 +74,9 @@ def _check_run(out: Path, world_size: int, max_duration: int) -> None:
 
 
 def test_composer_n1_runs_to_the_end(data_root, tmp_path):
-    result = run([COMPOSER, "-n", "1", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 4)])
+    result = run(
+        [COMPOSER, "-n", "1", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 4)]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run(tmp_path, world_size=1, max_duration=4)
     # Each of the package's log lines is printed once (not also by the root handler libraries install).
@@ -113,7 +121,9 @@ def test_a_switched_off_dataset_logs_no_eval_metrics(data_root, tmp_path):
 
 @pytest.mark.slow
 def test_composer_n2_ddp_over_gloo(data_root, tmp_path):
-    result = run([COMPOSER, "-n", "2", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 2)])
+    result = run(
+        [COMPOSER, "-n", "2", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 2)]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run(tmp_path, world_size=2, max_duration=2)
     for rank in (0, 1):
@@ -139,12 +149,17 @@ def test_autoresume_restores_trainable_weights_and_data_position(data_root, tmp_
     assert int(second.state.timestamp.batch) == 2
     params = dict(second.state.model.named_parameters())
     for name, value in first_model.items():
-        torch.testing.assert_close(params[name].detach(), value, rtol=0, atol=0)  # trainable from file, frozen rebuilt
+        torch.testing.assert_close(
+            params[name].detach(), value, rtol=0, atol=0
+        )  # trainable from file, frozen rebuilt
     assert set(saved["model"]) == {n for n, p in params.items() if p.requires_grad}
     from flamingo_composer.training.callbacks import DataPositionCallback
 
     position = next(c for c in second.state.callbacks if isinstance(c, DataPositionCallback))
-    assert position.loader.state_dict()["positions"] == saved["callbacks"]["DataPositionCallback"]["loader"]["positions"]
+    assert (
+        position.loader.state_dict()["positions"]
+        == saved["callbacks"]["DataPositionCallback"]["loader"]["positions"]
+    )
     second.close()
 
 
@@ -172,9 +187,14 @@ def test_load_reference_checkpoint_before_training(data_root, tmp_path):
     reference = torch.load(fixture / "checkpoint.pt", weights_only=True)
     model = trainer.state.model.model
     params = dict(model.named_parameters())
-    for key in ("perceiver.latents", "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.attn.to_q.weight",
-                "lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.attn_gate"):
+    for key in (
+        "perceiver.latents",
+        "lang_encoder.gpt_neox.layers.1.gated_cross_attn_layer.attn.to_q.weight",
+        "lang_encoder.gpt_neox.layers.3.gated_cross_attn_layer.attn_gate",
+    ):
         torch.testing.assert_close(params[key].detach(), reference[key], rtol=0, atol=0)
     rows = model.lang_encoder.get_input_embeddings().new_token_rows.detach()
-    torch.testing.assert_close(rows, reference["lang_encoder.gpt_neox.embed_in.weight"][[618, 619]], rtol=0, atol=0)
+    torch.testing.assert_close(
+        rows, reference["lang_encoder.gpt_neox.embed_in.weight"][[618, 619]], rtol=0, atol=0
+    )
     trainer.close()

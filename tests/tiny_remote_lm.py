@@ -20,8 +20,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class MosaicGPTConfig(PretrainedConfig):
     model_type = "mosaic_gpt"
 
-    def __init__(self, d_model=64, n_heads=4, n_layers=2, mlp_ratio=4, max_seq_len=128, vocab_size=128,
-                 logit_scale=None, **kwargs):
+    def __init__(
+        self,
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        mlp_ratio=4,
+        max_seq_len=128,
+        vocab_size=128,
+        logit_scale=None,
+        **kwargs,
+    ):
         self.d_model = d_model
         self.n_heads = n_heads
         self.n_layers = n_layers
@@ -60,7 +69,9 @@ class GPTBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads)
         self.ln_2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
 
     def forward(self, x, past_key_value=None, attn_bias=None, attention_mask=None, is_causal=True):
         attended, past_key_value = self.attn(self.ln_1(x), past_key_value=past_key_value, attn_bias=attn_bias)
@@ -75,14 +86,19 @@ class MosaicGPT(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.d_model),
-            "wpe": nn.Embedding(config.max_seq_len, config.d_model),
-            "blocks": nn.ModuleList(
-                [GPTBlock(config.d_model, config.n_heads, config.mlp_ratio) for _ in range(config.n_layers)]
-            ),
-            "norm_f": nn.LayerNorm(config.d_model),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.d_model),
+                "wpe": nn.Embedding(config.max_seq_len, config.d_model),
+                "blocks": nn.ModuleList(
+                    [
+                        GPTBlock(config.d_model, config.n_heads, config.mlp_ratio)
+                        for _ in range(config.n_layers)
+                    ]
+                ),
+                "norm_f": nn.LayerNorm(config.d_model),
+            }
+        )
         self.logit_scale = config.logit_scale
         self.post_init()
 
@@ -101,12 +117,23 @@ class MosaicGPT(PreTrainedModel):
         bias = torch.zeros(allowed.shape, dtype=self.transformer.wte.weight.dtype, device=allowed.device)
         return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
 
-    def forward(self, input_ids, past_key_values=None, attention_mask=None, labels=None, return_dict=None,
-                output_attentions=None, output_hidden_states=None, use_cache=None):
+    def forward(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        labels=None,
+        return_dict=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        use_cache=None,
+    ):
         batch, length = input_ids.shape
         past_length = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + length, dtype=torch.bool, device=input_ids.device)
+            attention_mask = torch.ones(
+                batch, past_length + length, dtype=torch.bool, device=input_ids.device
+            )
         attention_mask = attention_mask.bool()
         positions = torch.arange(past_length, past_length + length, device=input_ids.device)  # (L,)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, L, D)
@@ -115,8 +142,9 @@ class MosaicGPT(PreTrainedModel):
         for i, block in enumerate(self.transformer.blocks):
             hidden_states.append(x)
             past = past_key_values[i] if past_key_values is not None else None
-            x, present = block(x, past_key_value=past, attn_bias=attn_bias, attention_mask=attention_mask,
-                               is_causal=True)
+            x, present = block(
+                x, past_key_value=past, attn_bias=attn_bias, attention_mask=attention_mask, is_causal=True
+            )
             presents.append(present)
         x = self.transformer.norm_f(x)
         logits = F.linear(x, self.transformer.wte.weight)  # (B, L, V): the tied head, inside forward

@@ -19,7 +19,6 @@ SMALL_DATA = SyntheticConfig(
 )  # fmt: skip
 
 
-
 def small_data(tmp_path_factory) -> Path:
     """The training tests' small synthetic data set (wds + mds)."""
     return synthetic_once(tmp_path_factory, "train-data", SMALL_DATA)
@@ -52,5 +51,7 @@ def short_run_overrides(data_root: Path, out_dir: Path, max_duration: int = 3) -
 
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    env.update(
+        OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline"
+    )
     return env

@@ -193,12 +193,11 @@ def build_tokenizer(tokenizer: TokenizerConfig):
     if (tokenizer.name is None) == (tokenizer.builtin is None):
         raise ValueError("tokenizer config needs exactly one of tokenizer.name or tokenizer.builtin")
     if tokenizer.builtin is not None:
-        from flamingo_composer.vocab import MPT_1B_BASE_VOCAB, build_tiny_tokenizer
+        from flamingo_composer.vocab import BUILTIN_TOKENIZERS
 
-        builtins = {"tiny": None, "tiny-50k": MPT_1B_BASE_VOCAB}  # name -> vocabulary size (None: the words only)
-        if tokenizer.builtin not in builtins:
-            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: {sorted(builtins)}")
-        return build_tiny_tokenizer(builtins[tokenizer.builtin])
+        if tokenizer.builtin not in BUILTIN_TOKENIZERS:
+            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: {sorted(BUILTIN_TOKENIZERS)}")
+        return BUILTIN_TOKENIZERS[tokenizer.builtin]()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer.name, trust_remote_code=tokenizer.trust_remote_code)

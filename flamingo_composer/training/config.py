@@ -18,6 +18,7 @@ from omegaconf import OmegaConf as om
 
 from flamingo_composer.config_schema import ConfigError, from_dict
 from flamingo_composer.data.config import DataConfig
+from flamingo_composer.eval.config import EvaluatorConfig
 from flamingo_composer.models.factory import FlamingoModelConfig
 from flamingo_composer.training.fsdp import FSDPSettings
 from flamingo_composer.training.recipe import load_recipe_yaml
@@ -122,6 +123,7 @@ class TrainConfig:
     eval_loader: DataConfig | None = None
     eval_interval: int | str = "1dur"
     eval_subset_num_batches: int = -1
+    evaluators: list[EvaluatorConfig] = field(default_factory=list)  # few-shot CIDEr / VQA tasks (eval/config.py)
     dist_timeout: float = 600.0
     variables: dict[str, Any] = field(default_factory=dict)  # free-form, for ${variables.x} interpolation
 

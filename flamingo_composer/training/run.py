@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from composer.core import Evaluator, Time
 from composer.utils import dist, get_device, reproducibility
 
 from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+from flamingo_composer.eval.composer_eval import FewShotComposerModel, build_fewshot_evaluators
 from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
 from flamingo_composer.training.builders import (
@@ -93,8 +95,9 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
         Evaluator(
             label="eval",
             dataloader=build_dataspec(loader),
-            # Only the metrics of the datasets this loader holds (an absent dataset's would log NaN).
-            metric_names=heldout_metric_names(cfg.eval_loader.enabled()),
+            # Only the metrics of the datasets this loader holds (an absent dataset's would log NaN), and not the
+            # few-shot ones. Composer matches these as regular expressions: anchored, exact names.
+            metric_names=[f"^{re.escape(name)}$" for name in heldout_metric_names(cfg.eval_loader.enabled())],
             subset_num_batches=cfg.eval_subset_num_batches,
             device_eval_microbatch_size=loader.batch_size,
         )
@@ -113,15 +116,22 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     if cfg.load_reference_checkpoint and not on_meta:
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
-    composer_model = FlamingoComposerModel(
-        bundle.model, loss_multiplier_laion=cfg.loss_multiplier_laion, loss_multiplier_mmc4=cfg.loss_multiplier_mmc4,
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
+    losses = {
+        "loss_multiplier_laion": cfg.loss_multiplier_laion, "loss_multiplier_mmc4": cfg.loss_multiplier_mmc4,
+        "loss_chunk_tokens": cfg.loss_chunk_tokens,
+    }
+    if cfg.evaluators:  # few-shot evaluators: the model also answers generation batches
+        composer_model = FewShotComposerModel(bundle.model, bundle.tokenizer, **losses)
+    else:
+        composer_model = FlamingoComposerModel(bundle.model, **losses)
     if cfg.fsdp_config is not None:
         install_fsdp_policies(composer_model)
     trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
 
     train_loader = build_data_loader(cfg.data, "data", bundle)
+    evaluators = _evaluators(cfg, bundle) + build_fewshot_evaluators(
+        cfg.evaluators, bundle.tokenizer, bundle.image_transform
+    )
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
     callbacks = [
         *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), TrainableOnlyModelState(),
@@ -145,8 +155,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
         python_log_level=cfg.python_log_level,
-        eval_dataloader=_evaluators(cfg, bundle) or None,
-        eval_interval=cfg.eval_interval if cfg.eval_loader is not None else 0,
+        eval_dataloader=evaluators or None,
+        eval_interval=cfg.eval_interval if evaluators else 0,
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,

@@ -1,0 +1,109 @@
+"""Learning on real data: a tiny Flamingo trained for a few CPU minutes on easy-vqa (the PyPI package's images and
+questions) answers held-out easy-vqa questions 4-shot clearly better than the majority answer and than itself
+with the query images shuffled across the questions (so it answers from the image, not from the question text).
+
+Two stages through the real entry point (yamls/eval-easyvqa.yaml, shortened): (1) the LAION-style pairs
+"a {color} {shape}" read off easy-vqa's answers, which teach the perceiver and cross-attention to look; (2) the
+few-shot VQA documents (answers balanced per question text), starting from stage 1's trainable weights. Then the
+standalone runner evaluates under the protocol (random demos per trial seed, beam search 3, post-processing,
+VQA accuracy). Mixing both from the start, or the documents alone, learned only the question-text prior in our
+runs (true-image accuracy = shuffled-image accuracy), see yamls/eval-easyvqa.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from train_helpers import REPO_ROOT
+
+pytest.importorskip("easy_vqa")
+
+RECIPE = REPO_ROOT / "yamls" / "eval-easyvqa.yaml"
+STAGE1_STEPS, STAGE2_STEPS = 600, 600
+QUERIES = 300
+MIN_GAIN_OVER_MAJORITY = 10.0  # accuracy points
+MIN_GAIN_OVER_SHUFFLED = 8.0
+COMMON = [
+    "evaluators=[]",
+    "save_folder=null",
+    "autoresume=false",
+    "loggers={}",
+    "callbacks={}",
+    "log_to_console=false",
+]
+
+
+def _accuracy(model, task, shot: int = 4) -> float:
+    from flamingo_composer.eval.runner import evaluate_task
+
+    return evaluate_task(model, task, [shot], device="cpu", out_dir=None)["shots"][str(shot)]["mean"]
+
+
+def _train(root, overrides, start_from=None):
+    from flamingo_composer.training.config import load_config
+    from flamingo_composer.training.run import train_from_config
+
+    cfg = load_config(RECIPE, [f"variables.data_root={root}", *COMMON, *overrides])
+    trainer = train_from_config(cfg, fit=False)
+    if start_from is not None:
+        trainer.state.model.model.load_state_dict(start_from, strict=False)
+    trainer.fit()
+    trainer.close()
+    return cfg, trainer.state.model.model
+
+
+@pytest.mark.slow
+@pytest.mark.skip(
+    reason="not learned yet: in every recipe tried (yamls/eval-easyvqa.yaml lists them) the model learns easy-vqa's "
+    "question-text prior (up to 63-65% 4-shot) but its accuracy with shuffled query images is the same; this "
+    "two-stage version measured 35.7% true vs 35.7% shuffled. Re-enable when a recipe uses the images."
+)
+def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_path):
+    from flamingo_composer.eval.easy_vqa import write_caption_pairs_mds, write_fewshot_training_mds
+    from flamingo_composer.eval.tasks import FewShotTask
+    from flamingo_composer.models.factory import build_flamingo
+
+    torch.set_num_threads(1)
+    write_fewshot_training_mds(tmp_path / "mds" / "train")  # easy-vqa's train split only
+    write_caption_pairs_mds(tmp_path / "mds" / "captions")
+    _, stage1 = _train(tmp_path, [f"max_duration={STAGE1_STEPS}", "data.mmc4.enabled=false"])
+    trainable = {k: v.detach().clone() for k, v in stage1.named_parameters() if v.requires_grad}
+    cfg, model = _train(
+        tmp_path,
+        [
+            f"max_duration={STAGE2_STEPS}",
+            "data.laion.enabled=false",
+            "data.mmc4.batch_size=8",
+            "optimizer.lr=2.0e-3",
+        ],
+        start_from=trainable,
+    )
+    model.eval()
+
+    evaluator = dataclasses.replace(
+        _recipe_evaluator(tmp_path), shots=[4], num_samples=QUERIES, batch_size=16
+    )
+    fresh = build_flamingo(cfg.model)  # the same (offline, deterministic) tokenizer and image transform
+    task = FewShotTask(evaluator, fresh.tokenizer, fresh.image_transform)  # queries: easy-vqa's test split
+    plan = task.plan(4, 0)
+    majority = 100.0 * sum(task.test[q].answers[0] == "yes" for q in plan.queries) / len(plan.queries)
+    true_images = _accuracy(model, task)
+
+    paths = [e.image_path for e in task.test]
+    random.Random(0).shuffle(paths)  # each question gets another question's image (demos keep theirs)
+    task.test = [dataclasses.replace(e, image_path=p) for e, p in zip(task.test, paths)]
+    shuffled = _accuracy(model, task)
+
+    print(f"4-shot VQA accuracy on {QUERIES} held-out easy-vqa questions after {STAGE1_STEPS}+{STAGE2_STEPS} "
+          f"steps: true images {true_images:.1f}, shuffled images {shuffled:.1f}, majority 'yes' {majority:.1f}")  # fmt: skip
+    assert true_images > majority + MIN_GAIN_OVER_MAJORITY
+    assert true_images > shuffled + MIN_GAIN_OVER_SHUFFLED
+
+
+def _recipe_evaluator(root):
+    from flamingo_composer.training.config import load_config
+
+    return load_config(RECIPE, [f"variables.data_root={root}"]).evaluators[0]
