@@ -91,12 +91,12 @@ def test_postprocessing_matches_the_reference():
 
 def _reference_plan(num_test, num_train, num_samples, query_set_size, shots, seed, batch_size):
     """The reference's draws, by its own utils functions (one rank, a 1-process gloo group for its sampler)."""
-    import torch.distributed as tdist
     from open_flamingo.eval import utils
+    from tool_modules import load_tool
 
-    store = tdist.HashStore()
-    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+    single_process_group = load_tool("reference_oracle").single_process_group  # reuses a group a test left
+
+    with single_process_group():
         test = [{"index": i} for i in range(num_test)]  # its collate wants dicts
         train = list(range(num_train))
         np.random.seed(seed)
@@ -113,8 +113,6 @@ def _reference_plan(num_test, num_train, num_samples, query_set_size, shots, see
                 for row in utils.sample_batch_demos_from_query_set(query_set, k, len(batch))
             ]
         return queries, demos
-    finally:
-        tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize("shots, seed", [(4, 42), (0, 7), (8, 123)])

@@ -168,3 +168,25 @@ def test_cross_attention_rejects_mismatched_text_time():
     ids, x, media = _block_inputs()
     with pytest.raises(ValueError, match="text_time shape"):
         attn(x, media, media_text_time(ids[:, :-1], IMAGE))
+
+
+@pytest.mark.parametrize("images", [0, 1, 6])
+def test_per_image_cross_attention_equals_the_masked_form(images):
+    """Random text with 0, 1 or 6 `<image>` tokens at random places (text before the first, runs of different
+    lengths, a slot never referenced), against the reference's masked attention over all T_img x n latents."""
+    gen = torch.Generator().manual_seed(images)
+    attn = MaskedCrossAttention(dim=16, dim_visual=12, dim_head=8, heads=2)
+    b, length, t_img, n = 3, 40, 6, 5
+    ids = torch.randint(1, 50, (b, length), generator=gen)
+    for row in range(b):
+        places = torch.randperm(length - 3, generator=gen)[: max(0, images - row % 2)] + 3  # rows differ
+        ids[row, places] = IMAGE
+    media = torch.randn(b, t_img, n, 12, generator=gen)
+    x = torch.randn(b, length, 16, generator=gen, requires_grad=True)
+    out = attn(x, media, media_text_time(ids, IMAGE))  # (B, L, D)
+    expected = reference_masked_cross_attention(attn, x, media, ids)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, attn.to_q.weight, attn.to_kv.weight])
+    want = torch.autograd.grad(expected.square().sum(), [x, attn.to_q.weight, attn.to_kv.weight])
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

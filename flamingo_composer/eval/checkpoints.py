@@ -21,14 +21,15 @@ def read_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[A
     """(FlamingoModelConfig, [EvaluatorConfig]) from a recipe's `model:` and `evaluators:` sections."""
     from omegaconf import OmegaConf as om
 
+    from flamingo_composer.config_schema import ConfigError, _coerce, from_dict
     from flamingo_composer.eval.config import EvaluatorConfig
     from flamingo_composer.models.factory import FlamingoModelConfig
-    from flamingo_composer.training.config import ConfigError, _coerce, from_dict
+    from flamingo_composer.training.recipe import load_recipe_yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    cfg = om.load(path)
+    cfg = load_recipe_yaml(path)  # a recipe's `base:` files merged in
     if overrides:
         cfg = om.merge(cfg, om.from_dotlist(list(overrides)))
     raw = om.to_container(cfg, resolve=True)

@@ -22,8 +22,33 @@ def media_text_time(input_ids: torch.Tensor, media_token_id: int) -> torch.Tenso
     return (input_ids == media_token_id).cumsum(dim=-1)
 
 
+def image_segments(text_time: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each image's text lies: text_time (B, L) -> (positions (B, T, S), valid (B, T, S)).
+
+    text_time never decreases along a row, so the tokens of image t (1-based) are one contiguous run; S is the
+    longest run in the batch (one host sync), at least 1: with no run at all every entry is invalid, and the
+    attention still runs, so every parameter stays in the graph (DDP and FSDP expect the same on every rank).
+    positions[b, t - 1, s] is the s-th token of image t in row b.
+    """
+    b, length = text_time.shape
+    slots = torch.arange(1, num_images + 1, device=text_time.device)  # (T,)
+    in_image = text_time.unsqueeze(1) == slots[None, :, None]  # (B, T, L)
+    counts = in_image.sum(-1)  # (B, T)
+    longest = max(1, int(counts.max()) if counts.numel() else 0)
+    starts = in_image.int().argmax(-1)  # (B, T): first token of each image (0 when it has none; masked below)
+    offsets = torch.arange(longest, device=text_time.device)  # (S,)
+    positions = (starts.unsqueeze(-1) + offsets).clamp(max=length - 1)  # (B, T, S)
+    valid = offsets < counts.unsqueeze(-1)  # (B, T, S)
+    return positions, valid
+
+
 class MaskedCrossAttention(nn.Module):
-    """Text queries attend only to the latents of their most recent image ("only attend immediate media")."""
+    """Text queries attend only to the latents of their most recent image ("only attend immediate media").
+
+    Each image's text (a contiguous run of tokens, see `image_segments`) attends to that image's n latents alone,
+    with no mask: (B*T) attentions of (S x n) instead of one (L x T*n) attention behind a mask, T times fewer
+    scores. Equal to the masked form (the reference's) within fp32 rounding.
+    """
 
     def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
@@ -45,18 +70,18 @@ class MaskedCrossAttention(nn.Module):
         if media.shape[0] != b or x.shape[0] != b:
             raise ValueError(f"media batch {media.shape[0]} != text batch {x.shape[0]}")
         x = self.norm(x)  # (B, L, D_lm)
-        q = split_heads(self.to_q(x), self.heads)  # (B, h, L, d)
-        k, v = self.to_kv(media.reshape(b, t_img * n, -1)).chunk(2, dim=-1)  # 2 x (B, T*n, h*d)
-        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, h, T*n, d)
-
-        media_time = torch.arange(1, t_img + 1, device=x.device).repeat_interleave(n)  # (T*n,)
-        has_media = (text_time >= 1) & (text_time <= t_img)  # (B, L)
-        allowed = text_time.unsqueeze(-1) == media_time  # (B, L, T*n)
-        # Rows without media would be fully masked (NaN in SDPA): let them attend anywhere, then zero them.
-        allowed = allowed | ~has_media.unsqueeze(-1)  # (B, L, T*n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))  # (B, h, L, d)
-        out = merge_heads(out)  # (B, L, h*d)
-        out = out.masked_fill(~has_media.unsqueeze(-1), 0.0)  # (B, L, h*d)
+        q = self.to_q(x)  # (B, L, h*d)
+        k, v = self.to_kv(media).chunk(2, dim=-1)  # 2 x (B, T, n, h*d)
+        positions, valid = image_segments(text_time, t_img)  # (B, T, S)
+        out = q.new_zeros(q.shape)  # (B, L, h*d): zero where no image applies
+        inner = q.shape[-1]
+        q_seg = q.gather(1, positions.reshape(b, -1, 1).expand(-1, -1, inner))  # (B, T*S, h*d)
+        q_seg = split_heads(q_seg.reshape(b, t_img, -1, inner), self.heads)  # (B, T, h, S, d)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, n, d)
+        attended = merge_heads(F.scaled_dot_product_attention(q_seg, k, v))  # (B, T, S, h*d)
+        attended = attended * valid.unsqueeze(-1)  # padding slots of short runs contribute nothing
+        # Each valid token appears in exactly one run: summing the runs back places every token once.
+        out = out.scatter_add(1, positions.reshape(b, -1, 1).expand(-1, -1, inner), attended.reshape(b, -1, inner))
         return self.to_out(out)  # (B, L, D_lm)
 
 

@@ -53,7 +53,11 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     """
     vocab = logits.shape[-1]
     targets = F.pad(shifted_targets(labels), (0, 1), value=IGNORE_INDEX)  # (B, L): position L-1 predicts nothing
-    return F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    # In fp32 as transformers' loss (`logits.float()`): free in fp32 runs, and under bf16 autocast the CE would
+    # cast to fp32 anyway.
+    return F.cross_entropy(
+        logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 class FinalHidden(NamedTuple):
@@ -64,7 +68,7 @@ class FinalHidden(NamedTuple):
 
 def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     logits = head(hidden)  # (n, V): one chunk's logits, the only ones alive at a time
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="sum")  # in fp32, as transformers' loss does
 
 
 def head_cross_entropy_sum(
@@ -80,7 +84,7 @@ def head_cross_entropy_sum(
     supervised = targets != IGNORE_INDEX  # (B, L-1)
     selected = hidden[:, :-1][supervised]  # (N, D): the positions that predict a supervised target
     selected_targets = targets[supervised]  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32) + hidden.sum() * 0  # 0 with the graph kept (DDP, FSDP)
+    total = hidden.new_zeros((), dtype=torch.float32) + hidden.sum().float() * 0  # 0, graph kept (DDP, FSDP)
     if selected.shape[0] == 0:
         return total
     step = chunk_tokens or selected.shape[0]
@@ -200,10 +204,11 @@ class FlamingoComposerModel(ComposerModel):
         total_global = sum(n_global.values())  # 0-d long
         # Undo Composer's token weight w = t_mb * W / T_global: its sum over microbatches then ranks is a plain sum.
         # (A microbatch without supervised tokens has weight 0 and CE sums of 0, so the clamp changes nothing.)
-        compensation = total_global.float() / microbatch_tokens.clamp(min=1).float()  # 0-d, on the device
+        # In float64 (0-d): rounded to the loss dtype only at use, so a float64 run's gradients stay float64-exact.
+        compensation = total_global.double() / microbatch_tokens.clamp(min=1).double()  # 0-d, on the device
 
         losses: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=device)  # promoted to the loss dtype by the first dataset's share
         for name in names:
             if name not in outputs:  # zero-row part: no forward, contributes nothing
                 losses[name] = torch.zeros((), device=device)
@@ -214,9 +219,9 @@ class FlamingoComposerModel(ComposerModel):
             else:
                 ce_sum = token_cross_entropy_sum(output, labels)  # 0-d
             ce_share = ce_sum / n_global[name].clamp(min=1).to(ce_sum.dtype)  # share of the global CE mean
-            losses[name] = ce_share * compensation
+            losses[name] = ce_share * compensation.to(ce_share.dtype)
             total = total + self.loss_multipliers[name] * ce_share
-        losses["total"] = total * compensation
+        losses["total"] = total * compensation.to(total.dtype)
         return losses
 
     # ------------------------------------------------------------------------------------------------ eval

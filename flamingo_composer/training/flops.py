@@ -87,6 +87,7 @@ class FlamingoFlops:
     head_weights: int
     head_grad: bool
     head_on_supervised_only: bool  # the training loss projects only the supervised positions (a head module)
+    media_token_id: int
 
     @classmethod
     def of(cls, model: nn.Module) -> FlamingoFlops:
@@ -135,13 +136,16 @@ class FlamingoFlops:
             head_weights=head.weight.numel() if head is not None else 0,
             head_grad=grad_below,
             head_on_supervised_only=model.output_head is not None,
+            media_token_id=int(model.media_token_id),
         )
 
     @staticmethod
-    def _trained_attention(shape: AttentionShape, queries: int, keys: int) -> float:
-        """Training FLOPs (6N per weight and token, attention core 3x) of a trainable attention block."""
+    def _trained_attention(shape: AttentionShape, queries: int, keys: int, core: float | None = None) -> float:
+        """Training FLOPs (6N per weight and token, attention core 3x) of a trainable attention block; `core`:
+        its forward attention-core FLOPs when they are not one (queries x keys) attention."""
         weights_tokens = shape.query_side * queries + shape.key_side * keys
-        return (FORWARD + ACTIVATION_GRAD + WEIGHT_GRAD) * weights_tokens + 3 * _attention_core(queries, keys, shape.inner)
+        core = _attention_core(queries, keys, shape.inner) if core is None else core
+        return (FORWARD + ACTIVATION_GRAD + WEIGHT_GRAD) * weights_tokens + 3 * core
 
     def perceiver_per_image(self, media_tokens: int) -> float:
         """Resampling one image: latents attend to its tokens + the latents."""
@@ -152,16 +156,27 @@ class FlamingoFlops:
         """The output projection at `positions` tokens (with its activation gradient when one is needed)."""
         return (FORWARD + (ACTIVATION_GRAD if self.head_grad else 0)) * self.head_weights * positions
 
-    def lm_layers_per_sample(self, text_tokens: int, media_tokens: int) -> float:
-        """LM decoder layers (frozen) plus cross-attention blocks on one sequence of `text_tokens`."""
+    def lm_layers_per_sample(self, text_tokens: int, media_tokens: int, image_runs: int) -> float:
+        """LM decoder layers (frozen) plus cross-attention blocks on one sequence of `text_tokens`.
+
+        The cross-attention core runs per image: `image_runs` (T_img x the batch's longest run of one image's
+        text, `cross_attention.image_segments`) queries against each image's `num_latents` latents.
+        """
         flops = 0.0
         for layer in self.lm_layers:
             if layer.cross_attention is not None:
-                flops += self._trained_attention(layer.cross_attention, text_tokens, media_tokens)
+                core = _attention_core(image_runs, self.num_latents, layer.cross_attention.inner)
+                flops += self._trained_attention(layer.cross_attention, text_tokens, media_tokens, core)
             weight_passes = FORWARD + (ACTIVATION_GRAD if layer.grad_below else 0)
             flops += weight_passes * layer.decoder_weights * text_tokens
             flops += (3 if layer.grad_below else 1) * _attention_core(text_tokens, text_tokens, self.lm_hidden)
         return flops
+
+    def _longest_image_run(self, input_ids: Any, t_img: int) -> int:
+        """The longest run of one image's text in the sub-batch (at least 1), as the cross-attention pads to."""
+        text_time = (torch.as_tensor(input_ids) == self.media_token_id).cumsum(-1)  # (B, L)
+        slots = torch.arange(1, t_img + 1)
+        return max(1, int((text_time.unsqueeze(1) == slots[None, :, None]).sum(-1).max()))
 
     def per_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """{dataset: training FLOPs} of one per-rank batch `{'laion': sub, 'mmc4': sub}` (absent datasets omitted)."""
@@ -174,7 +189,8 @@ class FlamingoFlops:
             vision = self.vision_per_image * images * frames
             perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images
             text_tokens = sub["input_ids"].shape[1]
-            lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents) * b
+            runs = t_img * self._longest_image_run(sub["input_ids"], t_img)
+            lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents, runs) * b
             labels = sub.get("labels")
             if self.head_on_supervised_only and labels is not None:  # what the loss projects (recompute not counted)
                 head = self.head(int((torch.as_tensor(labels)[:, 1:] != -100).sum()))
