@@ -11,12 +11,12 @@ import torchvision.transforms.functional as TF
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-from flamingo_composer.data.synthetic import (
+from flamingo_composer.models.embeddings import add_flamingo_tokens
+from flamingo_composer.shards.synthetic import (
     SYNTHETIC_MIN_IMAGE_BYTES,
     SyntheticConfig,
     write_synthetic_dataset,
 )
-from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.vocab import build_tiny_tokenizer
 
 IMAGE_SIDE = 16

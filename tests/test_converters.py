@@ -1,4 +1,4 @@
-"""Shard converters (flamingo_composer/data/convert.py, tools/convert_*.py) and the data benchmark script.
+"""Shard converters (flamingo_composer/shards/convert.py, tools/convert_*.py) and the data benchmark script.
 
 Round trips compare against the source shards read with `tarfile` directly (not through the converter's reader)
 and against the MDS shards the synthetic generator writes itself.
@@ -23,13 +23,13 @@ import pytest
 from streaming.base.format import reader_from_json
 from tool_modules import load_tool
 
-from flamingo_composer.data.convert import (
+from flamingo_composer.data.mds import BYTES_RANGE_FIELD, mmc4_doc_from_mds
+from flamingo_composer.shards.convert import (
     convert_img2dataset_to_mds,
     convert_raw_mmc4,
     convert_wds_to_mds,
 )
-from flamingo_composer.data.mds_format import BYTES_RANGE_FIELD, mmc4_doc_from_mds
-from flamingo_composer.data.synthetic import SyntheticConfig, make_mmc4_document, write_synthetic_dataset
+from flamingo_composer.shards.synthetic import SyntheticConfig, make_mmc4_document, write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["convert_wds_to_mds.py", "convert_mmc4_raw.py", "convert_img2dataset_to_mds.py", "bench_data.py"]
@@ -367,8 +367,7 @@ def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     """Both output formats feed the training preprocessing the same documents and images."""
     import torchvision.transforms.functional as TF
 
-    from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-    from flamingo_composer.data.processors import MMC4Processor
+    from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor
     from flamingo_composer.models.embeddings import add_flamingo_tokens
     from flamingo_composer.vocab import build_tiny_tokenizer
 

@@ -18,7 +18,7 @@ from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.text import SpecialTokens
+from flamingo_composer.special_tokens import SpecialTokens
 
 
 def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens) -> None:

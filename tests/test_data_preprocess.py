@@ -12,18 +12,18 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from flamingo_composer.data.collate import collate_laion, collate_mmc4
+from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+from flamingo_composer.data.items import SkipCounter, SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
-from flamingo_composer.data.mds_format import (
+from flamingo_composer.data.mds import (
     LAION_MDS_COLUMNS,
     MMC4_MDS_COLUMNS,
     mmc4_doc_from_mds,
     mmc4_doc_to_mds,
 )
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, preprocess_mmc4
-from flamingo_composer.data.rng import sample_rng
-from flamingo_composer.data.skips import SkipCounter, SkipSample
-from flamingo_composer.data.text import SpecialTokens, clean_text
+from flamingo_composer.data.text import clean_text
+from flamingo_composer.special_tokens import SpecialTokens
 from flamingo_composer.vocab import build_tiny_tokenizer
 
 IMAGE_SIZE = 32

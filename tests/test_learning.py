@@ -23,8 +23,8 @@ from step_utils import LossRecorder
 from train_helpers import RUN_YAML
 
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
 

@@ -18,13 +18,12 @@ from scipy.optimize import linear_sum_assignment
 from streaming import LocalDataset
 
 from flamingo_composer import vocab
-from flamingo_composer.data import synthetic
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
-from flamingo_composer.data.mds_format import mmc4_doc_from_mds
+from flamingo_composer.data.mds import mmc4_doc_from_mds
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, preprocess_mmc4
-from flamingo_composer.data.rng import sample_rng
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from flamingo_composer.shards import synthetic
+from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(

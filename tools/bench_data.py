@@ -76,7 +76,7 @@ def log(message: str) -> None:
 
 
 def load_manifest(root: Path) -> dict:
-    from flamingo_composer.data.synthetic import MANIFEST_NAME
+    from flamingo_composer.shards.synthetic import MANIFEST_NAME
 
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.data:
             return run(args, Path(args.data))
-        from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+        from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
         with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
             root = Path(tmp) / "synthetic"

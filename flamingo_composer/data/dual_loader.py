@@ -1,4 +1,5 @@
-"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step), its resume state, and its Composer DataSpec.
+"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step): items -> batches of SPEC 2's schema, and its
+resume state. (`dataspec` then cuts each batch into microbatches for the trainer.)
 
 Per dataset, a `SourceBatcher` in the main process pulls items from an endless reader (webdataset or MDS) through
 a DataLoader with `batch_size=None`, groups them into batches of exactly B valid samples, counts rejections by
@@ -10,7 +11,7 @@ min over datasets of epoch_size / (world size * B) (epoch_size defaults to the d
 rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
 
 Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, the readers' cursors
-(webdataset: per rank and logical worker, where that worker continues; see `webdataset_source`), plus the
+(webdataset: per rank and logical worker, where that worker continues; see `wds`), plus the
 batches already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The
 Trainer must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
 Exact with the same ranks and workers (MDS: any workers). Otherwise a logged approximation: MDS restarts at the
@@ -20,31 +21,81 @@ mean position, webdataset readers at a shard boundary at the saved readers' mean
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from composer.core import DataSpec
 from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from flamingo_composer.data.collate import collate_laion, collate_mmc4
-from flamingo_composer.data.config import DataConfig, DatasetConfig
-from flamingo_composer.data.processors import LaionProcessor, MMC4Processor
-from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, SkipCounter
-from flamingo_composer.data.stream_items import is_rejected, note_cursor, passthrough_collate
-from flamingo_composer.data.streaming_source import MDSItems, open_mds
-from flamingo_composer.data.text import SpecialTokens
-from flamingo_composer.data.webdataset_source import WebDatasetItems, count_local_samples, split_plan
+from flamingo_composer.data.config import DATASETS, DataConfig, DatasetConfig
+from flamingo_composer.data.items import (
+    EMPTY_SHARDS,
+    SHARD_ERROR,
+    SkipCounter,
+    is_rejected,
+    note_cursor,
+    passthrough_collate,
+)
+from flamingo_composer.data.laion import LaionProcessor
+from flamingo_composer.data.masking import count_supervised_tokens, laion_labels, mmc4_labels
+from flamingo_composer.data.mds import MDSItems, open_mds
+from flamingo_composer.data.mmc4 import MMC4Processor
+from flamingo_composer.data.wds import WebDatasetItems, count_local_samples, split_plan
+from flamingo_composer.special_tokens import SpecialTokens
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("laion", "mmc4")
 STATE_VERSION = 2  # 2: + webdataset reader cursors (version 1 re-read the stream from its start)
-PER_BATCH_KEYS = ("skipped", "position", "keys")
-NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)  # travel with the full batch, not with each microbatch
+NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation: preprocessed samples -> one sub-batch of SPEC 2's schema.
+
+
+def _stack(samples: Sequence[Mapping[str, torch.Tensor]], name: str, dataset: str) -> torch.Tensor:
+    shapes = {tuple(sample[name].shape) for sample in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"collate_{dataset}: samples disagree on the shape of {name!r}: {sorted(shapes)}")
+    return torch.stack([sample[name] for sample in samples])
+
+
+def _collate(samples, special: SpecialTokens, dataset: str, make_labels: Callable, skipped) -> dict:
+    if not samples:
+        raise ValueError(f"collate_{dataset}: no samples to collate")
+    input_ids = _stack(samples, "input_ids", dataset).long()  # (B, L)
+    attention_mask = _stack(samples, "attention_mask", dataset).long()  # (B, L)
+    vision_x = _stack(samples, "vision_x", dataset).float()  # (B, T_img, 1, 3, H, W)
+    if "image_mask" in samples[0]:
+        image_mask = _stack(samples, "image_mask", dataset).bool()  # (B, T_img)
+    else:
+        image_mask = torch.ones(vision_x.shape[:2], dtype=torch.bool)  # (B, T_img): LAION, one image each
+    labels = make_labels(input_ids, special, attention_mask)  # (B, L)
+    return {
+        "vision_x": vision_x,
+        "image_mask": image_mask,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "num_supervised_tokens": count_supervised_tokens(labels),  # 0-d long
+        "skipped": dict(skipped or {}),
+    }
+
+
+def collate_laion(samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None) -> dict:
+    """LAION samples from `preprocess_laion` -> batch; `skipped` = skip counts since the previous batch."""
+    return _collate(samples, special, "laion", laion_labels, skipped)
+
+
+def collate_mmc4(samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None) -> dict:
+    """MMC4 samples from `preprocess_mmc4` -> batch; `skipped` = skip counts since the previous batch."""
+    return _collate(samples, special, "mmc4", mmc4_labels, skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per dataset: an item stream -> batches of exactly B valid samples.
 
 
 class SourceBatcher:
@@ -379,99 +430,3 @@ class _bind_special:
 
     def __call__(self, samples, skipped=None) -> dict:
         return self.collate_fn(samples, self.special, skipped)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Composer DataSpec.
-
-
-def validate_microbatch_size(
-    laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int
-) -> None:
-    """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
-
-    microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).
-    """
-    sizes = f"laion batch_size={laion_batch_size}, mmc4 batch_size={mmc4_batch_size}, microbatch_size={microbatch_size}"
-    if not isinstance(microbatch_size, int) or microbatch_size < 1:
-        raise ValueError(f"microbatch size must be an int >= 1 ({sizes})")
-    lead = laion_batch_size if laion_batch_size is not None else mmc4_batch_size
-    if lead is None:
-        raise ValueError(f"no dataset enabled ({sizes})")
-    if lead % microbatch_size:
-        raise ValueError(f"microbatch size does not divide the batch into equal chunks ({sizes})")
-    chunks = lead // microbatch_size
-    if laion_batch_size is not None and mmc4_batch_size is not None and mmc4_batch_size % chunks:
-        raise ValueError(
-            f"{chunks} LAION chunks cannot cut the MMC4 batch into equal chunks ({sizes}); "
-            "choose sizes where mmc4 batch_size is a multiple of laion batch_size / microbatch_size"
-        )
-
-
-def _lead(batch: Mapping[str, Any]) -> str:
-    return "laion" if "laion" in batch else "mmc4"
-
-
-def _rows(sub: Mapping[str, Any]) -> int:
-    return int(sub["input_ids"].shape[0])
-
-
-def _is_row_tensor(field: str, value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and field != "num_supervised_tokens"
-
-
-def _model_part(sub: Mapping[str, Any], rows: slice | None) -> dict[str, Any]:
-    """The rows `rows` of a sub-batch (None: zero rows), with its whole-batch values; per-batch bookkeeping
-    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
-    return {
-        field: (value[rows] if rows is not None else value[:0]) if _is_row_tensor(field, value) else value
-        for field, value in sub.items()
-        if field not in PER_BATCH_KEYS
-    }
-
-
-def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
-    """One dataset per microbatch: the LAION chunks, then the MMC4 chunks (Composer passes the SIZE).
-
-    Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
-    auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
-    dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
-    normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
-    only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
-    runs one forward per backward.
-    """
-    microbatch_size = max(1, int(microbatch_size))
-    num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
-    chunks: list[dict[str, Any]] = []
-    for name, sub in batch.items():
-        bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
-        for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
-            chunks.append({
-                other: _model_part(part, rows if other == name else None) for other, part in batch.items()
-            })
-    return chunks
-
-
-def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
-    """LAION pairs + MMC4 documents."""
-    return sum(_rows(sub) for sub in batch.values())
-
-
-def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
-    """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
-    total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
-    supervised = sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
-    return {"total": total, "loss_generating": supervised}
-
-
-def build_dataspec(loader: Iterable[dict]) -> DataSpec:
-    """Composer DataSpec for the dual batch: our split and the sample/token counts of both datasets.
-
-    `loader` is a DualBatchLoader or any iterable of dual batches with a `batch_size` (tests, benchmarks).
-    """
-    return DataSpec(
-        loader,
-        split_batch=split_batch,
-        get_num_samples_in_batch=get_num_samples_in_batch,
-        get_num_tokens_in_batch=get_num_tokens_in_batch,
-    )

@@ -10,7 +10,7 @@ import warnings
 import torch
 from PIL import Image
 
-from flamingo_composer.data.skips import SkipSample
+from flamingo_composer.data.items import SkipSample
 
 
 def decode_base64(data: str | bytes | None, *, where: str = "image_base64") -> bytes:

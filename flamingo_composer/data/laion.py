@@ -1,17 +1,27 @@
-"""LAION-style image-text pair -> one training row (SPEC 2), or SkipSample."""
+"""LAION-style image-text pairs (SPEC 2): the preprocessing settings, one raw pair -> one training row (or
+SkipSample), and the processor the readers call in their workers.
+
+A raw pair is a webdataset sample (`KEY.jpg|jpeg|png|webp` + `KEY.txt` bytes under their extensions) or an MDS row
+(`mds.LAION_MDS_COLUMNS`). Its random choice (the flip) comes from a generator seeded by (dataset seed, stream
+epoch, sample key), so a resumed run repeats it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from flamingo_composer.data.images import decode_image, image_to_tensor
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.masking import count_supervised_tokens, laion_labels
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
-from flamingo_composer.data.tokenize import tokenize_right_padded
+from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
+from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens
+
+LAION_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first one present is the pair's image
 
 
 @dataclass
@@ -75,3 +85,24 @@ def preprocess_laion(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
     }
+
+
+class LaionProcessor:
+    """LAION pair (webdataset `jpg|jpeg|png|webp` + `txt`, or MDS `jpg` + `txt`) -> preprocess_laion's tensors."""
+
+    def __init__(self, tokenizer, image_transform, cfg: LaionPreprocessConfig, seed: int):
+        self.tokenizer, self.image_transform, self.cfg, self.seed = tokenizer, image_transform, cfg, seed
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def __call__(self, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, torch.Tensor]:
+        image = next((raw[name] for name in LAION_IMAGE_FIELDS if raw.get(name) is not None), None)
+        return preprocess_laion(
+            image,
+            raw.get("txt"),
+            key=str(key),
+            tokenizer=self.tokenizer,
+            image_transform=self.image_transform,
+            cfg=self.cfg,
+            rng=sample_rng(self.seed, epoch, key),
+            special=self.special,
+        )

@@ -1,4 +1,9 @@
-"""MMC4-style interleaved document -> one training row (SPEC 2 steps 1-6 with its fixes), or SkipSample.
+"""MMC4-style interleaved documents (SPEC 2 steps 1-6 with its fixes): the preprocessing settings, one raw
+document -> one training row (or SkipSample), and the processor the readers call in their workers.
+
+A raw document is a webdataset sample (`KEY.json` bytes with base64 images) or an MDS row
+(`mds.MMC4_MDS_COLUMNS`: the document and its original image bytes). Its random choices (flip, single-image
+drop) come from a generator seeded by (dataset seed, stream epoch, sample key), so a resumed run repeats them.
 
 Per-image problems (missing, too small, bad base64, undecodable) drop that image only, as the published MMC4
 data is full of missing images; a document left with no usable image is skipped. If every image failed for the
@@ -8,6 +13,7 @@ same reason that reason is counted (e.g. `bad_base64`), otherwise `no_usable_ima
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +22,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from flamingo_composer.data.images import decode_base64, decode_image, image_to_tensor
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
-from flamingo_composer.data.tokenize import tokenize_right_padded
+from flamingo_composer.data.mds import mmc4_doc_from_mds
+from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
+from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens
 
 
 @dataclass
@@ -214,3 +221,30 @@ def preprocess_mmc4(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
     }
+
+
+class MMC4Processor:
+    """MMC4 document (webdataset `json` bytes with base64 images, or MDS `doc` + `image_bytes`) -> tensors."""
+
+    def __init__(self, tokenizer, image_transform, cfg: MMC4PreprocessConfig, seed: int):
+        self.tokenizer, self.image_transform, self.cfg, self.seed = tokenizer, image_transform, cfg, seed
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def __call__(self, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, torch.Tensor]:
+        image_bytes = None
+        if "doc" in raw:  # MDS layout: original image bytes stored next to the document
+            doc, image_bytes = mmc4_doc_from_mds(raw)
+        elif raw.get("json") is not None:
+            doc = raw["json"]
+        else:
+            raise SkipSample("malformed_json", f"sample {key!r} has no .json member")
+        return preprocess_mmc4(
+            doc,
+            key=str(key),
+            tokenizer=self.tokenizer,
+            image_transform=self.image_transform,
+            cfg=self.cfg,
+            rng=sample_rng(self.seed, epoch, key),
+            image_bytes=image_bytes,
+            special=self.special,
+        )
