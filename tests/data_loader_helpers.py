@@ -6,8 +6,7 @@ import contextlib
 import signal
 from pathlib import Path
 
-import torch
-import torchvision.transforms.functional as TF
+import torchvision.transforms as T
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
@@ -54,9 +53,8 @@ def tokenizer():
     return tok
 
 
-def image_transform(image) -> torch.Tensor:
-    """A cheap stand-in for the CLIP eval transform: (3, 16, 16) float."""
-    return TF.to_tensor(image.resize((IMAGE_SIDE, IMAGE_SIDE)))
+# A cheap stand-in for the CLIP eval transform: PIL resize to (16, 16), then ToTensor (no Normalize).
+image_transform = T.Compose([T.Resize((IMAGE_SIDE, IMAGE_SIDE), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
 
 
 def laion_source(root: Path, fmt: str, split: str = "train") -> dict:

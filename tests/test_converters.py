@@ -365,7 +365,7 @@ def test_raw_mmc4_converts_and_reports_missing_and_broken_images(tmp_path, conta
 
 def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     """Both output formats feed the training preprocessing the same documents and images."""
-    import torchvision.transforms.functional as TF
+    import torchvision.transforms as T
 
     from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor
     from flamingo_composer.models.embeddings import add_flamingo_tokens
@@ -377,7 +377,7 @@ def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     tokenizer = build_tiny_tokenizer()
     add_flamingo_tokens(tokenizer)
     cfg = MMC4PreprocessConfig(max_tokens=64, max_num_images=3, min_image_bytes=0, single_image_drop_prob=0.0)
-    process = MMC4Processor(tokenizer, lambda image: TF.to_tensor(image.resize((8, 8))), cfg, seed=0)
+    process = MMC4Processor(tokenizer, T.Compose([T.Resize((8, 8)), T.ToTensor()]), cfg, seed=0)
 
     wds_rows = [
         (key, {"json": files["json"]})

@@ -31,7 +31,7 @@ def _assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
             assert got[name]["keys"] == want[name]["keys"]
             assert got[name]["position"] == want[name]["position"]
             assert got[name]["skipped"] == want[name]["skipped"]
-            for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
+            for field in ("images", "image_mask", "input_ids", "attention_mask", "labels"):
                 assert torch.equal(got[name][field], want[name][field]), (name, field)
 
 

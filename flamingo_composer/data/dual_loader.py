@@ -6,6 +6,10 @@ a DataLoader with `batch_size=None`, groups them into batches of exactly B valid
 reason (so the counts reach the trainer even when workers made them) and tracks the raw position (items
 consumed up to the last sample of the last batch).
 
+A batch leaves here compact: SPEC 2's text tensors and `image_mask`, plus `images` (N, 3, H, W) uint8 holding
+only the N real images, row by row (no zero slots), in pinned memory on GPU machines; the DataSpec turns them
+into the model's float `vision_x` on the device (`dataspec.ExpandImages`).
+
 Epochs: every source is an endless stream, and a loader epoch is a fixed number of batches,
 min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every
 rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
@@ -20,6 +24,7 @@ mean position, webdataset readers at a shard boundary at the saved readers' mean
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +35,7 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from flamingo_composer.data.config import DATASETS, DataConfig, DatasetConfig
+from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import (
     EMPTY_SHARDS,
     SHARD_ERROR,
@@ -52,46 +58,77 @@ NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per rea
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Collation: preprocessed samples -> one sub-batch of SPEC 2's schema.
+# Collation: preprocessed samples -> one sub-batch.
+
+LABELS = {"laion": laion_labels, "mmc4": mmc4_labels}
 
 
-def _stack(samples: Sequence[Mapping[str, torch.Tensor]], name: str, dataset: str) -> torch.Tensor:
-    shapes = {tuple(sample[name].shape) for sample in samples}
+def _join(tensors: Sequence[torch.Tensor], name: str, dataset: str, pin: bool, *, cat: bool = False) -> torch.Tensor:
+    """Stack (or concatenate) the samples' `name` tensors, straight into pinned memory when `pin`."""
+    shapes = {tuple(t.shape[1:] if cat else t.shape) for t in tensors}
     if len(shapes) != 1:
         raise ValueError(f"collate_{dataset}: samples disagree on the shape of {name!r}: {sorted(shapes)}")
-    return torch.stack([sample[name] for sample in samples])
+    shape = (sum(t.shape[0] for t in tensors), *shapes.pop()) if cat else (len(tensors), *shapes.pop())
+    out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.cat(tensors, out=out) if cat else torch.stack(tensors, out=out)
 
 
-def _collate(samples, special: SpecialTokens, dataset: str, make_labels: Callable, skipped) -> dict:
+def _collate(samples, special: SpecialTokens, dataset: str, skipped, pin_memory: bool) -> dict:
+    """Samples -> SPEC 2's text tensors + the compact images; see `collate_laion`."""
     if not samples:
         raise ValueError(f"collate_{dataset}: no samples to collate")
-    input_ids = _stack(samples, "input_ids", dataset).long()  # (B, L)
-    attention_mask = _stack(samples, "attention_mask", dataset).long()  # (B, L)
-    vision_x = _stack(samples, "vision_x", dataset).float()  # (B, T_img, 1, 3, H, W)
-    if "image_mask" in samples[0]:
-        image_mask = _stack(samples, "image_mask", dataset).bool()  # (B, T_img)
+    field = lambda name, **kw: _join([s[name] for s in samples], name, dataset, pin_memory, **kw)  # noqa: E731
+    input_ids, attention_mask = field("input_ids").long(), field("attention_mask").long()  # (B, L), (B, L)
+    if "labels" in samples[0]:
+        labels = field("labels")  # (B, L): masked once, per sample, in the workers
     else:
-        image_mask = torch.ones(vision_x.shape[:2], dtype=torch.bool)  # (B, T_img): LAION, one image each
-    labels = make_labels(input_ids, special, attention_mask)  # (B, L)
-    return {
-        "vision_x": vision_x,
-        "image_mask": image_mask,
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "num_supervised_tokens": count_supervised_tokens(labels),  # 0-d long
-        "skipped": dict(skipped or {}),
-    }
+        labels = LABELS[dataset](input_ids, special, attention_mask)  # (B, L): hand-built samples
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "images" in samples[0]:
+        for i, sample in enumerate(samples):
+            slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
+            if sample["images"].dtype != torch.uint8 or sample["images"].shape[0] != slots:
+                raise ValueError(
+                    f"collate_{dataset}: sample {i} has images {tuple(sample['images'].shape)} "
+                    f"{sample['images'].dtype} for {slots} image slots (expected uint8, one per slot)"
+                )
+        batch["images"] = field("images", cat=True)  # (N, 3, H, W) uint8: the real images, row by row
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): LAION
+    else:  # hand-built samples in the model's form (tests, tools/bench.py)
+        batch["vision_x"] = field("vision_x").float()  # (B, T_img, 1, 3, H, W)
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
+    batch["num_supervised_tokens"] = count_supervised_tokens(labels)  # 0-d long
+    if pin_memory:
+        batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
+    batch["skipped"] = dict(skipped or {})
+    return batch
 
 
-def collate_laion(samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None) -> dict:
-    """LAION samples from `preprocess_laion` -> batch; `skipped` = skip counts since the previous batch."""
-    return _collate(samples, special, "laion", laion_labels, skipped)
+def collate_laion(
+    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
+) -> dict:
+    """LAION samples -> sub-batch; `skipped` = skip counts since the previous batch of this dataset.
+
+    Samples from `preprocess_laion` give `images` (N, 3, H, W) uint8, the real images only, row by row, with
+    `image_mask` (B, T_img) (the DataSpec makes the model's float `vision_x` from them on the device); samples
+    built by hand in the model's form (`vision_x`, no labels) give `vision_x` and get their labels here. Plus
+    input_ids, attention_mask, labels (B, L), num_supervised_tokens (0-d), skipped. `pin_memory`: every tensor
+    in pinned memory, for asynchronous copies to the GPU.
+    """
+    return _collate(samples, special, "laion", skipped, pin_memory)
 
 
-def collate_mmc4(samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None) -> dict:
-    """MMC4 samples from `preprocess_mmc4` -> batch; `skipped` = skip counts since the previous batch."""
-    return _collate(samples, special, "mmc4", mmc4_labels, skipped)
+def collate_mmc4(
+    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
+) -> dict:
+    """MMC4 samples -> sub-batch; see `collate_laion`."""
+    return _collate(samples, special, "mmc4", skipped, pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +246,8 @@ class DualBatchLoader:
     """Yields `{'laion': sub, 'mmc4': sub}` (a disabled dataset is absent); `len()` batches per epoch.
 
     `rewind_each_epoch=True` (held-out evaluation) restarts every stream at item 0 on each `__iter__`, so every
-    evaluation sees the same batches.
+    evaluation sees the same batches. `image_transform`: the split transform whose normalisation the DataSpec
+    applies on the device (None: the batches carry the model's `vision_x` already).
     """
 
     def __init__(
@@ -220,6 +258,7 @@ class DualBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         rewind_each_epoch: bool = False,
+        image_transform: SplitImageTransform | None = None,
     ):
         if not batchers:
             raise ValueError("DualBatchLoader needs at least one dataset")
@@ -231,6 +270,7 @@ class DualBatchLoader:
         self.batchers = {name: batchers[name] for name in DATASETS if name in batchers}
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size, self.rewind_each_epoch = rank, world_size, rewind_each_epoch
+        self.image_transform = image_transform
         self.batches_in_epoch = 0
 
     @property
@@ -392,16 +432,24 @@ def build_dual_loader(
     world_size: int | None = None,
     for_eval: bool = False,
     return_keys: bool = False,
+    pin_memory: bool | None = None,
 ) -> DualBatchLoader:
-    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist)."""
+    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist).
+
+    `image_transform`: open_clip's eval transform (or any `SplitImageTransform.of` accepts); its PIL steps run in
+    the workers, its normalisation in the DataSpec (`loader.image_transform`). `pin_memory`: batches in pinned
+    memory (default: when CUDA is available).
+    """
     rank, world_size = _world(rank, world_size)
     special = SpecialTokens.from_tokenizer(tokenizer)
+    split = SplitImageTransform.of(image_transform)
+    pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     batchers, lengths = {}, []
     for name, cfg in data.enabled().items():
         processor_cls, collate_fn = (
             (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
         )
-        process = processor_cls(tokenizer, image_transform, cfg.preprocess, cfg.seed)
+        process = processor_cls(tokenizer, split, cfg.preprocess, cfg.seed)
         try:
             make_items, num_samples = _source(name, cfg, process, rank, world_size)
         except ValueError as exc:  # its messages start with the key ("shards: ..."): name the dataset too
@@ -411,22 +459,13 @@ def build_dual_loader(
             name,
             make_items,
             batch_size=cfg.batch_size,
-            collate=_bind_special(collate_fn, special),
+            collate=functools.partial(collate_fn, special=special, pin_memory=pin),
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor,
             max_consecutive_skips=cfg.max_consecutive_skips,
             return_keys=return_keys,
         )
     return DualBatchLoader(
-        batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval
-    )
-
-
-class _bind_special:
-    """collate(samples, skipped=...) with the special-token ids bound (picklable, unlike a lambda)."""
-
-    def __init__(self, collate_fn: Callable, special: SpecialTokens):
-        self.collate_fn, self.special = collate_fn, special
-
-    def __call__(self, samples, skipped=None) -> dict:
-        return self.collate_fn(samples, self.special, skipped)
+        batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval,
+        image_transform=split,
+    )  # fmt: skip
