@@ -471,3 +471,4 @@ def test_bench_data_prints_one_json_line_per_configuration(synthetic, capsys):
     for line in lines:
         for part in ("laion", "mmc4", "total"):
             assert line[part]["samples_per_s"] > 0 and line[part]["samples_per_s_per_worker"] > 0
+        assert line["feed"]["ratio"] > 0 and line["feed"]["gpu_step"]["batch"] == {"laion": 64, "mmc4": 32}
