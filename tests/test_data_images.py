@@ -301,3 +301,14 @@ def test_a_kept_image_that_does_not_decode_is_dropped_and_matching_runs_again(to
     expected = run(without)  # as if the broken image had never been there (the eager pipeline's result)
     assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
     assert tok.convert_ids_to_tokens(out["input_ids"][:2].tolist()) == ["<image>", "a"]  # good moved to sentence 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_expansion_on_the_gpu_equals_the_cpu_one(tok, special, clip_transform):
+    """As the trainer runs it: a pinned batch, copied without blocking, expanded on the GPU."""
+    sub, expected = mmc4_batch(tok, special, clip_transform)
+    pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sub.items()}
+    on_gpu = {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in pinned.items()}
+    vision_x = ExpandImages(SplitImageTransform.of(clip_transform))({"mmc4": on_gpu})["mmc4"]["vision_x"]
+    assert vision_x.device.type == "cuda"
+    torch.testing.assert_close(vision_x.cpu(), expected, atol=1e-6, rtol=0)
