@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Regenerated (from scratch) only when the generator changes; a re-install alone keeps the data.
-$(DATA)/.complete: tools/make_synthetic_data.py flamingo_composer/data/synthetic.py flamingo_composer/vocab.py | $(STAMP)
+$(DATA)/.complete: tools/make_synthetic_data.py flamingo_composer/shards/synthetic.py flamingo_composer/vocab.py | $(STAMP)
 	rm -rf $(DATA)
 	$(BIN)/python tools/make_synthetic_data.py --out $(DATA) --format both
 	touch $@

@@ -6,17 +6,16 @@ import contextlib
 import signal
 from pathlib import Path
 
-import torch
-import torchvision.transforms.functional as TF
+import torchvision.transforms as T
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-from flamingo_composer.data.synthetic import (
+from flamingo_composer.models.embeddings import add_flamingo_tokens
+from flamingo_composer.shards.synthetic import (
     SYNTHETIC_MIN_IMAGE_BYTES,
     SyntheticConfig,
     write_synthetic_dataset,
 )
-from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.vocab import build_tiny_tokenizer
 
 IMAGE_SIDE = 16
@@ -54,9 +53,8 @@ def tokenizer():
     return tok
 
 
-def image_transform(image) -> torch.Tensor:
-    """A cheap stand-in for the CLIP eval transform: (3, 16, 16) float."""
-    return TF.to_tensor(image.resize((IMAGE_SIDE, IMAGE_SIDE)))
+# A cheap stand-in for the CLIP eval transform: PIL resize to (16, 16), then ToTensor (no Normalize).
+image_transform = T.Compose([T.Resize((IMAGE_SIDE, IMAGE_SIDE), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
 
 
 def laion_source(root: Path, fmt: str, split: str = "train") -> dict:

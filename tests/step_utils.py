@@ -102,8 +102,8 @@ def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len:
     Token sequences follow SPEC 2's formats (`<image>caption<|endofchunk|>eos`, interleaved documents with a
     varying number of images and some empty image slots); labels come from the data pipeline's collate.
     """
-    from flamingo_composer.data.collate import collate_laion, collate_mmc4
-    from flamingo_composer.data.text import SpecialTokens
+    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(tokenizer)
     words = torch.tensor(_word_ids(tokenizer))
@@ -141,7 +141,7 @@ def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
     """The MMC4 part of `batch` alone, with `rows` turned into text-only documents: every `<image>` replaced by a
     word, no image in any slot (their labels are then all ignored, as SPEC 2's masking says)."""
     from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
-    from flamingo_composer.data.text import SpecialTokens
+    from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(tokenizer)
     sub = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch["mmc4"].items()}
@@ -214,7 +214,7 @@ class BatchList:
 
 def dual_dataspec(batches: list[dict]) -> DataSpec:
     """The data pipeline's DataSpec (split, sample and token counts) over fixed batches."""
-    from flamingo_composer.data.dual_loader import build_dataspec
+    from flamingo_composer.data.dataspec import build_dataspec
 
     return build_dataspec(BatchList(batches))
 

@@ -1,4 +1,4 @@
-"""Shard converters (flamingo_composer/data/convert.py, tools/convert_*.py) and the data benchmark script.
+"""Shard converters (flamingo_composer/shards/convert.py, tools/convert_*.py) and the data benchmark script.
 
 Round trips compare against the source shards read with `tarfile` directly (not through the converter's reader)
 and against the MDS shards the synthetic generator writes itself.
@@ -23,13 +23,13 @@ import pytest
 from streaming.base.format import reader_from_json
 from tool_modules import load_tool
 
-from flamingo_composer.data.convert import (
+from flamingo_composer.data.mds import BYTES_RANGE_FIELD, mmc4_doc_from_mds
+from flamingo_composer.shards.convert import (
     convert_img2dataset_to_mds,
     convert_raw_mmc4,
     convert_wds_to_mds,
 )
-from flamingo_composer.data.mds_format import BYTES_RANGE_FIELD, mmc4_doc_from_mds
-from flamingo_composer.data.synthetic import SyntheticConfig, make_mmc4_document, write_synthetic_dataset
+from flamingo_composer.shards.synthetic import SyntheticConfig, make_mmc4_document, write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["convert_wds_to_mds.py", "convert_mmc4_raw.py", "convert_img2dataset_to_mds.py", "bench_data.py"]
@@ -365,10 +365,9 @@ def test_raw_mmc4_converts_and_reports_missing_and_broken_images(tmp_path, conta
 
 def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     """Both output formats feed the training preprocessing the same documents and images."""
-    import torchvision.transforms.functional as TF
+    import torchvision.transforms as T
 
-    from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-    from flamingo_composer.data.processors import MMC4Processor
+    from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor
     from flamingo_composer.models.embeddings import add_flamingo_tokens
     from flamingo_composer.vocab import build_tiny_tokenizer
 
@@ -378,7 +377,7 @@ def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     tokenizer = build_tiny_tokenizer()
     add_flamingo_tokens(tokenizer)
     cfg = MMC4PreprocessConfig(max_tokens=64, max_num_images=3, min_image_bytes=0, single_image_drop_prob=0.0)
-    process = MMC4Processor(tokenizer, lambda image: TF.to_tensor(image.resize((8, 8))), cfg, seed=0)
+    process = MMC4Processor(tokenizer, T.Compose([T.Resize((8, 8)), T.ToTensor()]), cfg, seed=0)
 
     wds_rows = [
         (key, {"json": files["json"]})
@@ -472,3 +471,4 @@ def test_bench_data_prints_one_json_line_per_configuration(synthetic, capsys):
     for line in lines:
         for part in ("laion", "mmc4", "total"):
             assert line[part]["samples_per_s"] > 0 and line[part]["samples_per_s_per_worker"] > 0
+        assert line["feed"]["ratio"] > 0 and line["feed"]["gpu_step"]["batch"] == {"laion": 64, "mmc4": 32}

@@ -6,14 +6,14 @@ import pytest
 import torch
 from composer.core import DataSpec
 
-from flamingo_composer.data.dual_loader import (
-    DualBatchLoader,
+from flamingo_composer.data.dataspec import (
     build_dataspec,
     get_num_samples_in_batch,
     get_num_tokens_in_batch,
     split_batch,
     validate_microbatch_size,
 )
+from flamingo_composer.data.dual_loader import DualBatchLoader
 
 
 def _sub(rows: int, slots: int, length: int, offset: int) -> dict:

@@ -16,8 +16,8 @@ from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig
 from flamingo_composer.data.dual_loader import NAMED_REJECTIONS_PER_REASON, build_dual_loader
-from flamingo_composer.data.streaming_source import open_mds
-from flamingo_composer.data.webdataset_source import count_local_samples, shard_samples
+from flamingo_composer.data.mds import open_mds
+from flamingo_composer.data.wds import count_local_samples, shard_samples
 
 
 def _totals(loader, batches: int) -> tuple[dict[str, Counter], dict[str, list]]:

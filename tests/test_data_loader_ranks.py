@@ -11,10 +11,10 @@ from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.processors import LaionProcessor
-from flamingo_composer.data.stream_items import passthrough_collate
-from flamingo_composer.data.streaming_source import MDSItems, open_mds
-from flamingo_composer.data.webdataset_source import WebDatasetItems, split_plan
+from flamingo_composer.data.items import passthrough_collate
+from flamingo_composer.data.laion import LaionProcessor
+from flamingo_composer.data.mds import MDSItems, open_mds
+from flamingo_composer.data.wds import WebDatasetItems, split_plan
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.processors import LaionProcessor
-from flamingo_composer.data.stream_items import note_cursor, passthrough_collate
-from flamingo_composer.data.streaming_source import MDSItems, open_mds
-from flamingo_composer.data.webdataset_source import WebDatasetItems
+from flamingo_composer.data.items import note_cursor, passthrough_collate
+from flamingo_composer.data.laion import LaionProcessor
+from flamingo_composer.data.mds import MDSItems, open_mds
+from flamingo_composer.data.wds import WebDatasetItems
 
 
 def endless(loader):
@@ -31,7 +31,7 @@ def _assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
             assert got[name]["keys"] == want[name]["keys"]
             assert got[name]["position"] == want[name]["position"]
             assert got[name]["skipped"] == want[name]["skipped"]
-            for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
+            for field in ("images", "image_mask", "input_ids", "attention_mask", "labels"):
                 assert torch.equal(got[name][field], want[name][field]), (name, field)
 
 

@@ -17,18 +17,25 @@ from data_loader_helpers import (
 from data_loader_helpers import image_transform as transform
 
 from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
+from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.text import SpecialTokens
+from flamingo_composer.special_tokens import SpecialTokens
 
 
-def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens) -> None:
-    assert sub["vision_x"].shape == (batch_size, num_slots, 1, 3, IMAGE_SIDE, IMAGE_SIDE)
-    assert sub["vision_x"].dtype == torch.float32
+def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens,
+               expand: ExpandImages) -> None:
+    # The loader's compact form: uint8 images of the real slots only.
     assert sub["image_mask"].shape == (batch_size, num_slots) and sub["image_mask"].dtype == torch.bool
+    assert sub["images"].shape == (int(sub["image_mask"].sum()), 3, IMAGE_SIDE, IMAGE_SIDE)
+    assert sub["images"].dtype == torch.uint8 and "vision_x" not in sub
     for name in ("input_ids", "attention_mask", "labels"):
         assert sub[name].shape == (batch_size, length) and sub[name].dtype == torch.long, name
-    # image_mask marks exactly the slots holding an image, one per surviving <image> token.
-    filled = sub["vision_x"].flatten(2).abs().sum(-1) > 0  # (B, T_img)
+    # The model's form (the DataSpec's device transform): image_mask marks exactly the slots holding an image,
+    # one per surviving <image> token.
+    vision_x = expand({"x": sub})["x"]["vision_x"]
+    assert vision_x.shape == (batch_size, num_slots, 1, 3, IMAGE_SIDE, IMAGE_SIDE)
+    assert vision_x.dtype == torch.float32
+    filled = vision_x.flatten(2).abs().sum(-1) > 0  # (B, T_img)
     assert torch.equal(sub["image_mask"], filled)
     assert torch.equal(sub["image_mask"].sum(1), (sub["input_ids"] == special.media).sum(1))
     supervised = sub["labels"][:, 1:] != -100
@@ -48,10 +55,11 @@ def test_batches_follow_the_schema(root, tok, fmt):
     batches = list(itertools.islice(iter(loader), 3))
     loader.close()
     positions = {"laion": 0, "mmc4": 0}
+    expand = ExpandImages(loader.image_transform)
     for batch in batches:
         assert set(batch) == {"laion", "mmc4"}
-        _check_sub(batch["laion"], 4, 1, 32, special)
-        _check_sub(batch["mmc4"], 2, MAX_IMAGES, MMC4_TOKENS, special)
+        _check_sub(batch["laion"], 4, 1, 32, special, expand)
+        _check_sub(batch["mmc4"], 2, MAX_IMAGES, MMC4_TOKENS, special, expand)
         for name, sub in batch.items():
             # Every raw item consumed went into the batch or into its skip counts.
             consumed = sub["position"] - positions[name]

@@ -14,11 +14,11 @@ from data_loader_helpers import data_config, deadline
 from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
-from flamingo_composer.data import webdataset_source
+from flamingo_composer.data import wds
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.processors import LaionProcessor
-from flamingo_composer.data.stream_items import note_cursor, passthrough_collate
-from flamingo_composer.data.webdataset_source import ShardCursor, WebDatasetItems
+from flamingo_composer.data.items import note_cursor, passthrough_collate
+from flamingo_composer.data.laion import LaionProcessor
+from flamingo_composer.data.wds import ShardCursor, WebDatasetItems
 
 SHARD_SIZE = 16  # SMALL_DATA: 96 LAION train pairs in 6 shards
 LATE = 60  # batches of 4 before the checkpoint: about 270 items, each reader 2-3 passes in
@@ -31,7 +31,7 @@ def _shards(root: Path, split: str = "train") -> list[str]:
 def _instrument(monkeypatch, log: Path) -> None:
     """From now on, log every raw sample read from a shard and every item a reader yields, with the reading
     process's pid (DataLoader workers are forked, so they inherit the patches)."""
-    read_shard, iterate = webdataset_source.shard_samples, WebDatasetItems.__iter__
+    read_shard, iterate = wds.shard_samples, WebDatasetItems.__iter__
 
     def write(what: str, url: str = "") -> None:
         with open(log, "a") as handle:
@@ -47,7 +47,7 @@ def _instrument(monkeypatch, log: Path) -> None:
             write("item")
             yield item
 
-    monkeypatch.setattr(webdataset_source, "shard_samples", counted_shard_samples)
+    monkeypatch.setattr(wds, "shard_samples", counted_shard_samples)
     monkeypatch.setattr(WebDatasetItems, "__iter__", logged_iter)
 
 

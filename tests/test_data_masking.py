@@ -3,7 +3,7 @@
 import torch
 
 from flamingo_composer.data.masking import IGNORE_INDEX, count_supervised_tokens, laion_labels, mmc4_labels
-from flamingo_composer.data.text import SpecialTokens
+from flamingo_composer.special_tokens import SpecialTokens
 
 # Ids of the reference fixture (its README): endofchunk 618, image 619, pad 620, eos 0.
 SPECIAL = SpecialTokens(media=619, endofchunk=618, pad=620, eos=0)

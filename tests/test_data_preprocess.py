@@ -12,18 +12,20 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from flamingo_composer.data.collate import collate_laion, collate_mmc4
+from flamingo_composer.data.dataspec import ExpandImages
+from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.data.items import SkipCounter, SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
-from flamingo_composer.data.mds_format import (
+from flamingo_composer.data.mds import (
     LAION_MDS_COLUMNS,
     MMC4_MDS_COLUMNS,
     mmc4_doc_from_mds,
     mmc4_doc_to_mds,
 )
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, preprocess_mmc4
-from flamingo_composer.data.rng import sample_rng
-from flamingo_composer.data.skips import SkipCounter, SkipSample
-from flamingo_composer.data.text import SpecialTokens, clean_text
+from flamingo_composer.data.text import clean_text
+from flamingo_composer.special_tokens import SpecialTokens
 from flamingo_composer.vocab import build_tiny_tokenizer
 
 IMAGE_SIZE = 32
@@ -68,7 +70,18 @@ def b64(data: bytes) -> str:
 
 
 def pixels_of(image_bytes: bytes, transform) -> torch.Tensor:
+    """The float pipeline: the whole transform on the decoded image."""
     return transform(Image.open(io.BytesIO(image_bytes)).convert("RGB"))  # (3, H, W)
+
+
+def model_pixels(out: dict, transform) -> torch.Tensor:
+    """A sample's uint8 images as the model gets them (the DataSpec's device step): (n, 3, H, W) float."""
+    return SplitImageTransform.of(transform).normalize(out["images"])
+
+
+def model_vision_x(batch: dict, transform) -> torch.Tensor:
+    """A collated sub-batch's zero-padded vision_x (B, T_img, 1, 3, H, W), made as the DataSpec makes it."""
+    return ExpandImages(SplitImageTransform.of(transform))({"sub": batch})["sub"]["vision_x"]
 
 
 class ScriptedRng:
@@ -177,7 +190,7 @@ def test_laion_from_fixture_raw_equals_reference_batch(reference):
     assert torch.equal(out["input_ids"], ref["lang_x"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
     assert torch.equal(out["labels"], ref["labels"])
-    torch.testing.assert_close(out["vision_x"], ref["vision_x"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model_vision_x(out, transform), ref["vision_x"], atol=1e-6, rtol=0)
 
 
 def test_mmc4_from_fixture_raw_equals_reference_batch(reference):
@@ -201,7 +214,7 @@ def test_mmc4_from_fixture_raw_equals_reference_batch(reference):
     assert torch.equal(out["input_ids"], ref["lang_x"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
     assert torch.equal(out["labels"], ref["labels"])
-    torch.testing.assert_close(out["vision_x"], ref["vision_x"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model_vision_x(out, transform), ref["vision_x"], atol=1e-6, rtol=0)
     # Document 1 lost a 1,208-byte image, an empty base64 and a 0.12 similarity: two images survive.
     assert out["image_mask"].tolist() == [[True, True, True], [True, True, False]]
 
@@ -212,15 +225,13 @@ def test_mmc4_from_fixture_raw_equals_reference_batch(reference):
 def test_laion_sample_shapes_dtypes_and_text(tok, special, transform):
     image = jpeg(RED)
     out = laion(image, "  a red circle at the left  ", tok, transform, max_tokens=12)
-    assert (
-        out["vision_x"].shape == (1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["vision_x"].dtype == torch.float32
-    )
+    assert out["images"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["images"].dtype == torch.uint8
     assert out["input_ids"].shape == (12,) and out["input_ids"].dtype == torch.long
     assert out["attention_mask"].tolist() == [1] * 9 + [0] * 3
     assert tokens(tok, out["input_ids"]) == (
         ["<image>", "a", "red", "circle", "at", "the", "left", "<|endofchunk|>", "<|endoftext|>"]
     )
-    torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(image, transform))
+    torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(image, transform))
 
 
 def test_laion_truncates_to_max_tokens(tok, transform):
@@ -231,15 +242,15 @@ def test_laion_truncates_to_max_tokens(tok, transform):
 
 def test_laion_flip_is_one_seeded_coin(tok, transform):
     image = jpeg(RED, noise=40)
-    plain = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.9), random_flip=True)["vision_x"]
-    flipped = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.1), random_flip=True)["vision_x"]
+    plain = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.9), random_flip=True)["images"]
+    flipped = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.1), random_flip=True)["images"]
     torch.testing.assert_close(flipped, torch.flip(plain, dims=[-1]))
     assert not torch.equal(plain, flipped)
-    never = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.1), random_flip=False)["vision_x"]
+    never = laion(image, "a red circle", tok, transform, rng=ScriptedRng(0.1), random_flip=False)["images"]
     assert torch.equal(never, plain)
     runs = [
         laion(image, "a red circle", tok, transform, rng=sample_rng(7, 0, "key-3"), random_flip=True)[
-            "vision_x"
+            "images"
         ]
         for _ in range(2)
     ]
@@ -295,12 +306,10 @@ def test_mmc4_non_monotonic_assignment_orders_images_by_sentence(tok, special, t
         "<image> a green square. some text. <|endofchunk|> <image> a red circle. <|endofchunk|> <|endoftext|>"
     )
     assert out["image_mask"].tolist() == [True, True, False]
-    torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(jpeg(GREEN), transform))
-    torch.testing.assert_close(out["vision_x"][1, 0], pixels_of(jpeg(RED), transform))
-    assert not out["vision_x"][2].any()
-    assert (
-        out["vision_x"].shape == (3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and out["image_mask"].dtype == torch.bool
-    )
+    torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(jpeg(GREEN), transform))
+    torch.testing.assert_close(model_pixels(out, transform)[1], pixels_of(jpeg(RED), transform))
+    assert out["images"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and out["images"].dtype == torch.uint8
+    assert out["image_mask"].dtype == torch.bool
 
 
 def test_mmc4_text_formatting(tok, transform):
@@ -340,8 +349,8 @@ def test_mmc4_max_num_images_cut_in_sentence_order(tok, transform):
             "<image> a red circle . <|endofchunk|> <image> a green bar . a blue star . <|endofchunk|> <|endoftext|>"
         ).split()
     )
-    torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(jpeg(RED), transform))
-    torch.testing.assert_close(out["vision_x"][1, 0], pixels_of(jpeg(GREEN), transform))
+    torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(jpeg(RED), transform))
+    torch.testing.assert_close(model_pixels(out, transform)[1], pixels_of(jpeg(GREEN), transform))
 
 
 def test_mmc4_truncation_removes_an_image(tok, special, transform):
@@ -350,7 +359,7 @@ def test_mmc4_truncation_removes_an_image(tok, special, transform):
     out = mmc4(doc, tok, transform, max_tokens=9, max_num_images=3)
     assert tokens(tok, out["input_ids"]) == "<image> a red circle at the left . <|endofchunk|>".split()
     assert out["image_mask"].tolist() == [True, False, False]
-    assert not out["vision_x"][1:].any()
+    assert out["images"].shape[0] == 1
     # The same document with room for both images keeps both.
     assert mmc4(doc, tok, transform, max_tokens=24, max_num_images=3)["image_mask"].tolist() == [
         True,
@@ -407,8 +416,8 @@ def test_mmc4_flip_applies_to_all_images_of_a_document(tok, transform):
     doc = make_doc(["a red circle .", "a blue bar ."], colors, [[0.3, 0.1], [0.1, 0.3]])
     for info, color in zip(doc["image_info"], colors):
         info["image_base64"] = b64(jpeg(color, noise=40))
-    plain = mmc4(doc, tok, transform, rng=ScriptedRng(0.9, 0.9), random_flip=True)["vision_x"]
-    flipped = mmc4(doc, tok, transform, rng=ScriptedRng(0.1, 0.9), random_flip=True)["vision_x"]
+    plain = mmc4(doc, tok, transform, rng=ScriptedRng(0.9, 0.9), random_flip=True)["images"]
+    flipped = mmc4(doc, tok, transform, rng=ScriptedRng(0.1, 0.9), random_flip=True)["images"]
     torch.testing.assert_close(flipped, torch.flip(plain, dims=[-1]))
     assert not torch.equal(plain[:2], flipped[:2])
 
@@ -439,7 +448,7 @@ def test_mmc4_default_min_image_bytes_filters_small_images(tok, transform):
         rng=ScriptedRng(0.9, 0.9),
     )
     assert out["image_mask"].sum() == 1  # the small image is not used even though it matches better
-    torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(big, transform))
+    torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(big, transform))
 
 
 def _good_doc():
@@ -517,7 +526,7 @@ def test_mmc4_one_bad_image_drops_only_that_image(tok, transform):
     doc["image_info"][0]["image_base64"] = "!!not base64!!"
     out = mmc4(doc, tok, transform, max_tokens=16)
     assert out["image_mask"].sum() == 1
-    torch.testing.assert_close(out["vision_x"][0, 0], pixels_of(jpeg(BLUE), transform))
+    torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(jpeg(BLUE), transform))
 
 
 def test_mmc4_image_too_small_when_all_images_small(tok, transform):
@@ -544,11 +553,9 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
         for c, name in [(RED, "red"), (BLUE, "blue")]
     ]
     batch = collate_laion(laion_samples, special, skipped={"corrupt_image": 2})
-    assert (
-        batch["vision_x"].shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
-        and batch["vision_x"].dtype == torch.float32
-    )
+    assert batch["images"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["images"].dtype == torch.uint8
     assert batch["image_mask"].shape == (2, 1) and batch["image_mask"].all()
+    assert model_vision_x(batch, transform).shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 8)
     # per row: a, <color>, circle, <|endofchunk|>, eos supervised -> 5 targets each
     assert batch["num_supervised_tokens"].dim() == 0 and int(batch["num_supervised_tokens"]) == 10
@@ -561,8 +568,9 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
         ),
     ]
     batch = collate_mmc4(docs, special)
-    assert batch["vision_x"].shape == (2, 6, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["images"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)  # the real images only: 2 + 1
     assert batch["image_mask"].tolist() == [[True, True] + [False] * 4, [True] + [False] * 5]
+    assert model_vision_x(batch, transform).shape == (2, 6, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
     labels = batch["labels"]
     expected = [
         "a red circle . <|endofchunk|> a blue bar . <|endofchunk|>".split(),

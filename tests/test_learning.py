@@ -15,6 +15,7 @@ fastest of the settings tried. Mixing MMC4 in slows the LAION gap: LAION alone r
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,10 @@ import torch
 from step_utils import LossRecorder
 from train_helpers import RUN_YAML
 
+from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
 
@@ -59,8 +61,9 @@ def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
         "data.laion.batch_size=32", "data.mmc4.batch_size=16", "data.laion.shuffle=false", "data.mmc4.shuffle=false",
     ])  # fmt: skip
     bundle = build_flamingo(cfg.model)
-    loader = iter(build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform, for_eval=True))
-    return [next(loader) for _ in range(count)]
+    loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform, for_eval=True)
+    to_model = ExpandImages(loader.image_transform)  # the DataSpec's device step: uint8 images -> vision_x
+    return [to_model(batch) for batch in itertools.islice(iter(loader), count)]
 
 
 def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:

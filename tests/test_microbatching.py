@@ -76,7 +76,7 @@ def test_logged_losses_are_global_token_means(batch, full_batch_step):
 
 def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
     """Sensitivity check: the reference's per-microbatch means give other gradients on this batch."""
-    from flamingo_composer.data.dual_loader import split_batch
+    from flamingo_composer.data.dataspec import split_batch
 
     flamingo = tiny_bundle().model
 

@@ -18,13 +18,13 @@ from scipy.optimize import linear_sum_assignment
 from streaming import LocalDataset
 
 from flamingo_composer import vocab
-from flamingo_composer.data import synthetic
+from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
-from flamingo_composer.data.mds_format import mmc4_doc_from_mds
+from flamingo_composer.data.mds import mmc4_doc_from_mds
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, preprocess_mmc4
-from flamingo_composer.data.rng import sample_rng
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from flamingo_composer.shards import synthetic
+from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(
@@ -192,7 +192,8 @@ def test_samples_preprocess_and_images_follow_sentence_order(data_dir):
             image = Image.open(
                 io.BytesIO(base64.b64decode(doc["image_info"][index]["image_base64"]))
             ).convert("RGB")
-            assert np.allclose(out["vision_x"][slot, 0].numpy(), transform(image).numpy())
+            pixels = SplitImageTransform.of(transform).normalize(out["images"][slot])  # the device step
+            assert np.allclose(pixels.numpy(), transform(image).numpy())
 
 
 def test_bad_every_breaks_samples_with_known_reasons(tmp_path):

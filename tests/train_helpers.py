@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data_loader_helpers import synthetic_once
 
-from flamingo_composer.data.synthetic import SYNTHETIC_MIN_IMAGE_BYTES, SyntheticConfig
+from flamingo_composer.shards.synthetic import SYNTHETIC_MIN_IMAGE_BYTES, SyntheticConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_YAML = REPO_ROOT / "yamls" / "run.yaml"

@@ -59,7 +59,7 @@ def ensure_synthetic_data(config: str, overrides: list[str]) -> None:
     root, size = variables.get("data_root"), variables.get("synthetic_image_size")
     if root is None or size is None or Path(root).exists():
         return
-    from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
     print(f"bench: generating synthetic data at {root} ({size} px)", file=sys.stderr)
     write_synthetic_dataset(
@@ -87,8 +87,8 @@ class MemoryBatches:
 
 def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], count: int = 4) -> list[dict]:
     """Dual batches of the config's shapes, token ids from the tokenizer, labels from the pipeline's collate."""
-    from flamingo_composer.data.collate import collate_laion, collate_mmc4
-    from flamingo_composer.data.text import SpecialTokens
+    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    from flamingo_composer.special_tokens import SpecialTokens
     from flamingo_composer.vocab import WORDS
 
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -193,7 +193,7 @@ def peak_memory() -> tuple[int, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from flamingo_composer.data.dual_loader import build_dataspec
+    from flamingo_composer.data.dataspec import build_dataspec
     from flamingo_composer.training.config import load_config
     from flamingo_composer.training.run import train_from_config
 

@@ -40,7 +40,7 @@ def _overrides(data_root: Path, out_dir: Path, mixed_init: bool) -> list[str]:
 
 
 def _min_image_bytes() -> int:
-    from flamingo_composer.data.synthetic import SYNTHETIC_MIN_IMAGE_BYTES
+    from flamingo_composer.shards.synthetic import SYNTHETIC_MIN_IMAGE_BYTES
 
     return SYNTHETIC_MIN_IMAGE_BYTES
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker[0], args.lm, args.worker[1:])
         return 0
 
-    from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
     composer = str(Path(sys.executable).parent / "composer")
     with tempfile.TemporaryDirectory() as tmp:

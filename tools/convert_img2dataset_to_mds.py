@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flamingo_composer.data.convert_cli import add_output_args, run_converter
+from flamingo_composer.shards.cli import add_output_args, run_converter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so --help does not wait for torch and streaming.
-    from flamingo_composer.data.convert import convert_img2dataset_to_mds
+    from flamingo_composer.shards.convert import convert_img2dataset_to_mds
 
     return run_converter(
         "convert_img2dataset_to_mds",

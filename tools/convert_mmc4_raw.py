@@ -12,7 +12,7 @@ converts the inputs that exist and lists the missing ones (the public release la
 if none exists, or if any is missing with --require-all. A damaged (cut) zip is reported by name and every
 complete document before the damage is kept. `--format wds`
 writes KEY.json documents with image_base64 (the reference's MMC4 shard layout); `--format mds` writes the MDS
-layout of flamingo_composer.data.mds_format. Both keep each image's original bytes. Missing and undecodable
+layout of flamingo_composer.data.mds. Both keep each image's original bytes. Missing and undecodable
 images are reported (their image_info entry is kept without bytes, so the similarity matrix still lines up);
 documents with no usable image are skipped. Exit status 1 when nothing was written, 2 on bad
 arguments or missing inputs.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flamingo_composer.data.convert_cli import add_output_args, add_require_all_arg, run_converter
+from flamingo_composer.shards.cli import add_output_args, add_require_all_arg, run_converter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing, so --help does not wait for torch and streaming.
-    from flamingo_composer.data.convert import convert_raw_mmc4
+    from flamingo_composer.shards.convert import convert_raw_mmc4
 
     return run_converter(
         "convert_mmc4_raw",

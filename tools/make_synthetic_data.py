@@ -2,7 +2,7 @@
 """Generate the built-in synthetic LAION-style and MMC4-style data (webdataset tars and/or MDS).
 
 Example: python tools/make_synthetic_data.py --out data/synthetic --format both --seed 0
-See flamingo_composer/data/synthetic.py for the layout; recipes on this data set mmc4.min_image_bytes to the
+See flamingo_composer/shards/synthetic.py for the layout; recipes on this data set mmc4.min_image_bytes to the
 manifest's recommended value (the 64 px images are far below MMC4's 11 kB default).
 """
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-# Defaults mirror flamingo_composer.data.synthetic.SyntheticConfig; imported lazily so --help stays instant.
+# Defaults mirror flamingo_composer.shards.synthetic.SyntheticConfig; imported lazily so --help stays instant.
 DEFAULTS = dict(
     seed=0, num_laion=4000, num_laion_val=256, num_mmc4=1000, num_mmc4_val=128, image_size=64,
     laion_shard_size=500, mmc4_shard_size=125, bad_every=0,
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from flamingo_composer.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 
     cfg = SyntheticConfig(
         seed=args.seed,

@@ -297,9 +297,9 @@ def reference_batch(pair: OraclePair, seed: int, *, mmc4_max_tokens: int = 64, m
 
 
 def ours_batch(pair: OraclePair, batch: ReferenceBatch, dtype: torch.dtype = torch.float32) -> dict:
-    """The same tensors in our schema, labels from OUR masking (`flamingo_composer.data.collate`)."""
-    from flamingo_composer.data.collate import collate_laion, collate_mmc4
-    from flamingo_composer.data.text import SpecialTokens
+    """The same tensors in our schema, labels from OUR masking (`flamingo_composer.data.dual_loader`)."""
+    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(pair.ours.tokenizer)
     images, (ids, mask) = batch.laion

@@ -18,6 +18,10 @@ from webdataset.shardlists import expand_urls
 from flamingo_composer.data.laion import LaionPreprocessConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
 
+# The dataset names, in forward order (LAION, then MMC4, as the reference does): the keys of a batch, of the loss
+# and of the metrics; `DataConfig` has one field per name.
+DATASETS = ("laion", "mmc4")
+
 
 def is_remote_url(url: str) -> bool:
     """True for `pipe:` commands and scheme URLs (s3://, gs://, http(s)://...); False for local paths / file:."""
@@ -209,7 +213,7 @@ class DataConfig:
 
     def enabled(self) -> dict[str, DatasetConfig]:
         """{'laion': cfg, 'mmc4': cfg} for the enabled datasets, LAION first."""
-        return {name: cfg for name, cfg in (("laion", self.laion), ("mmc4", self.mmc4)) if cfg.enabled}
+        return {name: getattr(self, name) for name in DATASETS if getattr(self, name).enabled}
 
     def batch_sizes(self) -> tuple[int | None, int | None]:
         """(LAION batch size, MMC4 batch size) per rank; None for a disabled dataset."""

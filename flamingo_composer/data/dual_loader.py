@@ -1,16 +1,21 @@
-"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step), its resume state, and its Composer DataSpec.
+"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step): items -> batches of SPEC 2's schema, and its
+resume state. (`dataspec` then cuts each batch into microbatches for the trainer.)
 
 Per dataset, a `SourceBatcher` in the main process pulls items from an endless reader (webdataset or MDS) through
 a DataLoader with `batch_size=None`, groups them into batches of exactly B valid samples, counts rejections by
 reason (so the counts reach the trainer even when workers made them) and tracks the raw position (items
 consumed up to the last sample of the last batch).
 
+A batch leaves here compact: SPEC 2's text tensors and `image_mask`, plus `images` (N, 3, H, W) uint8 holding
+only the N real images, row by row (no zero slots), in pinned memory on GPU machines; the DataSpec turns them
+into the model's float `vision_x` on the device (`dataspec.ExpandImages`).
+
 Epochs: every source is an endless stream, and a loader epoch is a fixed number of batches,
 min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every
 rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
 
 Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, the readers' cursors
-(webdataset: per rank and logical worker, where that worker continues; see `webdataset_source`), plus the
+(webdataset: per rank and logical worker, where that worker continues; see `wds`), plus the
 batches already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The
 Trainer must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
 Exact with the same ranks and workers (MDS: any workers). Otherwise a logged approximation: MDS restarts at the
@@ -19,32 +24,115 @@ mean position, webdataset readers at a shard boundary at the saved readers' mean
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from composer.core import DataSpec
 from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from flamingo_composer.data.collate import collate_laion, collate_mmc4
-from flamingo_composer.data.config import DataConfig, DatasetConfig
-from flamingo_composer.data.processors import LaionProcessor, MMC4Processor
-from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, SkipCounter
-from flamingo_composer.data.stream_items import is_rejected, note_cursor, passthrough_collate
-from flamingo_composer.data.streaming_source import MDSItems, open_mds
-from flamingo_composer.data.text import SpecialTokens
-from flamingo_composer.data.webdataset_source import WebDatasetItems, count_local_samples, split_plan
+from flamingo_composer.data.config import DATASETS, DataConfig, DatasetConfig
+from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.data.items import (
+    EMPTY_SHARDS,
+    SHARD_ERROR,
+    SkipCounter,
+    is_rejected,
+    note_cursor,
+    passthrough_collate,
+)
+from flamingo_composer.data.laion import LaionProcessor
+from flamingo_composer.data.masking import count_supervised_tokens, laion_labels, mmc4_labels
+from flamingo_composer.data.mds import MDSItems, open_mds
+from flamingo_composer.data.mmc4 import MMC4Processor
+from flamingo_composer.data.wds import WebDatasetItems, count_local_samples, split_plan
+from flamingo_composer.special_tokens import SpecialTokens
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("laion", "mmc4")
 STATE_VERSION = 2  # 2: + webdataset reader cursors (version 1 re-read the stream from its start)
-PER_BATCH_KEYS = ("skipped", "position", "keys")
-NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)  # travel with the full batch, not with each microbatch
+NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation: preprocessed samples -> one sub-batch.
+
+LABELS = {"laion": laion_labels, "mmc4": mmc4_labels}
+
+
+def _join(tensors: Sequence[torch.Tensor], name: str, dataset: str, pin: bool, *, cat: bool = False) -> torch.Tensor:
+    """Stack (or concatenate) the samples' `name` tensors, straight into pinned memory when `pin`."""
+    shapes = {tuple(t.shape[1:] if cat else t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"collate_{dataset}: samples disagree on the shape of {name!r}: {sorted(shapes)}")
+    shape = (sum(t.shape[0] for t in tensors), *shapes.pop()) if cat else (len(tensors), *shapes.pop())
+    out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.cat(tensors, out=out) if cat else torch.stack(tensors, out=out)
+
+
+def _collate(samples, special: SpecialTokens, dataset: str, skipped, pin_memory: bool) -> dict:
+    """Samples -> SPEC 2's text tensors + the compact images; see `collate_laion`."""
+    if not samples:
+        raise ValueError(f"collate_{dataset}: no samples to collate")
+    field = lambda name, **kw: _join([s[name] for s in samples], name, dataset, pin_memory, **kw)  # noqa: E731
+    input_ids, attention_mask = field("input_ids").long(), field("attention_mask").long()  # (B, L), (B, L)
+    if "labels" in samples[0]:
+        labels = field("labels")  # (B, L): masked once, per sample, in the workers
+    else:
+        labels = LABELS[dataset](input_ids, special, attention_mask)  # (B, L): hand-built samples
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "images" in samples[0]:
+        for i, sample in enumerate(samples):
+            slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
+            if sample["images"].dtype != torch.uint8 or sample["images"].shape[0] != slots:
+                raise ValueError(
+                    f"collate_{dataset}: sample {i} has images {tuple(sample['images'].shape)} "
+                    f"{sample['images'].dtype} for {slots} image slots (expected uint8, one per slot)"
+                )
+        batch["images"] = field("images", cat=True)  # (N, 3, H, W) uint8: the real images, row by row
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): LAION
+    else:  # hand-built samples in the model's form (tests, tools/bench.py)
+        batch["vision_x"] = field("vision_x").float()  # (B, T_img, 1, 3, H, W)
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
+    batch["num_supervised_tokens"] = count_supervised_tokens(labels)  # 0-d long
+    if pin_memory:
+        batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
+    batch["skipped"] = dict(skipped or {})
+    return batch
+
+
+def collate_laion(
+    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
+) -> dict:
+    """LAION samples -> sub-batch; `skipped` = skip counts since the previous batch of this dataset.
+
+    Samples from `preprocess_laion` give `images` (N, 3, H, W) uint8, the real images only, row by row, with
+    `image_mask` (B, T_img) (the DataSpec makes the model's float `vision_x` from them on the device); samples
+    built by hand in the model's form (`vision_x`, no labels) give `vision_x` and get their labels here. Plus
+    input_ids, attention_mask, labels (B, L), num_supervised_tokens (0-d), skipped. `pin_memory`: every tensor
+    in pinned memory, for asynchronous copies to the GPU.
+    """
+    return _collate(samples, special, "laion", skipped, pin_memory)
+
+
+def collate_mmc4(
+    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
+) -> dict:
+    """MMC4 samples -> sub-batch; see `collate_laion`."""
+    return _collate(samples, special, "mmc4", skipped, pin_memory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per dataset: an item stream -> batches of exactly B valid samples.
 
 
 class SourceBatcher:
@@ -158,7 +246,8 @@ class DualBatchLoader:
     """Yields `{'laion': sub, 'mmc4': sub}` (a disabled dataset is absent); `len()` batches per epoch.
 
     `rewind_each_epoch=True` (held-out evaluation) restarts every stream at item 0 on each `__iter__`, so every
-    evaluation sees the same batches.
+    evaluation sees the same batches. `image_transform`: the split transform whose normalisation the DataSpec
+    applies on the device (None: the batches carry the model's `vision_x` already).
     """
 
     def __init__(
@@ -169,6 +258,7 @@ class DualBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         rewind_each_epoch: bool = False,
+        image_transform: SplitImageTransform | None = None,
     ):
         if not batchers:
             raise ValueError("DualBatchLoader needs at least one dataset")
@@ -180,6 +270,7 @@ class DualBatchLoader:
         self.batchers = {name: batchers[name] for name in DATASETS if name in batchers}
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size, self.rewind_each_epoch = rank, world_size, rewind_each_epoch
+        self.image_transform = image_transform
         self.batches_in_epoch = 0
 
     @property
@@ -341,16 +432,24 @@ def build_dual_loader(
     world_size: int | None = None,
     for_eval: bool = False,
     return_keys: bool = False,
+    pin_memory: bool | None = None,
 ) -> DualBatchLoader:
-    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist)."""
+    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist).
+
+    `image_transform`: open_clip's eval transform (or any `SplitImageTransform.of` accepts); its PIL steps run in
+    the workers, its normalisation in the DataSpec (`loader.image_transform`). `pin_memory`: batches in pinned
+    memory (default: when CUDA is available).
+    """
     rank, world_size = _world(rank, world_size)
     special = SpecialTokens.from_tokenizer(tokenizer)
+    split = SplitImageTransform.of(image_transform)
+    pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     batchers, lengths = {}, []
     for name, cfg in data.enabled().items():
         processor_cls, collate_fn = (
             (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
         )
-        process = processor_cls(tokenizer, image_transform, cfg.preprocess, cfg.seed)
+        process = processor_cls(tokenizer, split, cfg.preprocess, cfg.seed)
         try:
             make_items, num_samples = _source(name, cfg, process, rank, world_size)
         except ValueError as exc:  # its messages start with the key ("shards: ..."): name the dataset too
@@ -360,118 +459,13 @@ def build_dual_loader(
             name,
             make_items,
             batch_size=cfg.batch_size,
-            collate=_bind_special(collate_fn, special),
+            collate=functools.partial(collate_fn, special=special, pin_memory=pin),
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor,
             max_consecutive_skips=cfg.max_consecutive_skips,
             return_keys=return_keys,
         )
     return DualBatchLoader(
-        batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval
-    )
-
-
-class _bind_special:
-    """collate(samples, skipped=...) with the special-token ids bound (picklable, unlike a lambda)."""
-
-    def __init__(self, collate_fn: Callable, special: SpecialTokens):
-        self.collate_fn, self.special = collate_fn, special
-
-    def __call__(self, samples, skipped=None) -> dict:
-        return self.collate_fn(samples, self.special, skipped)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Composer DataSpec.
-
-
-def validate_microbatch_size(
-    laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int
-) -> None:
-    """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
-
-    microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).
-    """
-    sizes = f"laion batch_size={laion_batch_size}, mmc4 batch_size={mmc4_batch_size}, microbatch_size={microbatch_size}"
-    if not isinstance(microbatch_size, int) or microbatch_size < 1:
-        raise ValueError(f"microbatch size must be an int >= 1 ({sizes})")
-    lead = laion_batch_size if laion_batch_size is not None else mmc4_batch_size
-    if lead is None:
-        raise ValueError(f"no dataset enabled ({sizes})")
-    if lead % microbatch_size:
-        raise ValueError(f"microbatch size does not divide the batch into equal chunks ({sizes})")
-    chunks = lead // microbatch_size
-    if laion_batch_size is not None and mmc4_batch_size is not None and mmc4_batch_size % chunks:
-        raise ValueError(
-            f"{chunks} LAION chunks cannot cut the MMC4 batch into equal chunks ({sizes}); "
-            "choose sizes where mmc4 batch_size is a multiple of laion batch_size / microbatch_size"
-        )
-
-
-def _lead(batch: Mapping[str, Any]) -> str:
-    return "laion" if "laion" in batch else "mmc4"
-
-
-def _rows(sub: Mapping[str, Any]) -> int:
-    return int(sub["input_ids"].shape[0])
-
-
-def _is_row_tensor(field: str, value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and field != "num_supervised_tokens"
-
-
-def _model_part(sub: Mapping[str, Any], rows: slice | None) -> dict[str, Any]:
-    """The rows `rows` of a sub-batch (None: zero rows), with its whole-batch values; per-batch bookkeeping
-    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
-    return {
-        field: (value[rows] if rows is not None else value[:0]) if _is_row_tensor(field, value) else value
-        for field, value in sub.items()
-        if field not in PER_BATCH_KEYS
-    }
-
-
-def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
-    """One dataset per microbatch: the LAION chunks, then the MMC4 chunks (Composer passes the SIZE).
-
-    Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
-    auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
-    dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
-    normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
-    only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
-    runs one forward per backward.
-    """
-    microbatch_size = max(1, int(microbatch_size))
-    num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
-    chunks: list[dict[str, Any]] = []
-    for name, sub in batch.items():
-        bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
-        for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
-            chunks.append({
-                other: _model_part(part, rows if other == name else None) for other, part in batch.items()
-            })
-    return chunks
-
-
-def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
-    """LAION pairs + MMC4 documents."""
-    return sum(_rows(sub) for sub in batch.values())
-
-
-def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
-    """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
-    total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
-    supervised = sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
-    return {"total": total, "loss_generating": supervised}
-
-
-def build_dataspec(loader: Iterable[dict]) -> DataSpec:
-    """Composer DataSpec for the dual batch: our split and the sample/token counts of both datasets.
-
-    `loader` is a DualBatchLoader or any iterable of dual batches with a `batch_size` (tests, benchmarks).
-    """
-    return DataSpec(
-        loader,
-        split_batch=split_batch,
-        get_num_samples_in_batch=get_num_samples_in_batch,
-        get_num_tokens_in_batch=get_num_tokens_in_batch,
-    )
+        batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval,
+        image_transform=split,
+    )  # fmt: skip

@@ -1,17 +1,28 @@
-"""LAION-style image-text pair -> one training row (SPEC 2), or SkipSample."""
+"""LAION-style image-text pairs (SPEC 2): the preprocessing settings, one raw pair -> one training row (or
+SkipSample), and the processor the readers call in their workers.
+
+A raw pair is a webdataset sample (`KEY.jpg|jpeg|png|webp` + `KEY.txt` bytes under their extensions) or an MDS row
+(`mds.LAION_MDS_COLUMNS`). Its random choice (the flip) comes from a generator seeded by (dataset seed, stream
+epoch, sample key), so a resumed run repeats it. The row's labels are computed here, once (the batcher stacks
+them), and its image leaves the worker as uint8 (see `images`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from flamingo_composer.data.images import decode_image, image_to_tensor
+from flamingo_composer.data.images import SplitImageTransform, decode_image
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.masking import count_supervised_tokens, laion_labels
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
-from flamingo_composer.data.tokenize import tokenize_right_padded
+from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
+from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens
+
+LAION_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the first one present is the pair's image
 
 
 @dataclass
@@ -51,8 +62,9 @@ def preprocess_laion(
 ) -> dict[str, torch.Tensor]:
     """Text = "<image>" + caption.strip() + "<|endofchunk|>" + eos, right-padded/truncated to cfg.max_tokens.
 
-    Returns vision_x (1, 1, 3, H, W), input_ids (L,), attention_mask (L,). `special` may be passed to avoid
-    looking the ids up per sample.
+    Returns images (1, 3, H, W) uint8 (`image_transform`'s PIL steps; a `SplitImageTransform` or a transform it
+    can split), input_ids (L,), attention_mask (L,) and labels (L,). `special` may be passed to avoid looking the
+    ids up per sample.
     """
     flip = bool(cfg.random_flip) and bool(rng.random() < 0.5)  # one coin per sample
     text = clean_text(decode_caption(caption, key=key), tokenizer).strip()
@@ -64,14 +76,32 @@ def preprocess_laion(
     input_ids, attention_mask = tokenize_right_padded(
         tokenizer, f"{MEDIA_TOKEN}{text}{ENDOFCHUNK_TOKEN}{tokenizer.eos_token}", cfg.max_tokens
     )  # (L,), (L,)
-    if count_supervised_tokens(laion_labels(input_ids[None], special, attention_mask[None])) == 0:
+    labels = laion_labels(input_ids[None], special, attention_mask[None])[0]  # (L,)
+    if count_supervised_tokens(labels[None]) == 0:
         raise SkipSample(
             "no_supervised_tokens", f"sample {key!r} keeps no caption token at max_tokens={cfg.max_tokens}"
         )
+    pixels = SplitImageTransform.of(image_transform).to_uint8(image, flip)  # (3, H, W) uint8
+    return {"images": pixels[None], "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    pixels = image_to_tensor(image, image_transform, flip)  # (3, H, W)
-    return {
-        "vision_x": pixels[None, None],  # (1, 1, 3, H, W)
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-    }
+
+class LaionProcessor:
+    """LAION pair (webdataset `jpg|jpeg|png|webp` + `txt`, or MDS `jpg` + `txt`) -> preprocess_laion's tensors."""
+
+    def __init__(self, tokenizer, image_transform, cfg: LaionPreprocessConfig, seed: int):
+        self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
+        self.image_transform = SplitImageTransform.of(image_transform)  # split once, not per sample
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def __call__(self, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, torch.Tensor]:
+        image = next((raw[name] for name in LAION_IMAGE_FIELDS if raw.get(name) is not None), None)
+        return preprocess_laion(
+            image,
+            raw.get("txt"),
+            key=str(key),
+            tokenizer=self.tokenizer,
+            image_transform=self.image_transform,
+            cfg=self.cfg,
+            rng=sample_rng(self.seed, epoch, key),
+            special=self.special,
+        )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from flamingo_composer.data.text import SpecialTokens
+from flamingo_composer.special_tokens import SpecialTokens
 
 IGNORE_INDEX = -100
 

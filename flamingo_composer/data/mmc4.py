@@ -1,13 +1,26 @@
-"""MMC4-style interleaved document -> one training row (SPEC 2 steps 1-6 with its fixes), or SkipSample.
+"""MMC4-style interleaved documents (SPEC 2 steps 1-6 with its fixes): the preprocessing settings, one raw
+document -> one training row (or SkipSample), and the processor the readers call in their workers.
+
+A raw document is a webdataset sample (`KEY.json` bytes with base64 images) or an MDS row
+(`mds.MMC4_MDS_COLUMNS`: the document and its original image bytes). Its random choices (flip, single-image
+drop) come from a generator seeded by (dataset seed, stream epoch, sample key), so a resumed run repeats them.
 
 Per-image problems (missing, too small, bad base64, undecodable) drop that image only, as the published MMC4
 data is full of missing images; a document left with no usable image is skipped. If every image failed for the
 same reason that reason is counted (e.g. `bad_base64`), otherwise `no_usable_image`.
+
+Images are decoded lazily: step 1 checks only what needs no decode (bytes present, valid base64, at least
+`min_image_bytes`); matching, cutting and truncation (steps 2-5) then decide which images the row keeps, and only
+those are decoded. A kept image that fails to decode is dropped and steps 2-5 run again without it, so every
+image of the row decodes; an image the row does not keep is never decoded, even if it is corrupt (it still
+takes part in the matching, as an image that looks valid). The row's labels are computed here, once, and its
+images leave the worker as uint8 (see `images`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +28,12 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from flamingo_composer.data.images import decode_base64, decode_image, image_to_tensor
+from flamingo_composer.data.images import SplitImageTransform, check_image_bytes, decode_base64, decode_image
+from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
-from flamingo_composer.data.skips import SkipSample
-from flamingo_composer.data.text import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens, clean_text, require_utf8
-from flamingo_composer.data.tokenize import tokenize_right_padded
+from flamingo_composer.data.mds import mmc4_doc_from_mds
+from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
+from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens
 
 
 @dataclass
@@ -99,14 +113,14 @@ def _validated_fields(doc: Any, key: str) -> tuple[list[str], list[dict], np.nda
     return sentences, image_info, sim
 
 
-def _usable_images(image_info: list[dict], image_bytes: list[bytes | None] | None, cfg, key: str):
-    """Step 1: indices and decoded RGB images of the valid images; SkipSample when none is valid."""
+def _image_candidates(image_info: list[dict], image_bytes: list[bytes | None] | None, cfg, key: str):
+    """Step 1 without decoding: ({image index: bytes} of the images that pass the byte checks, the failures)."""
     if image_bytes is not None and len(image_bytes) != len(image_info):
         raise SkipSample(
             "malformed_json",
             f"document {key!r}: {len(image_bytes)} image byte strings for {len(image_info)} image_info entries",
         )
-    indices, images, failures = [], [], []
+    candidates, failures = {}, []
     for i, info in enumerate(image_info):
         where = f"document {key!r} image_info[{i}]"
         try:
@@ -114,15 +128,17 @@ def _usable_images(image_info: list[dict], image_bytes: list[bytes | None] | Non
                 raw = decode_base64(info.get("image_base64"), where=f"{where}.image_base64")
             else:
                 raw = image_bytes[i]
-            images.append(decode_image(raw, min_bytes=cfg.min_image_bytes, where=where))
-            indices.append(i)
+            candidates[i] = check_image_bytes(raw, min_bytes=cfg.min_image_bytes, where=where)
         except SkipSample as skip:
             failures.append(skip)
-    if not indices:
-        reasons = {skip.reason for skip in failures}
-        reason = reasons.pop() if len(reasons) == 1 else "no_usable_image"
-        raise SkipSample(reason, f"document {key!r} has no usable image ({'; '.join(map(str, failures))})")
-    return indices, images
+    return candidates, failures
+
+
+def _no_usable_image(failures: list[SkipSample], key: str) -> SkipSample:
+    """Every image failed: the common reason if there is one, else `no_usable_image`."""
+    reasons = {skip.reason for skip in failures}
+    reason = reasons.pop() if len(reasons) == 1 else "no_usable_image"
+    return SkipSample(reason, f"document {key!r} has no usable image ({'; '.join(map(str, failures))})")
 
 
 def _assign_images(sim: np.ndarray, threshold: float, max_num_images: int) -> list[tuple[int, int]]:
@@ -151,36 +167,16 @@ def format_interleaved_text(sentences: list[str], image_sentences: list[int], eo
     return f"{text}{ENDOFCHUNK_TOKEN}{eos_token}"
 
 
-def preprocess_mmc4(
-    doc: dict | str | bytes,
-    *,
-    key: str,
-    tokenizer,
-    image_transform,
-    cfg: MMC4PreprocessConfig,
-    rng: np.random.Generator,
-    image_bytes: list[bytes | None] | None = None,
-    special: SpecialTokens | None = None,
-) -> dict[str, torch.Tensor]:
-    """One document -> vision_x (T, 1, 3, H, W) zero-padded, image_mask (T,) bool, input_ids (L,), attention_mask (L,).
-
-    T = cfg.max_num_images. Images come from `image_info[i]['image_base64']` (webdataset layout) or, when given,
-    from `image_bytes` (MDS layout: original bytes, None for a missing image).
-    """
-    # Both coins drawn up front, so each decision depends only on (seed, epoch, key), not on the code path.
-    flip_coin, drop_coin = rng.random(), rng.random()
-    if isinstance(doc, str | bytes):
-        doc = parse_mmc4_json(doc, key=key)
-    sentences, image_info, sim = _validated_fields(doc, key)
-    valid_indices, images = _usable_images(image_info, image_bytes, cfg, key)
-
-    pairs = _assign_images(sim[valid_indices], cfg.sim_threshold, cfg.max_num_images)
+def _row_of(
+    candidates: list[int], sentences: list[str], sim: np.ndarray, *, tokenizer, cfg, special, drop_coin, key: str
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2-5 over the candidate images: (kept image indices in token order, input_ids (L,), attention_mask
+    (L,), labels (L,)), or SkipSample."""
+    pairs = _assign_images(sim[candidates], cfg.sim_threshold, cfg.max_num_images)
     if not pairs:
         raise SkipSample(
             "low_similarity", f"document {key!r}: no image-sentence similarity reaches {cfg.sim_threshold}"
         )
-    special = special or SpecialTokens.from_tokenizer(tokenizer)
-    sentences = [clean_text(sentence, tokenizer) for sentence in sentences]
     text = format_interleaved_text(sentences, [sentence for _, sentence in pairs], tokenizer.eos_token)
     input_ids, attention_mask = tokenize_right_padded(tokenizer, text, cfg.max_tokens)  # (L,), (L,)
 
@@ -197,20 +193,97 @@ def preprocess_mmc4(
             raise SkipSample("single_image_dropped", f"document {key!r} keeps a single image")
         if input_ids[-1] == special.media:
             raise SkipSample("no_supervised_tokens", f"document {key!r}: its only <image> is the last token")
-    if count_supervised_tokens(mmc4_labels(input_ids[None], special, attention_mask[None])) == 0:
+    labels = mmc4_labels(input_ids[None], special, attention_mask[None])[0]  # (L,)
+    if count_supervised_tokens(labels[None]) == 0:
         raise SkipSample("no_supervised_tokens", f"document {key!r} keeps no supervised token")
+    kept = [candidates[row] for row, _ in pairs[:num_image_tokens]]  # the surviving <image> tokens' images
+    return kept, input_ids, attention_mask, labels
 
-    # Step 6: images of the surviving <image> tokens, in token order; other slots zero.
+
+def preprocess_mmc4(
+    doc: dict | str | bytes,
+    *,
+    key: str,
+    tokenizer,
+    image_transform,
+    cfg: MMC4PreprocessConfig,
+    rng: np.random.Generator,
+    image_bytes: list[bytes | None] | None = None,
+    special: SpecialTokens | None = None,
+) -> dict[str, torch.Tensor]:
+    """One document -> images (n, 3, H, W) uint8 of its n kept images in token order, image_mask (T,) bool (the
+    first n slots), input_ids (L,), attention_mask (L,), labels (L,).
+
+    T = cfg.max_num_images. Images come from `image_info[i]['image_base64']` (webdataset layout) or, when given,
+    from `image_bytes` (MDS layout: original bytes, None for a missing image). `image_transform`: a
+    `SplitImageTransform` or a transform it can split.
+    """
+    # Both coins drawn up front, so each decision depends only on (seed, epoch, key), not on the code path.
+    flip_coin, drop_coin = rng.random(), rng.random()
+    if isinstance(doc, str | bytes):
+        doc = parse_mmc4_json(doc, key=key)
+    sentences, image_info, sim = _validated_fields(doc, key)
+    candidates, failures = _image_candidates(image_info, image_bytes, cfg, key)  # step 1, no decode
+    special = special or SpecialTokens.from_tokenizer(tokenizer)
+    sentences = [clean_text(sentence, tokenizer) for sentence in sentences]
+
+    decoded = {}  # image index -> RGB image, for the kept images only
+    while True:
+        if not candidates:
+            raise _no_usable_image(failures, key)
+        kept, input_ids, attention_mask, labels = _row_of(
+            sorted(candidates), sentences, sim, tokenizer=tokenizer, cfg=cfg, special=special,
+            drop_coin=drop_coin, key=key,
+        )  # fmt: skip
+        broken = []
+        for i in (i for i in kept if i not in decoded):
+            try:
+                decoded[i] = decode_image(candidates[i], where=f"document {key!r} image_info[{i}]")
+            except SkipSample as skip:
+                failures.append(skip)
+                broken.append(i)
+        if not broken:
+            break
+        for i in broken:  # match again without them
+            del candidates[i]
+
+    # Step 6: the kept images in token order, uint8; the model's zero slots are made on the device.
     flip = bool(cfg.random_flip) and bool(flip_coin < 0.5)  # one coin for all images of the document
-    kept = [images[row] for row, _ in pairs[:num_image_tokens]]
-    pixels = [image_to_tensor(image, image_transform, flip) for image in kept]  # each (3, H, W)
-    slots = torch.zeros((cfg.max_num_images, 1, *pixels[0].shape), dtype=pixels[0].dtype)  # (T, 1, 3, H, W)
-    slots[: len(pixels), 0] = torch.stack(pixels)
-    image_mask = torch.zeros(cfg.max_num_images, dtype=torch.bool)  # (T,)
-    image_mask[: len(pixels)] = True
+    split = SplitImageTransform.of(image_transform)
+    images = torch.stack([split.to_uint8(decoded[i], flip) for i in kept])  # (n, 3, H, W) uint8
+    image_mask = torch.arange(cfg.max_num_images) < len(kept)  # (T,)
     return {
-        "vision_x": slots,
+        "images": images,
         "image_mask": image_mask,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "labels": labels,
     }
+
+
+class MMC4Processor:
+    """MMC4 document (webdataset `json` bytes with base64 images, or MDS `doc` + `image_bytes`) -> tensors."""
+
+    def __init__(self, tokenizer, image_transform, cfg: MMC4PreprocessConfig, seed: int):
+        self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
+        self.image_transform = SplitImageTransform.of(image_transform)  # split once, not per sample
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def __call__(self, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, torch.Tensor]:
+        image_bytes = None
+        if "doc" in raw:  # MDS layout: original image bytes stored next to the document
+            doc, image_bytes = mmc4_doc_from_mds(raw)
+        elif raw.get("json") is not None:
+            doc = raw["json"]
+        else:
+            raise SkipSample("malformed_json", f"sample {key!r} has no .json member")
+        return preprocess_mmc4(
+            doc,
+            key=str(key),
+            tokenizer=self.tokenizer,
+            image_transform=self.image_transform,
+            cfg=self.cfg,
+            rng=sample_rng(self.seed, epoch, key),
+            image_bytes=image_bytes,
+            special=self.special,
+        )

@@ -157,7 +157,7 @@ def write_fewshot_training_mds(out_dir: str | Path, split: str = "train", **kwar
     """Write `fewshot_training_documents` as an MMC4 MDS dataset (data/mds_format.py columns); returns the count."""
     from streaming import MDSWriter
 
-    from flamingo_composer.data.mds_format import MMC4_MDS_COLUMNS, mmc4_doc_to_mds
+    from flamingo_composer.data.mds import MMC4_MDS_COLUMNS, mmc4_doc_to_mds
 
     docs = fewshot_training_documents(split, **kwargs)
     with MDSWriter(
@@ -196,7 +196,7 @@ def write_caption_pairs_mds(out_dir: str | Path, split: str = "train") -> int:
     """LAION-style (image, caption) pairs of `image_captions` as LAION MDS (data/mds_format.py columns)."""
     from streaming import MDSWriter
 
-    from flamingo_composer.data.mds_format import LAION_MDS_COLUMNS
+    from flamingo_composer.data.mds import LAION_MDS_COLUMNS
 
     image_dir = Path(easy_vqa_layout(split)[2])
     captions = image_captions(split)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
+from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN, SpecialTokens
 
 
 class NewTokenRows(nn.Module):
@@ -196,11 +197,6 @@ def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmb
     return embedding
 
 
-MEDIA_TOKEN = "<image>"
-ENDOFCHUNK_TOKEN = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
-
-
 def add_flamingo_tokens(tokenizer) -> dict[str, int]:
     """Add `<|endofchunk|>`, `<image>` (and `<PAD>` as pad if the tokenizer has none), as the reference does.
 
@@ -212,16 +208,7 @@ def add_flamingo_tokens(tokenizer) -> dict[str, int]:
     )
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    ids = {
-        "media": tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
-        "endofchunk": tokenizer.convert_tokens_to_ids(ENDOFCHUNK_TOKEN),
-        "pad": tokenizer.pad_token_id,
-        "eos": tokenizer.eos_token_id,
-    }
-    for key, value in ids.items():
-        if value is None or (key != "eos" and value == tokenizer.unk_token_id):
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no id for the {key!r} token")
-    return ids
+    return SpecialTokens.from_tokenizer(tokenizer).as_dict()
 
 
 def resize_and_splice(lm: nn.Module, tokenizer, special_token_ids: dict[str, int]) -> SplicedEmbedding:

@@ -18,8 +18,7 @@ from flamingo_composer.models.vision import (
     vision_block_class,
     vision_width,
 )
-
-SPECIAL_TOKEN_KEYS = ("media", "endofchunk", "pad", "eos")
+from flamingo_composer.special_tokens import SPECIAL_TOKEN_KEYS
 
 
 class Flamingo(nn.Module):

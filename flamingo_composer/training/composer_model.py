@@ -30,10 +30,10 @@ from composer.utils import dist
 from torch import nn
 from torchmetrics import Metric
 
+from flamingo_composer.data.config import DATASETS
 from flamingo_composer.data.masking import IGNORE_INDEX, count_supervised_tokens
 from flamingo_composer.training.flops import FlamingoFlops
 
-DATASETS = ("laion", "mmc4")  # forward order: LAION then MMC4, as the reference does
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
 REQUIRED_TRAINER_KWARGS = {"accumulate_train_batch_on_tokens": True}
 MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")

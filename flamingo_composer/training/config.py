@@ -217,7 +217,7 @@ def check_consistency(cfg: TrainConfig) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if isinstance(cfg.device_train_microbatch_size, int):
-        from flamingo_composer.data.dual_loader import validate_microbatch_size
+        from flamingo_composer.data.dataspec import validate_microbatch_size
 
         try:
             validate_microbatch_size(*cfg.data.batch_sizes(), cfg.device_train_microbatch_size)

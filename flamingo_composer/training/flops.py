@@ -184,7 +184,10 @@ class FlamingoFlops:
         for name, sub in batch.items():
             if not isinstance(sub, Mapping) or "input_ids" not in sub:
                 continue
-            b, t_img, frames = sub["vision_x"].shape[:3]  # (B, T_img, F, C, H, W)
+            if "vision_x" in sub:
+                b, t_img, frames = sub["vision_x"].shape[:3]  # (B, T_img, F, C, H, W)
+            else:  # the loader's compact form: uint8 images of the real slots, one frame each
+                (b, t_img), frames = sub["image_mask"].shape, 1  # (B, T_img)
             images = _images_encoded(sub)  # empty slots are neither encoded nor resampled
             vision = self.vision_per_image * images * frames
             perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images

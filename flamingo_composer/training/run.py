@@ -17,7 +17,8 @@ from composer import Trainer
 from composer.core import Evaluator, Time
 from composer.utils import dist, get_device, reproducibility
 
-from flamingo_composer.data.dual_loader import build_dataspec, build_dual_loader
+from flamingo_composer.data.dataspec import build_dataspec
+from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.eval.composer_eval import FewShotComposerModel, build_fewshot_evaluators
 from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.models.reference_checkpoint import load_reference_state_dict

@@ -13,7 +13,7 @@ cannot reach it without being mostly noise), so recipes on this data set `min_im
 Layout under the output folder (tools/make_synthetic_data.py writes it):
     wds/laion/train-{000000..N}.tar, wds/laion/val-000000.tar     KEY.jpg, KEY.txt, KEY.json (img2dataset layout)
     wds/mmc4/train-{000000..N}.tar, wds/mmc4/val-*.tar            KEY.json (text_list, image_info, similarity_matrix)
-    mds/laion/{train,val}/, mds/mmc4/{train,val}/                 MDS, columns of data/mds_format.py
+    mds/laion/{train,val}/, mds/mmc4/{train,val}/                 MDS, columns of data/mds.py
     manifest.json                                                 counts, shard lists, seed, recommended filter
 Deterministic: the same seed and counts give byte-identical files.
 """
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flamingo_composer import vocab
-from flamingo_composer.data.mds_format import LAION_MDS_COLUMNS, MMC4_MDS_COLUMNS, mmc4_doc_to_mds
+from flamingo_composer.data.mds import LAION_MDS_COLUMNS, MMC4_MDS_COLUMNS, mmc4_doc_to_mds
 
 SYNTHETIC_MIN_IMAGE_BYTES = 500
 MANIFEST_NAME = "manifest.json"
@@ -437,7 +437,7 @@ def _write_all(root: Path, cfg: SyntheticConfig, formats: tuple[str, ...]) -> di
         "mmc4": {"train": cfg.num_mmc4, "val": cfg.num_mmc4_val},
     }
     manifest: dict = {
-        "generator": "flamingo_composer.data.synthetic",
+        "generator": "flamingo_composer.shards.synthetic",
         "seed": cfg.seed,
         "config": asdict(cfg),
         "counts": counts,

@@ -1,12 +1,18 @@
-"""MDS (mosaicml-streaming) readers for both layouts, with exact per-rank resume.
+"""MDS (mosaicml-streaming): the column layouts of both datasets (what the converters and the synthetic generator
+write), the MMC4 document <-> MDS sample mapping, and the reader, with exact per-rank resume.
 
-The `StreamingDataset` is used as what it is best at: shard download/caching, hash checks and random access to
-raw MDS rows (`get_item`). The sample ORDER is ours, built from streaming's own shuffle (`py1e`, seeded by
-(seed, epoch), one canonical node):
+Layouts: MMC4 images are stored as their original bytes (no lossy re-encode, base64 decoded once at conversion):
+all of a document's images are concatenated in `image_bytes`, and each `image_info` entry holds
+`image_bytes_range` [start, end) into it instead of `image_base64`. An empty range marks a missing image, or one
+whose base64 was invalid; preprocessing then drops that image like any other unusable one.
+
+Reader: the `StreamingDataset` is used as what it is best at: shard download/caching, hash checks and random
+access to raw MDS rows (`get_item`). The sample ORDER is ours, built from streaming's own shuffle (`py1e`,
+seeded by (seed, epoch), one canonical node):
 
 - epoch e's global order is `get_shuffle('py1e', shard sizes, 1, seed, e)`; rank r takes positions r, r+R, ...
   of it, and its endless item sequence is its epoch-0 part, then its epoch-1 part, and so on;
-- item j of that sequence is produced by DataLoader worker (j - start) % W (see `stream_items`), so the main
+- item j of that sequence is produced by DataLoader worker (j - start) % W (see `items`), so the main
   process sees it in order for any number of workers, and the position is the number of items consumed.
 
 Why not streaming's own `__iter__` + `state_dict(num_samples)`: our batches hold exactly B *valid* samples, so
@@ -21,6 +27,7 @@ Cost: each worker computes the epoch's shuffle (an int64 array of the dataset si
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterator
@@ -32,13 +39,81 @@ from streaming.base.dataset import _ShardState
 from streaming.base.shuffle import get_shuffle
 from torch.utils.data import IterableDataset
 
-from flamingo_composer.data.skips import SHARD_ERROR, report_shard_once
-from flamingo_composer.data.stream_items import SampleProcessor, process_to_item, rejected, worker_info
+from flamingo_composer.data.images import decode_base64
+from flamingo_composer.data.items import (
+    SHARD_ERROR,
+    SampleProcessor,
+    SkipSample,
+    process_to_item,
+    rejected,
+    report_shard_once,
+    worker_info,
+)
 
 log = logging.getLogger(__name__)
 
-SHUFFLE_ALGO = "py1e"
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts.
+
+LAION_MDS_COLUMNS = {"key": "str", "jpg": "bytes", "txt": "str"}
+MMC4_MDS_COLUMNS = {"key": "str", "doc": "json", "image_bytes": "bytes"}
+
+BYTES_RANGE_FIELD = "image_bytes_range"
+
+
+def mmc4_doc_to_mds(doc: dict, key: str) -> dict[str, Any]:
+    """MMC4 JSON document (with image_base64) -> one MDS sample in `MMC4_MDS_COLUMNS` layout."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("image_info"), list):
+        raise SkipSample("malformed_json", f"document {key!r}: field 'image_info' must be a list of objects")
+    stored = {name: value for name, value in doc.items() if name != "image_info"}
+    stored = copy.deepcopy(stored)
+    blob = bytearray()
+    infos = []
+    for i, info in enumerate(doc["image_info"]):
+        if not isinstance(info, dict):
+            raise SkipSample("malformed_json", f"document {key!r}: image_info[{i}] is not an object")
+        entry = {name: copy.deepcopy(value) for name, value in info.items() if name != "image_base64"}
+        try:
+            raw = decode_base64(
+                info.get("image_base64"), where=f"document {key!r} image_info[{i}].image_base64"
+            )
+        except SkipSample:
+            raw = b""  # missing or invalid: empty range
+        entry[BYTES_RANGE_FIELD] = [len(blob), len(blob) + len(raw)]
+        blob.extend(raw)
+        infos.append(entry)
+    stored["image_info"] = infos
+    return {"key": str(key), "doc": stored, "image_bytes": bytes(blob)}
+
+
+def mmc4_doc_from_mds(sample: dict[str, Any]) -> tuple[dict, list[bytes | None]]:
+    """One MDS sample -> (document without image bytes, per-image original bytes or None when missing)."""
+    key = sample.get("key", "?")
+    doc, blob = sample.get("doc"), sample.get("image_bytes")
+    if not isinstance(doc, dict) or not isinstance(doc.get("image_info"), list):
+        raise SkipSample("malformed_json", f"MDS sample {key!r}: column 'doc' has no 'image_info' list")
+    if not isinstance(blob, bytes | bytearray):
+        raise SkipSample("malformed_json", f"MDS sample {key!r}: column 'image_bytes' is not bytes")
+    images: list[bytes | None] = []
+    for i, info in enumerate(doc["image_info"]):
+        span = info.get(BYTES_RANGE_FIELD) if isinstance(info, dict) else None
+        if span is None:
+            images.append(None)
+            continue
+        if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0] <= span[1] <= len(blob)):
+            raise SkipSample(
+                "malformed_json",
+                f"MDS sample {key!r}: image_info[{i}].{BYTES_RANGE_FIELD} = {span!r} is not a range into {len(blob)} bytes",
+            )
+        images.append(bytes(blob[span[0] : span[1]]) or None)
+    return doc, images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reader.
+
+SHUFFLE_ALGO = "py1e"
 
 # One StreamingDataset per (local, remote, split) per process. Streaming keeps every instance's shared memory
 # (6 file descriptors) open until the process exits (atexit handlers hold them), and refuses a second instance

@@ -31,16 +31,11 @@ from webdataset.shardlists import expand_urls
 
 from flamingo_composer.data.config import is_remote_url, local_path
 from flamingo_composer.data.images import decode_image
-from flamingo_composer.data.mds_format import (
-    BYTES_RANGE_FIELD,
-    LAION_MDS_COLUMNS,
-    MMC4_MDS_COLUMNS,
-    mmc4_doc_to_mds,
-)
+from flamingo_composer.data.items import SkipSample
+from flamingo_composer.data.laion import LAION_IMAGE_FIELDS
+from flamingo_composer.data.mds import BYTES_RANGE_FIELD, LAION_MDS_COLUMNS, MMC4_MDS_COLUMNS, mmc4_doc_to_mds
 from flamingo_composer.data.mmc4 import parse_mmc4_json
-from flamingo_composer.data.skips import SkipSample
 
-LAION_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
 MAX_EXAMPLES_PER_REASON = 3
 MAX_MISSING_LISTED = 50  # missing inputs named in the summary (as_dict() holds them all)
 
@@ -190,7 +185,7 @@ def iter_loose_file_samples(folder: str | os.PathLike) -> Iterator[dict[str, Any
 
     Groups with neither an image nor a caption (e.g. `00000_stats.json`, parquet metadata) are not samples.
     """
-    wanted = set(LAION_IMAGE_EXTENSIONS) | {"txt", "json"}
+    wanted = set(LAION_IMAGE_FIELDS) | {"txt", "json"}
     for directory, subdirs, names in os.walk(folder):
         subdirs.sort()
         groups: dict[str, dict[str, Any]] = {}
@@ -201,7 +196,7 @@ def iter_loose_file_samples(folder: str | os.PathLike) -> Iterator[dict[str, Any
             with open(os.path.join(directory, name), "rb") as handle:
                 groups.setdefault(stem, {"__key__": stem})[ext.lower()] = handle.read()
         for sample in groups.values():
-            if "txt" in sample or any(ext in sample for ext in LAION_IMAGE_EXTENSIONS):
+            if "txt" in sample or any(ext in sample for ext in LAION_IMAGE_FIELDS):
                 yield sample
 
 
@@ -292,9 +287,9 @@ def _numbered_lines(
 def laion_record(sample: dict[str, Any], report: ConversionReport, where: str) -> dict[str, Any] | None:
     """A webdataset LAION sample -> `LAION_MDS_COLUMNS` record with the original image bytes, or None (counted)."""
     key = sample["__key__"]
-    image = next((sample[ext] for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
+    image = next((sample[ext] for ext in LAION_IMAGE_FIELDS if ext in sample), None)
     if not image:
-        names = "/".join(LAION_IMAGE_EXTENSIONS)
+        names = "/".join(LAION_IMAGE_FIELDS)
         report.skip("missing_image", f"{where}: sample {key!r} has no (or an empty) {names} member")
         return None
     if "txt" not in sample:
@@ -515,7 +510,7 @@ def convert_wds_to_mds(
     require_all: bool = False,
 ) -> ConversionReport:
     """webdataset shards of either layout (`laion`: KEY.jpg|jpeg|png + KEY.txt; `mmc4`: KEY.json with
-    image_base64) -> MDS in `mds_format`'s columns. `inputs` are brace patterns, tar files or directories."""
+    image_base64) -> MDS in `data.mds`'s columns. `inputs` are brace patterns, tar files or directories."""
     if layout not in ("laion", "mmc4"):
         raise ValueError(f"layout must be 'laion' or 'mmc4', got {layout!r}")
     report = ConversionReport()
@@ -564,7 +559,7 @@ def convert_raw_mmc4(
 ) -> ConversionReport:
     """Raw MMC4 (`.jsonl`, `.jsonl.gz` or zipped jsonl, plus the folder of downloaded images named by
     `image_name`) -> webdataset shards (`KEY.json` with image_base64, like the reference's MMC4 shards) or MDS
-    (`mds_format`'s MMC4 columns, original image bytes). Missing and undecodable images are counted."""
+    (`data.mds`'s MMC4 columns, original image bytes). Missing and undecodable images are counted."""
     if output_format not in ("wds", "mds"):
         raise ValueError(f"output format must be 'wds' or 'mds', got {output_format!r}")
     images_dir = Path(images_dir)

@@ -1,7 +1,7 @@
 """Webdataset readers (both layouts): shard lists, shuffling, split by node/worker, resampling, shard errors, and
 resume in O(1 shard).
 
-Each rank reads an endless item stream (see `stream_items`); each of its DataLoader workers is one *reader*.
+Each rank reads an endless item stream (see `items`); each of its DataLoader workers is one *reader*.
 Pass after pass, the shard list is shuffled with (seed, pass), split by rank, then by worker; a reader reads its
 shards in turn, passes each shard's raw samples through a seeded shuffle buffer, and only then decodes and
 preprocesses them. With `resample`, a reader instead draws len(shards) shards per pass with replacement, from a
@@ -25,7 +25,7 @@ each rank reads other shards, and a rank's batches interleave its W workers' sha
 (about 10k LAION pairs or 1-2k MMC4 documents per tar, buffer 1000), a cross-shard buffer would also hold almost
 only the current shard's samples, so the difference is in the ~buffer samples around each boundary.
 
-Resume: every item carries its reader's cursor just after it (`stream_items.CURSOR`); the batcher keeps the
+Resume: every item carries its reader's cursor just after it (`items.CURSOR`); the batcher keeps the
 latest cursor per logical worker and the loader's state stores them per rank. `WebDatasetItems(start, cursors)`
 then opens each reader's cursor shard (a `pipe:` shard is fetched once; nothing before it is read), drops the
 outputs already consumed without decoding them and continues: at most one shard of raw samples is read before
@@ -58,13 +58,15 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from flamingo_composer.data.config import is_remote_url, local_path
-from flamingo_composer.data.skips import EMPTY_SHARDS, SHARD_ERROR, report_shard_once
-from flamingo_composer.data.stream_items import (
+from flamingo_composer.data.items import (
     CURSOR,
+    EMPTY_SHARDS,
+    SHARD_ERROR,
     SampleProcessor,
     logical_worker,
     process_to_item,
     rejected,
+    report_shard_once,
     worker_info,
 )
 

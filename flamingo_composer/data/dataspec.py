@@ -1,0 +1,162 @@
+"""The Composer DataSpec of the dual batch: the trainer's view of one loader batch.
+
+On the host, `split_batch` cuts a per-rank batch into microbatches (one dataset per microbatch, see its
+docstring), and the sample and token counts tell Composer how to weight them. Composer then copies each
+microbatch to the device, where `ExpandImages` (the DataSpec's `microbatch_transforms`) turns the loader's compact
+uint8 `images` into the model's input: normalised, zero-padded `vision_x` (B, T_img, 1, 3, H, W).
+`validate_microbatch_size` checks a configured size before any data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from composer.core import DataSpec
+
+from flamingo_composer.data.images import SplitImageTransform
+
+PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
+
+
+def validate_microbatch_size(
+    laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int
+) -> None:
+    """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
+
+    microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).
+    """
+    sizes = f"laion batch_size={laion_batch_size}, mmc4 batch_size={mmc4_batch_size}, microbatch_size={microbatch_size}"
+    if not isinstance(microbatch_size, int) or microbatch_size < 1:
+        raise ValueError(f"microbatch size must be an int >= 1 ({sizes})")
+    lead = laion_batch_size if laion_batch_size is not None else mmc4_batch_size
+    if lead is None:
+        raise ValueError(f"no dataset enabled ({sizes})")
+    if lead % microbatch_size:
+        raise ValueError(f"microbatch size does not divide the batch into equal chunks ({sizes})")
+    chunks = lead // microbatch_size
+    if laion_batch_size is not None and mmc4_batch_size is not None and mmc4_batch_size % chunks:
+        raise ValueError(
+            f"{chunks} LAION chunks cannot cut the MMC4 batch into equal chunks ({sizes}); "
+            "choose sizes where mmc4 batch_size is a multiple of laion batch_size / microbatch_size"
+        )
+
+
+def _lead(batch: Mapping[str, Any]) -> str:
+    return "laion" if "laion" in batch else "mmc4"
+
+
+def _rows(sub: Mapping[str, Any]) -> int:
+    return int(sub["input_ids"].shape[0])
+
+
+def _is_row_tensor(field: str, value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and field not in ("num_supervised_tokens", "images")
+
+
+def _image_span(sub: Mapping[str, Any], rows: slice) -> slice:
+    """The compact `images` of rows `rows`: each row holds image_mask.sum() of them, after the previous rows'."""
+    per_row = sub["image_mask"].sum(1)  # (B,) on the host: split_batch runs before the copy to the device
+    if int(per_row.sum()) != sub["images"].shape[0]:
+        raise ValueError(
+            f"split_batch: image_mask marks {int(per_row.sum())} images but 'images' holds {sub['images'].shape[0]}"
+        )
+    start = int(per_row[: rows.start].sum())
+    return slice(start, start + int(per_row[rows].sum()))
+
+
+def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+    """The rows `rows` of a sub-batch (and their images), with its whole-batch values; per-batch bookkeeping
+    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
+    part = {
+        field: value[rows] if _is_row_tensor(field, value) else value
+        for field, value in sub.items()
+        if field not in PER_BATCH_KEYS
+    }
+    if "images" in sub:
+        part["images"] = sub["images"][_image_span(sub, rows)]  # (N_rows, 3, H, W)
+    return part
+
+
+def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
+    """One dataset per microbatch: the LAION chunks, then the MMC4 chunks (Composer passes the SIZE).
+
+    Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
+    auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
+    dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
+    normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
+    only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
+    runs one forward per backward.
+    """
+    microbatch_size = max(1, int(microbatch_size))
+    num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
+    chunks: list[dict[str, Any]] = []
+    for name, sub in batch.items():
+        bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
+        for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
+            chunks.append({
+                other: _model_part(part, rows if other == name else slice(0, 0)) for other, part in batch.items()
+            })
+    return chunks
+
+
+def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
+    """LAION pairs + MMC4 documents."""
+    return sum(_rows(sub) for sub in batch.values())
+
+
+def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
+    """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
+    total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
+    supervised = sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
+    return {"total": total, "loss_generating": supervised}
+
+
+class ExpandImages:
+    """microbatch_transforms: each sub-batch's compact uint8 `images` -> the model's float `vision_x`.
+
+    On the device, after Composer's `batch_to_device`: `/255` and the transform's Normalize on the N real images
+    only (`SplitImageTransform.normalize`), then a gather into (B, T_img, 1, 3, H, W) whose empty slots are zero.
+    The gather index comes from a cumulative sum of `image_mask`, so nothing waits for the device (no boolean
+    indexing, no `.item()`). A sub-batch that already has `vision_x` (hand-built batches) is left as it is.
+    """
+
+    def __init__(self, image_transform: SplitImageTransform | None):
+        self.image_transform = image_transform
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: self.expand(sub) if "images" in sub else sub for name, sub in batch.items()}
+
+    def expand(self, sub: Mapping[str, Any]) -> dict[str, Any]:
+        if self.image_transform is None:
+            raise ValueError(
+                "batch holds uint8 'images' but the DataSpec has no image transform to normalise them: build it "
+                "with build_dataspec(loader) on a loader from build_dual_loader"
+            )
+        images, image_mask = sub["images"], sub["image_mask"]  # (N, 3, H, W) uint8, (B, T_img) bool
+        batch_size, slots = image_mask.shape
+        pixels = self.image_transform.normalize(images)  # (N, 3, H, W) float32
+        padded = torch.cat([pixels, pixels.new_zeros((1, *pixels.shape[1:]))])  # (N + 1, 3, H, W): row N = zeros
+        flat = image_mask.reshape(-1)  # (B * T_img,)
+        index = torch.where(flat, flat.long().cumsum(0) - 1, images.shape[0])  # (B * T_img,): image or zero row
+        vision_x = padded.index_select(0, index).view(batch_size, slots, 1, *pixels.shape[1:])  # (B, T_img, 1, 3, H, W)
+        out = {field: value for field, value in sub.items() if field != "images"}
+        out["vision_x"] = vision_x
+        return out
+
+
+def build_dataspec(loader: Iterable[dict]) -> DataSpec:
+    """Composer DataSpec for the dual batch: our split, the sample/token counts of both datasets, and the device
+    image expansion with the loader's `image_transform` (none: the batches must carry `vision_x` already).
+
+    `loader` is a DualBatchLoader or any iterable of dual batches with a `batch_size` (tests, benchmarks).
+    """
+    return DataSpec(
+        loader,
+        split_batch=split_batch,
+        get_num_samples_in_batch=get_num_samples_in_batch,
+        get_num_tokens_in_batch=get_num_tokens_in_batch,
+        microbatch_transforms=ExpandImages(getattr(loader, "image_transform", None)),
+    )
