@@ -191,7 +191,7 @@ CPU_ATTENTION_FORMULAS = {
 }
 
 
-@pytest.mark.parametrize("which", ["gpt_neox", "gpt2", "mpt", "llama", "reference"])
+@pytest.mark.parametrize("which", ["gpt_neox", "gpt2", "mpt", "llama", "reference", "per_image"])
 def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
     """The estimate equals the matmul FLOPs torch counts in one forward + backward of each dataset.
 
@@ -202,7 +202,10 @@ def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
         from flamingo_composer.models.factory import build_flamingo
         from flamingo_composer.models.tiny import tiny_model_config
 
-        bundle = build_flamingo(tiny_model_config(which))
+        if which == "per_image":  # GPT-NeoX with the per-image form of the cross-attention
+            bundle = build_flamingo(tiny_model_config("gpt_neox", cross_attention="per_image"))
+        else:
+            bundle = build_flamingo(tiny_model_config(which))
         batch = dual_batch(bundle.tokenizer)
     else:
         bundle = reference_bundle()
@@ -343,3 +346,20 @@ def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
     whole, chunked = peak_cpu_memory(step(None)), peak_cpu_memory(step(128))
     assert whole > full_logits  # logits, and their gradient, alive at once
     assert chunked < full_logits / 3, (chunked, whole)  # 128 positions' logits at a time
+
+
+def test_per_image_cross_attention_model_equals_the_masked_model():
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    models = [build_flamingo(tiny_model_config("llama", cross_attention=form)) for form in ("masked", "per_image")]
+    for bundle in models:
+        set_gates(bundle.model, 0.5)
+    sub = dual_batch(models[0].tokenizer)["mmc4"]
+    inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
+    with torch.no_grad():
+        masked, per_image = (bundle.model(**inputs).logits for bundle in models)
+    torch.testing.assert_close(per_image, masked, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the images matter to these logits (the comparison is not of image-blind outputs)
+        other = models[1].model(**{**inputs, "vision_x": inputs["vision_x"].flip(0)}).logits
+    assert (other - per_image).abs().max() > 1e-3

@@ -182,7 +182,8 @@ def test_split_keeps_every_image_with_its_row(tok, special, microbatch):
         assert sum(part["images"].shape[0] for part in own) == sub["images"].shape[0]
         expanded = torch.cat([expand({name: part})[name]["vision_x"] for part in own])
         assert torch.equal(expanded, whole[name]["vision_x"]), name  # each row kept its own images, in order
-        assert torch.equal(torch.cat([part["input_ids"] for part in own]), sub["input_ids"])
+        width = min(part["input_ids"].shape[1] for part in own)  # microbatches drop trailing padding columns
+        assert torch.equal(torch.cat([part["input_ids"][:, :width] for part in own]), sub["input_ids"][:, :width])
 
 
 def test_flops_of_the_compact_batch_equal_those_of_the_expanded_one(tok, special):

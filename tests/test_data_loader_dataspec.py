@@ -61,8 +61,15 @@ def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_ro
     for name, sub in batch.items():
         present = [piece[name] for piece, owner in zip(pieces, owners) if owner == name]
         assert len(present) == min(chunks, sub["input_ids"].shape[0])
-        for field in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels"):
+        for field in ("vision_x", "image_mask"):
             assert torch.equal(torch.cat([part[field] for part in present]), sub[field]), (name, field)
+        start = 0
+        for part in present:  # text: the part's rows, without the columns that are padding in all of them
+            rows, width = slice(start, start + part["input_ids"].shape[0]), part["input_ids"].shape[1]
+            for field in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(part[field], sub[field][rows, :width]), (name, field)
+            assert sub["attention_mask"][rows, width:].sum() == 0
+            start = rows.stop
         for piece in pieces:  # the whole-batch count travels in every microbatch, zero-row entries included
             assert torch.equal(piece[name]["num_supervised_tokens"], sub["num_supervised_tokens"])
             assert "skipped" not in piece[name] and "position" not in piece[name]  # the full batch's bookkeeping
@@ -127,3 +134,18 @@ def test_build_dataspec_wires_our_functions():
     assert spec.get_num_tokens_in_batch(batch) == get_num_tokens_in_batch(batch)["total"]
     assert spec.get_num_tokens_in_batch(batch, token_type="loss_generating") > 0
     assert len(spec.split_batch(batch, 4)) == 2 * 2  # 2 LAION chunks, then 2 MMC4 chunks
+
+
+def test_microbatches_drop_trailing_padding_columns_only():
+    batch = _batch(4, None)
+    sub = batch["laion"]
+    sub["attention_mask"][:, 4:] = 0  # every row ends in padding from column 4
+    sub["labels"][:, 4:] = -100
+    (piece,) = split_batch(batch, 4)
+    assert piece["laion"]["input_ids"].shape == (4, 4) and piece["laion"]["labels"].shape == (4, 4)
+    assert torch.equal(piece["laion"]["input_ids"], sub["input_ids"][:, :4])
+    left = _batch(4, None)
+    left["laion"]["attention_mask"] = torch.ones_like(left["laion"]["attention_mask"])
+    left["laion"]["attention_mask"][:, :2] = 0  # left padding (generation batches): nothing is cut
+    (piece,) = split_batch(left, 4)
+    assert piece["laion"]["input_ids"].shape == left["laion"]["input_ids"].shape

@@ -175,7 +175,7 @@ def test_per_image_cross_attention_equals_the_masked_form(images):
     """Random text with 0, 1 or 6 `<image>` tokens at random places (text before the first, runs of different
     lengths, a slot never referenced), against the reference's masked attention over all T_img x n latents."""
     gen = torch.Generator().manual_seed(images)
-    attn = MaskedCrossAttention(dim=16, dim_visual=12, dim_head=8, heads=2)
+    attn = MaskedCrossAttention(dim=16, dim_visual=12, dim_head=8, heads=2, per_image=True)
     b, length, t_img, n = 3, 40, 6, 5
     ids = torch.randint(1, 50, (b, length), generator=gen)
     for row in range(b):

@@ -6,8 +6,9 @@
 The Trainer is built by the training entry point (`train_from_config`: model, optimizer, schedule, clipping,
 precision, microbatching exactly as a run), checkpoints and loggers switched off. `--data memory` (default)
 feeds in-memory batches of the config's shapes (LAION and MMC4 batch sizes, `max_tokens`, `max_num_images`,
-the ViT's image size; `--images-per-doc` real images per MMC4 document), labelled by the data pipeline's
-collate; `--data loader` reads the config's data through the real loaders (decoding included).
+the ViT's image size; `--images-per-doc` real images per MMC4 document; LAION captions of 3 to max_tokens - 4
+words, MMC4 documents filling max_tokens), labelled by the data pipeline's collate; `--data loader` reads the
+config's data through the real loaders (decoding included).
 
 Printed: samples/s per dataset, tokens/s, the frozen-aware FLOP/s (training/flops.py) and the same machine's
 dense matmul FLOP/s measured in this run (a timed square matmul in the training dtype), their ratio, and peak
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", choices=["memory", "loader"], default="memory", help="batch source (see above)")
     parser.add_argument("--images-per-doc", default="2,3", help="memory data: real images per MMC4 document, cycled")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the timed matmul (default by device)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print torch.profiler's top N ops (self CPU/CUDA time) of the timed steps to stderr")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the YAML")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -112,7 +115,9 @@ def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], c
             length = cfg.data.laion.preprocess.max_tokens
             samples = []
             for _ in range(cfg.data.laion.batch_size):
-                ids, mask = padded([special.media, *text(length - 6), special.endofchunk, special.eos], length)
+                # Caption lengths vary as real ones do (padding to max_tokens follows, as the loader pads).
+                caption_words = int(torch.randint(3, length - 3, (), generator=gen))
+                ids, mask = padded([special.media, *text(caption_words), special.endofchunk, special.eos], length)
                 image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)  # (T_img=1, F=1, 3, H, W)
                 samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
             batch["laion"] = collate_laion(samples, special)
@@ -223,15 +228,23 @@ def run(args: argparse.Namespace) -> dict:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    fit_kwargs = {}
     if args.data == "memory":
         from flamingo_composer.models.vision import check_vision_transformer
 
         image_size = int(check_vision_transformer(flamingo.vision_encoder).image_size[0])
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
-        trainer.fit(train_dataloader=build_dataspec(MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc))))
+        batches = MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc))
+        fit_kwargs["train_dataloader"] = build_dataspec(batches)
+    if args.profile:
+        trainer.fit(duration=f"{args.warmup}ba", **fit_kwargs)  # warm-up outside the profile
+        with torch.profiler.profile() as prof:
+            trainer.fit(duration=f"{args.steps}ba")
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     else:
-        trainer.fit()
+        trainer.fit(**fit_kwargs)
     trainer.close()
     memory, memory_kind = peak_memory()
 

@@ -106,10 +106,12 @@ def reference_worker(args: argparse.Namespace) -> dict:
     per_doc = [int(n) for n in args.images_per_doc.split(",")]
     batch = memory_batches(cfg, tokenizer, image_size, per_doc, count=1)[0]
     total = args.warmup + args.steps
-    loaders = [
-        _RepeatedBatch((batch[name]["vision_x"], (batch[name]["input_ids"], batch[name]["attention_mask"])), total)
-        for name in ("laion", "mmc4")
-    ]
+    laion, mmc4 = batch["laion"], batch["mmc4"]
+    # The reference loaders' layouts: LAION images (B, C, H, W) with (ids, mask); MMC4 images (B, T, C, H, W)
+    # with one (ids (1, L), mask (1, L)) pair per document.
+    laion_batch = (laion["vision_x"][:, 0, 0], (laion["input_ids"], laion["attention_mask"]))
+    mmc4_text = [(mmc4["input_ids"][i : i + 1], mmc4["attention_mask"][i : i + 1]) for i in range(len(mmc4["input_ids"]))]
+    loaders = [_RepeatedBatch(laion_batch, total), _RepeatedBatch((mmc4["vision_x"][:, :, 0], mmc4_text), total)]
     run_args = SimpleNamespace(
         num_epochs=1, precision={"fp32": "fp32", "amp_bf16": "amp_bf16"}.get(cfg.precision, "fp32"), fsdp=False,
         fsdp_use_orig_params=False, rank=0, world_size=1, gradient_accumulation_steps=1, freeze_lm_embeddings=False,

@@ -77,6 +77,28 @@ def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
     }
     if "images" in sub:
         part["images"] = sub["images"][_image_span(sub, rows)]  # (N_rows, 3, H, W)
+    return _trim_padding(part)
+
+
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "labels")  # (B, L), right-padded
+
+
+def _trim_padding(part: dict[str, Any]) -> dict[str, Any]:
+    """Drop the text columns after the last real token of the microbatch (trailing padding), on the host.
+
+    Exact: with right padding and a causal LM no real token sees a later position, and padded positions are
+    never supervised (labels -100), so logits and loss of the real tokens do not change; the LM, cross-attention
+    and head simply do not run on the padding. (Under FSDP/DDP every rank still runs the same modules.)
+    """
+    mask = part.get("attention_mask")
+    if mask is None or mask.shape[0] == 0:
+        return part
+    used = mask.any(dim=0).nonzero()  # columns holding a real token of some row (a CPU tensor: no device sync)
+    length = int(used[-1]) + 1 if len(used) else 1  # left-padded text (generation) ends with real tokens: kept
+    if length < mask.shape[1]:
+        for field in SEQUENCE_FIELDS:
+            if field in part:
+                part[field] = part[field][:, :length]
     return part
 
 

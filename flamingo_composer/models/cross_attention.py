@@ -45,14 +45,18 @@ def image_segments(text_time: torch.Tensor, num_images: int) -> tuple[torch.Tens
 class MaskedCrossAttention(nn.Module):
     """Text queries attend only to the latents of their most recent image ("only attend immediate media").
 
-    Each image's text (a contiguous run of tokens, see `image_segments`) attends to that image's n latents alone,
-    with no mask: (B*T) attentions of (S x n) instead of one (L x T*n) attention behind a mask, T times fewer
-    scores. Equal to the masked form (the reference's) within fp32 rounding.
+    Two exact forms (equal within fp32 rounding; `per_image` picks one, the factory's `cross_attention` key):
+    - masked (default, the reference's): every token against all T_img x n latents behind a mask;
+    - per image: each image's text (a contiguous run of tokens, see `image_segments`) against that image's n
+      latents alone, no mask: (B*T) attentions of (S x n), T times fewer scores and no (B, L, T*n) mask.
+    Measured on CPU (tools/bench.py, bench-cpu.yaml) the two take the same time (matmuls dominate); the masked
+    form's summation order is the one the parity fixture was checked with.
     """
 
-    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8):
+    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, per_image: bool = False):
         super().__init__()
         self.heads = heads
+        self.per_image = per_image
         inner_dim = dim_head * heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
@@ -64,25 +68,37 @@ class MaskedCrossAttention(nn.Module):
 
         Tokens with text_time == 0 (before the first `<image>`) or beyond the last media slot get zero output.
         """
-        b, t_img, n, _ = media.shape
         if text_time.shape != x.shape[:2]:
             raise ValueError(f"text_time shape {tuple(text_time.shape)} does not match text shape {tuple(x.shape[:2])}")
-        if media.shape[0] != b or x.shape[0] != b:
+        if media.shape[0] != x.shape[0]:
             raise ValueError(f"media batch {media.shape[0]} != text batch {x.shape[0]}")
-        x = self.norm(x)  # (B, L, D_lm)
-        q = self.to_q(x)  # (B, L, h*d)
+        q = self.to_q(self.norm(x))  # (B, L, h*d)
         k, v = self.to_kv(media).chunk(2, dim=-1)  # 2 x (B, T, n, h*d)
+        attend = self._attend_per_image if self.per_image else self._attend_masked
+        return self.to_out(attend(q, k, v, text_time))  # (B, L, D_lm)
+
+    def _attend_masked(self, q, k, v, text_time: torch.Tensor) -> torch.Tensor:
+        b, t_img, n, inner = k.shape
+        q = split_heads(q, self.heads)  # (B, h, L, d)
+        k, v = (split_heads(t.reshape(b, t_img * n, inner), self.heads) for t in (k, v))  # (B, h, T*n, d)
+        media_time = torch.arange(1, t_img + 1, device=q.device).repeat_interleave(n)  # (T*n,)
+        has_media = (text_time >= 1) & (text_time <= t_img)  # (B, L)
+        allowed = text_time.unsqueeze(-1) == media_time  # (B, L, T*n)
+        # Rows without media would be fully masked (NaN in SDPA): let them attend anywhere, then zero them.
+        allowed = allowed | ~has_media.unsqueeze(-1)  # (B, L, T*n)
+        out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1)))  # (B, L, h*d)
+        return out.masked_fill(~has_media.unsqueeze(-1), 0.0)  # (B, L, h*d)
+
+    def _attend_per_image(self, q, k, v, text_time: torch.Tensor) -> torch.Tensor:
+        b, t_img, _, inner = k.shape
         positions, valid = image_segments(text_time, t_img)  # (B, T, S)
-        out = q.new_zeros(q.shape)  # (B, L, h*d): zero where no image applies
-        inner = q.shape[-1]
-        q_seg = q.gather(1, positions.reshape(b, -1, 1).expand(-1, -1, inner))  # (B, T*S, h*d)
-        q_seg = split_heads(q_seg.reshape(b, t_img, -1, inner), self.heads)  # (B, T, h, S, d)
+        index = positions.reshape(b, -1, 1).expand(-1, -1, inner)  # (B, T*S, h*d)
+        q_seg = split_heads(q.gather(1, index).reshape(b, t_img, -1, inner), self.heads)  # (B, T, h, S, d)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, n, d)
         attended = merge_heads(F.scaled_dot_product_attention(q_seg, k, v))  # (B, T, S, h*d)
         attended = attended * valid.unsqueeze(-1)  # padding slots of short runs contribute nothing
-        # Each valid token appears in exactly one run: summing the runs back places every token once.
-        out = out.scatter_add(1, positions.reshape(b, -1, 1).expand(-1, -1, inner), attended.reshape(b, -1, inner))
-        return self.to_out(out)  # (B, L, D_lm)
+        # Each valid token is in exactly one run: summing the runs back places every token once (zero elsewhere).
+        return q.new_zeros(q.shape).scatter_add(1, index, attended.reshape(b, -1, inner))  # (B, L, h*d)
 
 
 class GatedCrossAttentionBlock(nn.Module):

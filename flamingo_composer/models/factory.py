@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from flamingo_composer.config_schema import from_dict
+from flamingo_composer.models.cross_attention import MaskedCrossAttention
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.flamingo import Flamingo
 from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
@@ -84,6 +85,9 @@ class FlamingoModelConfig:
     # Storage dtype of the frozen CLIP and LM weights (null: as built, fp32). bfloat16 halves their memory on GPUs;
     # it needs an amp precision (the trainable parameters stay fp32, autocast runs the matmuls in bf16).
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # The cross-attention's exact form: every token against all images' latents behind a mask (the reference's),
+    # or each image's text against its own latents only (models/cross_attention.py).
+    cross_attention: Literal["masked", "per_image"] = "masked"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FlamingoModelConfig:
@@ -236,6 +240,8 @@ def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any], *, on_meta: boo
             gradient_checkpointing=cfg.gradient_checkpointing,
             vision_ln_post_on_tokens=cfg.vision.ln_post_on_tokens,
         )
+    for attention in (m for m in model.modules() if isinstance(m, MaskedCrossAttention)):
+        attention.per_image = cfg.cross_attention == "per_image"
     if cfg.frozen_dtype is not None:
         cast_frozen_weights(model, getattr(torch, cfg.frozen_dtype))
     return FlamingoBundle(model, tokenizer, image_transform)

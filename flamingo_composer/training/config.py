@@ -110,6 +110,9 @@ class TrainConfig:
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
     device_train_microbatch_size: int | Literal["auto"] | None = None  # None: the whole per-rank batch
     fsdp_config: FSDPSettings | None = None
+    # torch.compile the trainable modules (perceiver, gated cross-attention blocks) in place; the frozen CLIP and
+    # LM run eagerly. Measured on CPU in the closing notes of the performance issue (tools/bench.py).
+    compile_trainable: bool = False
     # Model-level activation checkpointing for runs without FSDP (single device, DDP); under FSDP use
     # fsdp_config.activation_checkpointing instead.
     activation_checkpointing: bool = False

@@ -88,6 +88,7 @@ class FlamingoFlops:
     head_grad: bool
     head_on_supervised_only: bool  # the training loss projects only the supervised positions (a head module)
     media_token_id: int
+    cross_attention_per_image: bool  # each image's text attends to its own latents (else: all, behind a mask)
 
     @classmethod
     def of(cls, model: nn.Module) -> FlamingoFlops:
@@ -137,6 +138,7 @@ class FlamingoFlops:
             head_grad=grad_below,
             head_on_supervised_only=model.output_head is not None,
             media_token_id=int(model.media_token_id),
+            cross_attention_per_image=any(getattr(m, "per_image", False) for m in model.modules()),
         )
 
     @staticmethod
@@ -159,13 +161,16 @@ class FlamingoFlops:
     def lm_layers_per_sample(self, text_tokens: int, media_tokens: int, image_runs: int) -> float:
         """LM decoder layers (frozen) plus cross-attention blocks on one sequence of `text_tokens`.
 
-        The cross-attention core runs per image: `image_runs` (T_img x the batch's longest run of one image's
-        text, `cross_attention.image_segments`) queries against each image's `num_latents` latents.
+        The per-image cross-attention core runs `image_runs` (T_img x the batch's longest run of one image's text,
+        `cross_attention.image_segments`) queries against each image's `num_latents` latents; the masked one
+        every token against all `media_tokens`.
         """
         flops = 0.0
         for layer in self.lm_layers:
             if layer.cross_attention is not None:
-                core = _attention_core(image_runs, self.num_latents, layer.cross_attention.inner)
+                inner = layer.cross_attention.inner
+                core = (_attention_core(image_runs, self.num_latents, inner) if self.cross_attention_per_image
+                        else _attention_core(text_tokens, media_tokens, inner))  # fmt: skip
                 flops += self._trained_attention(layer.cross_attention, text_tokens, media_tokens, core)
             weight_passes = FORWARD + (ACTIVATION_GRAD if layer.grad_below else 0)
             flops += weight_passes * layer.decoder_weights * text_tokens

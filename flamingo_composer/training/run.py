@@ -76,6 +76,17 @@ def _model_config(cfg: TrainConfig):
     return cfg.model
 
 
+def compile_trainable_modules(flamingo) -> int:
+    """`torch.compile` the perceiver and every gated cross-attention block in place (their own forward; the
+    modules, names and FSDP units stay the same); returns how many were compiled."""
+    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+
+    modules = [flamingo.perceiver, *(m for m in flamingo.modules() if isinstance(m, GatedCrossAttentionBlock))]
+    for module in modules:
+        module.compile(dynamic=True)
+    return len(modules)
+
+
 def build_data_loader(data, key: str, bundle, *, for_eval: bool = False):
     """The dual loader of `data`; data that cannot train at all (no readable sample) is a ConfigError naming it."""
     try:
@@ -125,6 +136,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         composer_model = FewShotComposerModel(bundle.model, bundle.tokenizer, **losses)
     else:
         composer_model = FlamingoComposerModel(bundle.model, **losses)
+    if cfg.compile_trainable:
+        compile_trainable_modules(bundle.model)
     if cfg.fsdp_config is not None:
         install_fsdp_policies(composer_model)
     trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
