@@ -363,3 +363,16 @@ def test_per_image_cross_attention_model_equals_the_masked_model():
     with torch.no_grad():  # the images matter to these logits (the comparison is not of image-blind outputs)
         other = models[1].model(**{**inputs, "vision_x": inputs["vision_x"].flip(0)}).logits
     assert (other - per_image).abs().max() > 1e-3
+
+
+def test_compile_trainable_compiles_the_perceiver_and_every_block_in_place():
+    from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
+    from flamingo_composer.training.run import compile_trainable_modules
+
+    flamingo = tiny_bundle().model
+    names_before = [n for n, _ in flamingo.named_parameters()]
+    blocks = [m for m in flamingo.modules() if isinstance(m, GatedCrossAttentionBlock)]
+    assert compile_trainable_modules(flamingo) == 1 + len(blocks) == 3
+    assert all(m._compiled_call_impl is not None for m in [flamingo.perceiver, *blocks])
+    assert flamingo.lang_encoder._compiled_call_impl is None  # the frozen LM stays eager
+    assert [n for n, _ in flamingo.named_parameters()] == names_before  # checkpoint keys unchanged

@@ -182,10 +182,27 @@ class OraclePair:
     extras: dict = field(default_factory=dict)
 
     def to(self, dtype: torch.dtype) -> OraclePair:
-        """Both models in `dtype` (e.g. torch.float64, where fp32 summation-order noise vanishes)."""
+        """Both models in `dtype` (e.g. torch.float64, where fp32 summation-order noise vanishes).
+
+        transformers' loss casts logits to fp32 (`logits.float()`), which would put one fp32 op back into a float64
+        step (its 1-ulp flips differ between CPUs); the reference LM gets transformers' loss without that cast.
+        """
         self.reference.to(dtype)
         self.ours.model.to(dtype)
+        if dtype == torch.float64:
+            self.reference.lang_encoder.loss_function = causal_lm_loss_in_logits_dtype
         return self
+
+
+def causal_lm_loss_in_logits_dtype(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
+                                   shift_labels=None, **kwargs):  # fmt: skip
+    """transformers' `ForCausalLMLoss` (4.53) minus its `logits.float()`: the same shift, flatten and mean."""
+    from transformers.loss.loss_utils import fixed_cross_entropy
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
+    flat_labels = shift_labels.view(-1).to(logits.device)
+    return fixed_cross_entropy(logits.view(-1, vocab_size), flat_labels, num_items_in_batch, ignore_index, **kwargs)
 
 
 def build_pair_from_recipe(recipe: str | Path, workdir: str | Path, *, seed: int = 0, gates: bool = True) -> OraclePair:
@@ -294,6 +311,15 @@ def reference_batch(pair: OraclePair, seed: int, *, mmc4_max_tokens: int = 64, m
         laion=(images, text),
         mmc4=(torch.stack([images for images, _ in docs]), [tokens for _, tokens in docs]),
     )
+
+
+def without_trailing_padding(batch: ReferenceBatch) -> ReferenceBatch:
+    """The MMC4 documents cut after the last column holding a real token of any document, as our microbatches are
+    (`data.dataspec._trim_padding`). For float64 steps with MPT: transformers' MPT attention takes its softmax in
+    fp32, whose reduction order depends on the row length; with equal lengths both sides run the same fp32 op."""
+    images, tokens = batch.mmc4
+    length = max(int(mask[0].nonzero().max()) + 1 for _, mask in tokens)
+    return replace(batch, mmc4=(images, [(ids[:, :length], mask[:, :length]) for ids, mask in tokens]))
 
 
 def ours_batch(pair: OraclePair, batch: ReferenceBatch, dtype: torch.dtype = torch.float32) -> dict:

@@ -40,6 +40,12 @@ MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
 DEFAULT_CHUNK_TOKENS = 4096  # supervised positions per chunk of the CE: (4096, V) fp32 logits = 0.8 GB at V = 50k
 
 
+def upcast_for_loss(tensor: torch.Tensor) -> torch.Tensor:
+    """At least fp32, as transformers' loss (`logits.float()`): bf16/fp16 logits go up, float64 ones stay float64
+    (a float64 parity run is float64 through the loss too)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, L) -> next-token targets (B, L-1): position t predicts labels[t + 1]."""
     return labels[:, 1:]
@@ -53,10 +59,8 @@ def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
     """
     vocab = logits.shape[-1]
     targets = F.pad(shifted_targets(labels), (0, 1), value=IGNORE_INDEX)  # (B, L): position L-1 predicts nothing
-    # In fp32 as transformers' loss (`logits.float()`): free in fp32 runs, and under bf16 autocast the CE would
-    # cast to fp32 anyway.
     return F.cross_entropy(
-        logits.reshape(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        upcast_for_loss(logits.reshape(-1, vocab)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
@@ -68,7 +72,7 @@ class FinalHidden(NamedTuple):
 
 def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
     logits = head(hidden)  # (n, V): one chunk's logits, the only ones alive at a time
-    return F.cross_entropy(logits.float(), targets, reduction="sum")  # in fp32, as transformers' loss does
+    return F.cross_entropy(upcast_for_loss(logits), targets, reduction="sum")
 
 
 def head_cross_entropy_sum(
@@ -84,7 +88,7 @@ def head_cross_entropy_sum(
     supervised = targets != IGNORE_INDEX  # (B, L-1)
     selected = hidden[:, :-1][supervised]  # (N, D): the positions that predict a supervised target
     selected_targets = targets[supervised]  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32) + hidden.sum().float() * 0  # 0, graph kept (DDP, FSDP)
+    total = upcast_for_loss(hidden.sum()) * 0  # 0 in the loss dtype, graph kept (DDP, FSDP)
     if selected.shape[0] == 0:
         return total
     step = chunk_tokens or selected.shape[0]
