@@ -55,7 +55,7 @@ def worker(out: str, lm: str, overrides: list[str]) -> None:
     cfg.model.lm.config = dict(LMS[lm])  # replaced whole (a dotted override would merge into run.yaml's LM)
     trainer = train_from_config(cfg, fit=False)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    params = sum(p.numel() for p in trainer.state.model.parameters())  # this rank's shard sizes
+    params = sum(_local(p).numel() for p in trainer.state.model.parameters())  # this rank's shard sizes
     Path(f"{out}.rank{dist.get_global_rank()}").write_text(json.dumps({"peak_rss_gb": peak_kb / 2**20,
                                                                         "local_params": params}))
     trainer.close()
@@ -78,23 +78,36 @@ def main(argv: list[str] | None = None) -> int:
         data = SyntheticConfig(num_laion=16, num_laion_val=4, num_mmc4=8, num_mmc4_val=2, image_size=32,
                                laion_shard_size=8, mmc4_shard_size=4)  # fmt: skip
         write_synthetic_dataset(Path(tmp) / "data", data, formats=("mds",))
+        failed = 0
         for mixed_init in (True, False):
             out = Path(tmp) / f"mixed-{mixed_init}"
             cmd = [composer, "-n", str(args.ranks), __file__, "--lm", args.lm, "--worker", str(out),
                    *_overrides(Path(tmp) / "data", out, mixed_init)]  # fmt: skip
             result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            figures = {"lm": args.lm, "ranks": args.ranks, "mixed_init": mixed_init,
+                       "host_memory_gb": round(_host_memory_gb(), 1), "machine": platform.processor() or platform.machine()}  # fmt: skip
             if result.returncode != 0:
+                failed += 1
                 print(result.stdout[-2000:] + result.stderr[-4000:], file=sys.stderr)
-                return 1
-            ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.ranks)]
-            print(json.dumps({
-                "lm": args.lm, "ranks": args.ranks, "mixed_init": mixed_init,
-                "peak_rss_gb": [round(r["peak_rss_gb"], 2) for r in ranks],
-                "local_params": [r["local_params"] for r in ranks],
-                "machine": platform.processor() or platform.machine(),
-            }))  # fmt: skip
-    return 0
+                killed = "exit code -9" in result.stderr
+                figures["failed"] = "a rank was killed (SIGKILL: out of host memory?)" if killed else "see stderr"
+            else:
+                ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.ranks)]
+                figures["peak_rss_gb"] = [round(r["peak_rss_gb"], 2) for r in ranks]
+                figures["node_peak_rss_gb"] = round(sum(r["peak_rss_gb"] for r in ranks), 2)
+                figures["local_params"] = [r["local_params"] for r in ranks]
+            print(json.dumps(figures), flush=True)
+    return 1 if failed else 0
+
+
+def _local(tensor):
+    """A DTensor's local shard (FSDP2 parameters); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 if __name__ == "__main__":
