@@ -376,3 +376,37 @@ def test_compile_trainable_compiles_the_perceiver_and_every_block_in_place():
     assert all(m._compiled_call_impl is not None for m in [flamingo.perceiver, *blocks])
     assert flamingo.lang_encoder._compiled_call_impl is None  # the frozen LM stays eager
     assert [n for n, _ in flamingo.named_parameters()] == names_before  # checkpoint keys unchanged
+
+
+def test_per_dataset_backward_peaks_below_one_backward_over_both_datasets(bundle):
+    """The step's shape (issue: per-dataset backward): each microbatch holds one dataset, so one dataset's
+    activations are alive at a time; one forward over LAION and MMC4 then one backward holds both."""
+    from flamingo_composer.data.dataspec import _trim_padding, split_batch
+
+    model = FlamingoComposerModel(bundle.model)
+    batch = dual_batch(bundle.tokenizer, laion_rows=8, mmc4_rows=4, laion_len=32, mmc4_len=96)
+    batch = {name: _trim_padding(dict(sub)) for name, sub in batch.items()}  # as the microbatches: same widths
+    for p in model.parameters():  # gradients allocated up front: both steps then differ only in activations
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+    def one_backward():
+        model.loss(model(batch), batch)["total"].backward()
+
+    def per_dataset_backward():
+        parts = split_batch(batch, microbatch_size=8)  # LAION's 8 rows, then MMC4's 4 (one dataset each)
+        assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["laion"], ["mmc4"]]
+        for part in parts:
+            model.loss(model(part), part)["total"].backward()
+
+    def one_part(index):
+        part = split_batch(batch, microbatch_size=8)[index]
+        return lambda: model.loss(model(part), part)["total"].backward()
+
+    both, separate = peak_cpu_memory(one_backward), peak_cpu_memory(per_dataset_backward)
+    laion, mmc4 = peak_cpu_memory(one_part(0)), peak_cpu_memory(one_part(1))
+    print(f"peak step memory: one backward {both / 1e6:.1f} MB, per dataset {separate / 1e6:.1f} MB "
+          f"(LAION part {laion / 1e6:.1f}, MMC4 part {mmc4 / 1e6:.1f})")
+    assert separate < both
+    assert separate <= 1.1 * max(laion, mmc4)  # the larger part's peak, not the sum
+    assert both > laion + 0.5 * mmc4  # one backward holds both datasets' activations
