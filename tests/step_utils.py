@@ -44,6 +44,21 @@ def reference_bundle():
     return bundle
 
 
+def greedy_steps(model, vision_x, ids, mask, steps: int):
+    """Exactly `steps` greedy tokens through the KV cache, with each step's logits (`out.logits[k]`: (B, V))."""
+    return model.generate(vision_x, ids, mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)  # fmt: skip
+
+
+def assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, **tolerance) -> None:
+    """Each cached step's logits = a full forward (no cache) over the prompt and the tokens generated so far."""
+    with torch.no_grad():
+        for k, logits in enumerate(out.logits):
+            prefix = out.sequences[:, : ids.shape[1] + k]
+            full = model(vision_x, prefix, torch.ones_like(prefix)).logits[:, -1]  # (B, V)
+            torch.testing.assert_close(logits, full, **tolerance)
+
+
 def set_gates(model: torch.nn.Module, value: float) -> None:
     """Every gated cross-attention block's attn and ff gates to `value` (0 = the bare LM; non-zero = images matter)."""
     from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock

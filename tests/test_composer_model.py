@@ -349,12 +349,15 @@ def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
 
 
 def test_per_image_cross_attention_model_equals_the_masked_model():
+    from flamingo_composer.models.cross_attention import MaskedCrossAttention
     from flamingo_composer.models.factory import build_flamingo
     from flamingo_composer.models.tiny import tiny_model_config
 
     models = [build_flamingo(tiny_model_config("llama", cross_attention=form)) for form in ("masked", "per_image")]
-    for bundle in models:
+    for bundle, per_image in zip(models, (False, True)):
         set_gates(bundle.model, 0.5)
+        forms = {m.per_image for m in bundle.model.modules() if isinstance(m, MaskedCrossAttention)}
+        assert forms == {per_image}  # every block built in the configured form
     sub = dual_batch(models[0].tokenizer)["mmc4"]
     inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
     with torch.no_grad():

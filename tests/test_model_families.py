@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from step_utils import set_gates
+from step_utils import assert_cached_steps_equal_full_forwards, greedy_steps, set_gates
 
 from flamingo_composer.models import (
     Flamingo,
@@ -103,29 +103,12 @@ def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family):
     ids, mask = ids[:, :6], mask[:, :6]
     vision_x = torch.randn(2, 2, 1, 3, 32, 32)
     steps = 4
-
-    def generate(images):
-        return model.generate(
-            images,
-            ids,
-            mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-    out = generate(vision_x)
+    out = greedy_steps(model, vision_x, ids, mask, steps)
     assert out.sequences.shape == (2, ids.shape[1] + steps)
     assert len(out.logits) == steps
-    with torch.no_grad():
-        for k in range(steps):
-            prefix = out.sequences[:, : ids.shape[1] + k]
-            full = model(vision_x, prefix, torch.ones_like(prefix)).logits[:, -1]  # no cache
-            torch.testing.assert_close(out.logits[k], full, atol=1e-4, rtol=1e-4)
+    assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, atol=1e-4, rtol=1e-4)
 
-    swapped = generate(vision_x[:, [1, 0]])
+    swapped = greedy_steps(model, vision_x[:, [1, 0]], ids, mask, steps)
     for k in range(steps):
         assert (swapped.logits[k] - out.logits[k]).abs().max() > 1e-4, f"step {k} ignores the images"
     assert model.media_context.current is None

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from step_utils import set_gates
+from step_utils import assert_cached_steps_equal_full_forwards, greedy_steps, set_gates
 from tiny_remote_lm import MosaicGPT, MosaicGPTConfig, MPTConfig, MPTForCausalLM
 from transformers import PreTrainedModel
 
@@ -188,34 +188,17 @@ def test_generate_with_kv_cache_uses_the_images_and_the_trained_rows(remote_dirs
     ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> the")
     vision_x = torch.randn(1, 2, 1, 3, 32, 32)
     steps = 4
-
-    def generate(images):
-        return model.generate(
-            images,
-            ids,
-            mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-    out = generate(vision_x)
+    out = greedy_steps(model, vision_x, ids, mask, steps)
     assert out.sequences.shape == (1, ids.shape[1] + steps)
-    with torch.no_grad():
-        for k in range(steps):
-            prefix = out.sequences[:, : ids.shape[1] + k]
-            full = model(vision_x, prefix, torch.ones_like(prefix)).logits[:, -1]
-            torch.testing.assert_close(out.logits[k], full, atol=1e-5, rtol=0)
-    swapped = generate(vision_x.flip(1))
+    assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, atol=1e-5, rtol=0)
+    swapped = greedy_steps(model, vision_x.flip(1), ids, mask, steps)
     assert (swapped.logits[0] - out.logits[0]).abs().max() > 1e-3
     # With the gates closed, each generated step is the bare LM's, given the same new rows.
     set_gates(model, 0.0)
     set_new_token_rows(model, bare, torch.randn(2, 64))
     with torch.no_grad():
         reference = bare(input_ids=ids, attention_mask=mask).logits[:, -1]  # (1, V)
-    torch.testing.assert_close(generate(vision_x).logits[0], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(greedy_steps(model, vision_x, ids, mask, steps).logits[0], reference, atol=1e-5, rtol=1e-5)
     assert torch._C._len_torch_function_stack() == 0
 
 

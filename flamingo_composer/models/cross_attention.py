@@ -104,9 +104,11 @@ class MaskedCrossAttention(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """x = xattn(x) * tanh(attn_gate) + x; x = ff(x) * tanh(ff_gate) + x. Gates start at 0 (block = identity)."""
 
-    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
+                 per_image: bool = False):  # fmt: skip
         super().__init__()
-        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads)
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads,
+                                         per_image=per_image)  # fmt: skip
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))  # (1,) as in the reference checkpoints
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))  # (1,)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from flamingo_composer.config_schema import from_dict
-from flamingo_composer.models.cross_attention import MaskedCrossAttention
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.flamingo import Flamingo
 from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
@@ -239,9 +238,8 @@ def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any], *, on_meta: boo
             perceiver_num_latents=cfg.perceiver_num_latents,
             gradient_checkpointing=cfg.gradient_checkpointing,
             vision_ln_post_on_tokens=cfg.vision.ln_post_on_tokens,
+            per_image_cross_attention=cfg.cross_attention == "per_image",
         )
-    for attention in (m for m in model.modules() if isinstance(m, MaskedCrossAttention)):
-        attention.per_image = cfg.cross_attention == "per_image"
     if cfg.frozen_dtype is not None:
         cast_frozen_weights(model, getattr(torch, cfg.frozen_dtype))
     return FlamingoBundle(model, tokenizer, image_transform)

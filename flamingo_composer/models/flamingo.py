@@ -41,6 +41,7 @@ class Flamingo(nn.Module):
         perceiver_num_latents: int = 64,
         gradient_checkpointing: bool = False,
         vision_ln_post_on_tokens: bool = False,
+        per_image_cross_attention: bool = False,
     ):
         super().__init__()
         missing = [key for key in SPECIAL_TOKEN_KEYS if special_token_ids.get(key) is None]
@@ -70,6 +71,7 @@ class Flamingo(nn.Module):
             media_context=self.media_context,
             cross_attn_every_n_layers=cross_attn_every_n_layers,
             gradient_checkpointing=gradient_checkpointing,
+            per_image_cross_attention=per_image_cross_attention,
         )
         lang_encoder.get_input_embeddings().new_token_rows.requires_grad_(True)
         self.lang_encoder = lang_encoder
@@ -140,10 +142,9 @@ class Flamingo(nn.Module):
     def output_head(self) -> nn.Module | None:
         """The LM's output projection as a module of its own (hidden (..., D) -> logits (..., V)), or None when the
         LM computes its logits inside its forward (the remote MosaicGPT / MPT code): then only `forward` gives them."""
-        lm = self.lang_encoder
-        if isinstance(lm.get_input_embeddings(), SplicedEmbedding) and getattr(lm, "_tied_logits_in_forward", False):
+        if getattr(self.lang_encoder, "_tied_logits_in_forward", False):  # set by TiedLogitsInForward.install
             return None
-        return lm.get_output_embeddings()
+        return self.lang_encoder.get_output_embeddings()
 
     @torch.no_grad()
     def generate(

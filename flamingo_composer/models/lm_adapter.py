@@ -226,6 +226,7 @@ def insert_cross_attention(
     gradient_checkpointing: bool = False,
     dim_head: int = 64,
     heads: int = 8,
+    per_image_cross_attention: bool = False,
 ) -> type[nn.Module]:
     """Replace every decoder layer of `lm` (in place) by a FlamingoLayer; returns the original layer class.
 
@@ -241,6 +242,7 @@ def insert_cross_attention(
     for i, layer in enumerate(layers):
         block = None
         if (i + 1) % cross_attn_every_n_layers == 0:
-            block = GatedCrossAttentionBlock(dim=dim, dim_visual=vis_dim, dim_head=dim_head, heads=heads)
+            block = GatedCrossAttentionBlock(dim=dim, dim_visual=vis_dim, dim_head=dim_head, heads=heads,
+                                             per_image=per_image_cross_attention)  # fmt: skip
         layers[i] = FlamingoLayer(layer, block, media_context, gradient_checkpointing)
     return decoder_layer_class

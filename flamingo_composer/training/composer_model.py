@@ -201,7 +201,7 @@ class FlamingoComposerModel(ComposerModel):
         contributes exactly 0.
         """
         names = self.present_datasets(batch)
-        device = next(iter(batch[name]["labels"].device for name in names))
+        device = batch[names[0]]["labels"].device
         n_global = self._global_supervised_counts(batch, device)  # {dataset: 0-d long}
         microbatch_tokens = sum(count_supervised_tokens(batch[name]["labels"]) for name in names)  # 0-d long
         # T_global: supervised tokens of all datasets in the global batch, what Composer's token weights sum to.

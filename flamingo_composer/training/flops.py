@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flamingo_composer.models.cross_attention import image_segments, media_text_time
+
 FORWARD = 2  # FLOPs per weight per token, forward
 ACTIVATION_GRAD = 2  # backward, gradient w.r.t. the input
 WEIGHT_GRAD = 2  # backward, gradient w.r.t. the weight
@@ -177,11 +179,13 @@ class FlamingoFlops:
             flops += (3 if layer.grad_below else 1) * _attention_core(text_tokens, text_tokens, self.lm_hidden)
         return flops
 
-    def _longest_image_run(self, input_ids: Any, t_img: int) -> int:
-        """The longest run of one image's text in the sub-batch (at least 1), as the cross-attention pads to."""
-        text_time = (torch.as_tensor(input_ids) == self.media_token_id).cumsum(-1)  # (B, L)
-        slots = torch.arange(1, t_img + 1)
-        return max(1, int((text_time.unsqueeze(1) == slots[None, :, None]).sum(-1).max()))
+    def _image_runs(self, input_ids: Any, t_img: int) -> int:
+        """Queries of the per-image cross-attention core: T_img x the longest run of one image's text (what
+        `image_segments` pads to); 0 for the masked form, which does not use it."""
+        if not self.cross_attention_per_image:
+            return 0
+        _, valid = image_segments(media_text_time(torch.as_tensor(input_ids), self.media_token_id), t_img)
+        return t_img * valid.shape[-1]  # valid: (B, T_img, S)
 
     def per_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """{dataset: training FLOPs} of one per-rank batch `{'laion': sub, 'mmc4': sub}` (absent datasets omitted)."""
@@ -197,7 +201,7 @@ class FlamingoFlops:
             vision = self.vision_per_image * images * frames
             perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images
             text_tokens = sub["input_ids"].shape[1]
-            runs = t_img * self._longest_image_run(sub["input_ids"], t_img)
+            runs = self._image_runs(sub["input_ids"], t_img)
             lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents, runs) * b
             labels = sub.get("labels")
             if self.head_on_supervised_only and labels is not None:  # what the loss projects (recompute not counted)
