@@ -21,6 +21,7 @@ from step_utils import (
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from flamingo_composer.training.composer_model import (
+    FrozenHead,
     REQUIRED_TRAINER_KWARGS,
     FinalHidden,
     FlamingoComposerModel,
@@ -346,6 +347,68 @@ def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
     whole, chunked = peak_cpu_memory(step(None)), peak_cpu_memory(step(128))
     assert whole > full_logits  # logits, and their gradient, alive at once
     assert chunked < full_logits / 3, (chunked, whole)  # 128 positions' logits at a time
+
+
+def _frozen_heads(dim: int, vocab: int, dtype) -> dict:
+    """The frozen-head kinds of `LinearCrossEntropySum`: untied Linear (with and without bias), a tied head."""
+    from flamingo_composer.models.embeddings import SplicedEmbedding, SplicedLMHead
+
+    linear = torch.nn.Linear(dim, vocab, dtype=dtype).requires_grad_(False)
+    no_bias = torch.nn.Linear(dim, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    tied = SplicedEmbedding(torch.randn(vocab, dim, dtype=dtype), new_token_ids=[3, vocab - 1])
+    tied.weight.requires_grad_(False)
+    return {"linear": linear, "linear_no_bias": no_bias, "tied": SplicedLMHead(tied)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "tied"])
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 7])
+def test_frozen_head_cross_entropy_takes_its_gradient_in_forward_and_equals_cross_entropy(kind, chunk_tokens, dtype):
+    """The fused path (a frozen head, the default case): value and gradients of hidden and of the trained
+    new-token rows equal autograd's through F.cross_entropy, rows without supervised tokens included."""
+    torch.manual_seed(0)
+    head = _frozen_heads(16, 50, dtype)[kind]
+    assert FrozenHead.of(head) is not None  # this is the fused path, not the checkpointed one
+    hidden = torch.randn(3, 9, 16, dtype=dtype, requires_grad=True)  # (B, L, D)
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0] = -100  # a row with no supervised token
+    labels[1, :5] = -100
+    labels[2, 4] = 3  # a new token as target: its column comes from the trained rows
+    trained = [head._embedding.new_token_rows] if kind == "tied" else []
+    expected = 0.5 * torch.nn.functional.cross_entropy(
+        head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )  # a scale, so backward's use of the incoming gradient is checked too
+    want = torch.autograd.grad(expected, [hidden, *trained])
+    total = 0.5 * head_cross_entropy_sum(hidden, labels, head, chunk_tokens)
+    got = torch.autograd.grad(total, [hidden, *trained])
+    tolerance = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(total, expected, **tolerance)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
+    none = head_cross_entropy_sum(hidden, torch.full_like(labels, -100), head, chunk_tokens)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_a_trainable_head_is_not_fused():
+    assert FrozenHead.of(torch.nn.Linear(4, 8)) is None  # its weight's gradient needs the checkpointed path
+    tied = _frozen_heads(4, 8, torch.float32)["tied"]
+    tied._embedding.weight.requires_grad_(True)
+    assert FrozenHead.of(tied) is None
+
+
+def test_no_logits_outlive_the_forward_of_the_frozen_head_loss():
+    """What the loss's graph keeps for backward: (N, D) gradients, never an (n, V) tensor of logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 20_000, bias=False).requires_grad_(False)
+    hidden = torch.randn(4, 256, 32, requires_grad=True)  # 1,020 supervised positions
+    labels = torch.randint(0, 20_000, (4, 256))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        total = head_cross_entropy_sum(hidden, labels, head, chunk_tokens=256)
+    assert max(saved) < 20_000 * 8, saved  # no saved tensor as large as 8 positions' logits
+    assert sum(saved) < 2 * hidden.numel(), saved
+    total.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
 def test_per_image_cross_attention_model_equals_the_masked_model():

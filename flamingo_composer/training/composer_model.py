@@ -37,7 +37,7 @@ from flamingo_composer.training.flops import FlamingoFlops
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
 REQUIRED_TRAINER_KWARGS = {"accumulate_train_batch_on_tokens": True}
 MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
-DEFAULT_CHUNK_TOKENS = 4096  # supervised positions per chunk of the CE: (4096, V) fp32 logits = 0.8 GB at V = 50k
+DEFAULT_CHUNK_TOKENS = 1024  # supervised positions per chunk of the CE: (1024, V) fp32 logits = 0.2 GB at V = 50k
 
 
 def upcast_for_loss(tensor: torch.Tensor) -> torch.Tensor:
@@ -75,14 +75,84 @@ def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: 
     return F.cross_entropy(upcast_for_loss(logits), targets, reduction="sum")
 
 
+class FrozenHead(NamedTuple):
+    """An output head as tensors, for `LinearCrossEntropySum`: logits = hidden @ weight.T + bias, with the columns
+    `new_ids` taken from hidden @ new_rows.T (tied LMs: `SplicedEmbedding.project`). Only `new_rows` may train."""
+
+    weight: torch.Tensor  # (V, D), frozen
+    bias: torch.Tensor | None  # (V,), frozen
+    new_rows: torch.Tensor | None  # (K, D), in the autograd graph (the trained new-token rows)
+    new_ids: torch.Tensor | None  # (K,)
+
+    @classmethod
+    def of(cls, head: nn.Module) -> FrozenHead | None:
+        """The head's tensors, or None when its projection trains (a fully trainable head: recompute instead)."""
+        from flamingo_composer.models.embeddings import SplicedLMHead
+
+        if isinstance(head, SplicedLMHead):
+            embedding = head._embedding
+            if embedding.weight.requires_grad:
+                return None
+            return cls(embedding.weight, None, embedding.trainable_rows(), embedding.new_token_ids)
+        plain_linear = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+        if plain_linear and not any(p.requires_grad for p in head.parameters()):
+            return cls(head.weight, head.bias, None, None)
+        return None
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Token CE sum of a frozen head's logits, with its gradient computed in forward (as Liger's fused linear CE).
+
+    forward: one chunk's (n, V) logits, their log-softmax, and at once d(loss)/d(logits) = softmax - one_hot,
+    projected back to d(loss)/d(hidden) (n, D) and d(loss)/d(new_rows) (K, D); only those small gradients are kept.
+    So no (n, V) tensor survives the forward, and backward is a scaling: no recomputation of the head (as
+    checkpointing needs) and no second (n, V) gradient tensor. The arithmetic is autograd's own for
+    `F.cross_entropy(upcast_for_loss(head(hidden)), targets, reduction='sum')`, in the same dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, new_rows, new_ids):  # hidden (n, D), targets (n,)
+        logits = F.linear(hidden, weight, bias)  # (n, V)
+        if new_rows is not None:
+            new_logits = F.linear(hidden, new_rows.to(hidden.dtype))  # (n, K)
+            logits.index_copy_(-1, new_ids, new_logits.to(logits.dtype))
+        logits_dtype = logits.dtype
+        log_probs = torch.log_softmax(upcast_for_loss(logits), dim=-1)  # (n, V), fp32 at least
+        del logits  # at most two (n, V) tensors at a time
+        loss = -log_probs.gather(-1, targets[:, None]).sum()  # 0-d
+        grad_logits = log_probs.exp_()  # (n, V): softmax, in place
+        grad_logits[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
+        grad_logits = grad_logits.to(logits_dtype)  # as the upcast's backward hands it to the projection
+        del log_probs
+        grad_rows = None
+        if new_rows is not None:
+            grad_new = grad_logits[:, new_ids]  # (n, K): the new columns' share (index_copy_'s backward)
+            grad_logits.index_fill_(-1, new_ids, 0)
+            if ctx.needs_input_grad[4]:
+                grad_rows = (grad_new.t() @ hidden.to(grad_new.dtype)).to(new_rows.dtype)  # (K, D)
+        grad_hidden = grad_logits @ weight.to(grad_logits.dtype)  # (n, D)
+        if new_rows is not None:
+            grad_hidden = grad_hidden + grad_new @ new_rows.to(grad_new.dtype)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_rows)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_rows = ctx.saved_tensors
+        grad_rows = None if grad_rows is None else grad_rows * grad_loss.to(grad_rows.dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, grad_rows, None
+
+
 def head_cross_entropy_sum(
     hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
     """The token CE sum of `head(hidden)`, computed only at supervised positions and `chunk_tokens` at a time.
 
     hidden (B, L, D), labels (B, L) -> 0-d. Equal to `token_cross_entropy_sum(head(hidden), labels)` (the logits of
-    unsupervised positions never enter the loss), but no (B, L, V) tensor exists: each chunk's (n, V) logits are
-    recomputed in backward (activation checkpointing), so the head's memory is one chunk's, in fp32 at most.
+    unsupervised positions never enter the loss), but no (B, L, V) tensor exists. A frozen head (the LMs' own, and
+    tied heads whose only trained rows are the new tokens') goes through `LinearCrossEntropySum`: each chunk's
+    logits live only inside its forward. A head that trains as a whole has each chunk's (n, V) logits recomputed
+    in backward (activation checkpointing) instead. Either way the head's memory is one chunk's, in fp32 at most.
     """
     targets = shifted_targets(labels)  # (B, L-1)
     supervised = targets != IGNORE_INDEX  # (B, L-1)
@@ -92,13 +162,16 @@ def head_cross_entropy_sum(
     if selected.shape[0] == 0:
         return total
     step = chunk_tokens or selected.shape[0]
+    frozen = FrozenHead.of(head) if torch.is_grad_enabled() else None
     chunked = torch.is_grad_enabled() and selected.shape[0] > step
     for start in range(0, selected.shape[0], step):
-        args = (selected[start : start + step], selected_targets[start : start + step], head)
-        if chunked:
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_cross_entropy_sum, *args, use_reentrant=False)
+        chunk = (selected[start : start + step], selected_targets[start : start + step])
+        if frozen is not None:
+            total = total + LinearCrossEntropySum.apply(*chunk, *frozen)
+        elif chunked:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_cross_entropy_sum, *chunk, head, use_reentrant=False)
         else:
-            total = total + _chunk_cross_entropy_sum(*args)
+            total = total + _chunk_cross_entropy_sum(*chunk, head)
     return total
 
 

@@ -95,9 +95,9 @@ class TrainConfig:
     device: Literal["cpu", "gpu"] | None = None  # None: gpu when CUDA is available
     loss_multiplier_laion: float = 0.2
     loss_multiplier_mmc4: float = 1.0
-    # Supervised positions per chunk of the training CE (its (n, V) logits are recomputed in backward); null: one
-    # chunk. LMs that compute their logits inside forward (remote MosaicGPT/MPT code) use the full logits instead.
-    loss_chunk_tokens: int | None = 4096
+    # Supervised positions per chunk of the training CE (a chunk's (n, V) logits live only inside its forward, see
+    # composer_model.LinearCrossEntropySum); null: one chunk. LMs that compute their logits inside forward (remote MosaicGPT/MPT code) use the full logits instead.
+    loss_chunk_tokens: int | None = 1024
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ALGORITHMS))
