@@ -21,10 +21,10 @@ from step_utils import (
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from flamingo_composer.training.composer_model import (
-    FrozenHead,
     REQUIRED_TRAINER_KWARGS,
     FinalHidden,
     FlamingoComposerModel,
+    FrozenHead,
     head_cross_entropy_sum,
     token_cross_entropy_sum,
 )
