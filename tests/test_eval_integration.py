@@ -34,13 +34,13 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def easy_vqa_run(tmp_path_factory):
-    """A 6-step run of yamls/eval-easyvqa.yaml (120 easy-vqa training documents + the caption pairs), its
+    """A 6-step run of yamls/eval-easyvqa.yaml (120 easy-vqa training documents + the "what" pairs), its
     evaluators at the end."""
-    from flamingo_composer.eval.easy_vqa import write_caption_pairs_mds, write_fewshot_training_mds
+    from flamingo_composer.eval.easy_vqa import write_fewshot_training_mds, write_vqa_pairs_mds
 
     root = tmp_path_factory.mktemp("easyvqa")
     write_fewshot_training_mds(root / "mds" / "train", max_documents=120)
-    write_caption_pairs_mds(root / "mds" / "captions")
+    write_vqa_pairs_mds(root / "mds" / "what_pairs")
     out = root / "run"
     _run([
         COMPOSER, "-n", "1", "train.py", str(RECIPE), f"variables.data_root={root}",
@@ -191,7 +191,7 @@ def test_missing_annotation_file_stops_the_run_before_training(easy_vqa_data_roo
 @pytest.fixture
 def easy_vqa_data_root_for_config(tmp_path):
     """A data root whose MDS index exists (config validation checks it); no data needed to fail on evaluators."""
-    for split in ("train", "captions"):
+    for split in ("train", "what_pairs"):
         (tmp_path / "data" / "mds" / split).mkdir(parents=True)
         (tmp_path / "data" / "mds" / split / "index.json").write_text("{}")
     return tmp_path / "data"

@@ -2,12 +2,12 @@
 questions) answers held-out easy-vqa questions 4-shot clearly better than the majority answer and than itself
 with the query images shuffled across the questions (so it answers from the image, not from the question text).
 
-Two stages through the real entry point (yamls/eval-easyvqa.yaml, shortened): (1) the LAION-style pairs
-"a {color} {shape}" read off easy-vqa's answers, which teach the perceiver and cross-attention to look; (2) the
-few-shot VQA documents (answers balanced per question text), starting from stage 1's trainable weights. Then the
-standalone runner evaluates under the protocol (random demos per trial seed, beam search 3, post-processing,
-VQA accuracy). Mixing both from the start, or the documents alone, learned only the question-text prior in our
-runs (true-image accuracy = shuffled-image accuracy), see yamls/eval-easyvqa.yaml.
+Two stages through the real entry point (yamls/eval-easyvqa.yaml, shortened): (1) the LAION-style pairs of
+easy-vqa's "what" questions in the VQA prompt format (their answers need the image alone), which teach the
+perceiver and cross-attention to look; (2) those pairs and the few-shot VQA documents (answers balanced per
+question text), starting from stage 1's trainable weights, so the image signal survives text before the query.
+Then the standalone runner evaluates under the protocol (random demos per trial seed, beam search 3,
+post-processing, VQA accuracy). Other recipes and their figures: yamls/eval-easyvqa.yaml.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from train_helpers import REPO_ROOT
 pytest.importorskip("easy_vqa")
 
 RECIPE = REPO_ROOT / "yamls" / "eval-easyvqa.yaml"
-STAGE1_STEPS, STAGE2_STEPS = 600, 600
+STAGE1_STEPS, STAGE2_STEPS = 1000, 600
 QUERIES = 300
 MIN_GAIN_OVER_MAJORITY = 10.0  # accuracy points
 MIN_GAIN_OVER_SHUFFLED = 8.0
@@ -57,28 +57,23 @@ def _train(root, overrides, start_from=None):
 
 @pytest.mark.slow
 @pytest.mark.skip(
-    reason="not learned yet: in every recipe tried (yamls/eval-easyvqa.yaml lists them) the model learns easy-vqa's "
-    "question-text prior (up to 63-65% 4-shot) but its accuracy with shuffled query images is the same; this "
-    "two-stage version measured 35.7% true vs 35.7% shuffled. Re-enable when a recipe uses the images."
+    reason="margins not reached yet: this two-stage recipe measured 46.3% true vs 37.7% shuffled vs 40.0% majority "
+    "on 300 queries (about 5 CPU minutes), below the asserted +10 / +8 points; yamls/eval-easyvqa.yaml lists the "
+    "recipes tried. Re-enable when a recipe clears them."
 )
 def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_path):
-    from flamingo_composer.eval.easy_vqa import write_caption_pairs_mds, write_fewshot_training_mds
+    from flamingo_composer.eval.easy_vqa import write_fewshot_training_mds, write_vqa_pairs_mds
     from flamingo_composer.eval.tasks import FewShotTask
     from flamingo_composer.models.factory import build_flamingo
 
     torch.set_num_threads(1)
     write_fewshot_training_mds(tmp_path / "mds" / "train")  # easy-vqa's train split only
-    write_caption_pairs_mds(tmp_path / "mds" / "captions")
+    write_vqa_pairs_mds(tmp_path / "mds" / "what_pairs")
     _, stage1 = _train(tmp_path, [f"max_duration={STAGE1_STEPS}", "data.mmc4.enabled=false"])
     trainable = {k: v.detach().clone() for k, v in stage1.named_parameters() if v.requires_grad}
     cfg, model = _train(
         tmp_path,
-        [
-            f"max_duration={STAGE2_STEPS}",
-            "data.laion.enabled=false",
-            "data.mmc4.batch_size=8",
-            "optimizer.lr=2.0e-3",
-        ],
+        [f"max_duration={STAGE2_STEPS}"],
         start_from=trainable,
     )
     model.eval()

@@ -229,6 +229,32 @@ def test_easy_vqa_in_the_vqav2_layout(tmp_path):
     assert tokenizer.unk_token not in words
 
 
+def test_easy_vqa_what_pairs_train_the_evaluation_prompt(tmp_path):
+    """The LAION-style training pairs read back (MDS -> LAION processor) as the filled VQA prompt's tokens."""
+    pytest.importorskip("easy_vqa")
+    from streaming import LocalDataset
+
+    from flamingo_composer.data.laion import LaionPreprocessConfig, LaionProcessor
+    from flamingo_composer.eval.easy_vqa import easy_vqa_layout, write_vqa_pairs_mds
+    from flamingo_composer.models.factory import TokenizerConfig, build_flamingo
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    count = write_vqa_pairs_mds(tmp_path / "pairs", split="test")
+    questions, annotations, _ = easy_vqa_layout("test")
+    what = [(q, a) for q, a in zip(questions["questions"], annotations["annotations"]) if q["question"].startswith("what")]
+    assert count == len(what) == 2537  # easy-vqa's test split: 26% "what" questions
+    bundle = build_flamingo(tiny_model_config(vision="tiny-vit-64", tokenizer=TokenizerConfig(builtin="easy_vqa")))
+    processor = LaionProcessor(bundle.tokenizer, bundle.image_transform, LaionPreprocessConfig(), seed=0)
+    dataset = LocalDataset(str(tmp_path / "pairs"))
+    for i in (0, 1, count - 1):
+        q, a = what[i]
+        row = processor(dataset[i], epoch=0, key=i)
+        ids = row["input_ids"][row["attention_mask"].bool()].tolist()
+        prompt = prompts.vqa_prompt(q["question"], a["multiple_choice_answer"]) + bundle.tokenizer.eos_token
+        assert ids == bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert row["images"].shape[0] == 1
+
+
 def _vqav2_args(split_paths):
     return {"questions_path": split_paths["questions"], "annotations_path": split_paths["annotations"],
             "image_dir": split_paths["images"]}  # fmt: skip

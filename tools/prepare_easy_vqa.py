@@ -6,7 +6,8 @@
 Writes OUT/{train,test}_questions.json and OUT/{train,test}_annotations.json (the VQAv2 layout; images stay in
 the package, named {image_id}.png), and the training data of yamls/eval-easyvqa.yaml (train split only):
 OUT/mds/train/ (MMC4 MDS documents of 5 image-question-answer pairs in the few-shot VQA prompt format, answers
-balanced per question text) and OUT/mds/captions/ (LAION MDS pairs "a {color} {shape}" read off the answers).
+balanced per question text) and OUT/mds/what_pairs/ (LAION MDS pairs of the "what" questions in the same prompt
+format: image -> "Question:{q} Short answer:{a}").
 Prints what it wrote as JSON.
 """
 
@@ -28,24 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from flamingo_composer.eval.easy_vqa import (
-        write_caption_pairs_mds,
         write_easy_vqa_vqav2,
         write_fewshot_training_mds,
+        write_vqa_pairs_mds,
     )
 
     out = Path(args.out)
-    mds, captions = out / "mds" / "train", out / "mds" / "captions"
-    for folder in (mds, captions):
+    mds, pairs_dir = out / "mds" / "train", out / "mds" / "what_pairs"
+    for folder in (mds, pairs_dir):
         if folder.exists() and any(folder.iterdir()):
             print(f"error: {folder} exists and is not empty", file=sys.stderr)
             return 2
     paths = write_easy_vqa_vqav2(out)
     docs = write_fewshot_training_mds(mds, per_document=args.per_document, seed=args.seed)
-    pairs = write_caption_pairs_mds(captions)
+    pairs = write_vqa_pairs_mds(pairs_dir)
     summary = {
         "vqav2_layout": paths,
         "training_documents": {"mds": str(mds), "count": docs},
-        "caption_pairs": {"mds": str(captions), "count": pairs},
+        "what_pairs": {"mds": str(pairs_dir), "count": pairs},
     }
     print(json.dumps(summary, indent=1))
     return 0

@@ -168,42 +168,43 @@ def write_fewshot_training_mds(out_dir: str | Path, split: str = "train", **kwar
     return len(docs)
 
 
-SHAPES = ("circle", "rectangle", "triangle")
-COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
+def vqa_pair_text(question: str, answer: str) -> str:
+    """The filled VQA prompt without its `<image>` and `<|endofchunk|>`, which LAION preprocessing puts around a
+    caption: so a pair trains exactly the evaluation's `<image>Question:{q} Short answer:{a}<|endofchunk|>`."""
+    from flamingo_composer.eval.prompts import ENDOFCHUNK, MEDIA, vqa_prompt
+
+    return vqa_prompt(question, answer).removeprefix(MEDIA).removesuffix(ENDOFCHUNK)
 
 
-def image_captions(split: str = "train") -> dict[int, str]:
-    """{image_id: "a {color} {shape}"} read off easy-vqa's own "what ..." questions and answers (a colour
-    question names the shape or a shape question the colour, e.g. "what is the blue shape?" -> "circle");
-    images whose questions give only one of the two are left out."""
+def write_vqa_pairs_mds(out_dir: str | Path, split: str = "train", first_word: str | None = "what") -> int:
+    """LAION-style (image, "Question:{q} Short answer:{a}") pairs of the questions starting with `first_word`
+    (None: all), as LAION MDS.
+
+    Why "what" by default: only those answers (a colour or a shape) need the image alone; the yes/no questions
+    (74% of easy-vqa) need question and image together, and a tiny model trained on all of them learned no image
+    use in our runs (yamls/eval-easyvqa.yaml has the figures).
+    """
     questions, annotations, _ = easy_vqa_layout(split)
     answers = {a["question_id"]: a["answers"][0]["answer"] for a in annotations["annotations"]}
-    found: dict[int, dict[str, str]] = {}
-    for q in questions["questions"]:
-        if not q["question"].startswith("what"):
-            continue
-        facts = found.setdefault(q["image_id"], {})
-        words = q["question"].rstrip("?").split()
-        for word in [*words, answers[q["question_id"]]]:
-            if word in SHAPES:
-                facts["shape"] = word
-            elif word in COLORS:
-                facts["color"] = word
-    return {i: f"a {f['color']} {f['shape']}" for i, f in sorted(found.items()) if len(f) == 2}
+    rows = [
+        (f"easyvqa-{split}-q{q['question_id']}", q["image_id"], vqa_pair_text(q["question"], answers[q["question_id"]]))
+        for q in questions["questions"]
+        if first_word is None or q["question"].split(" ", 1)[0] == first_word
+    ]
+    return _write_laion_pairs(out_dir, split, rows)
 
 
-def write_caption_pairs_mds(out_dir: str | Path, split: str = "train") -> int:
-    """LAION-style (image, caption) pairs of `image_captions` as LAION MDS (data/mds_format.py columns)."""
+def _write_laion_pairs(out_dir: str | Path, split: str, rows: list[tuple[str, int, str]]) -> int:
+    """(key, image_id, text) rows as LAION MDS with the package's PNG bytes; returns the count."""
     from streaming import MDSWriter
 
     from flamingo_composer.data.mds import LAION_MDS_COLUMNS
 
     image_dir = Path(easy_vqa_layout(split)[2])
-    captions = image_captions(split)
     with MDSWriter(
         out=str(out_dir), columns=LAION_MDS_COLUMNS, compression=None, size_limit=1 << 22
     ) as writer:
-        for image_id, caption in captions.items():
+        for key, image_id, text in rows:
             png = (image_dir / IMAGE_FILENAME.format(image_id=image_id)).read_bytes()
-            writer.write({"key": f"easyvqa-{split}-{image_id}", "jpg": png, "txt": caption})
-    return len(captions)
+            writer.write({"key": key, "jpg": png, "txt": text})
+    return len(rows)
