@@ -22,7 +22,7 @@ from train_helpers import REPO_ROOT
 pytest.importorskip("easy_vqa")
 
 RECIPE = REPO_ROOT / "yamls" / "eval-easyvqa.yaml"
-STAGE1_STEPS, STAGE2_STEPS = 1000, 600
+STAGE1_STEPS, STAGE2_STEPS = 1000, 1000
 QUERIES = 300
 MIN_GAIN_OVER_MAJORITY = 10.0  # accuracy points
 MIN_GAIN_OVER_SHUFFLED = 8.0
@@ -57,9 +57,10 @@ def _train(root, overrides, start_from=None):
 
 @pytest.mark.slow
 @pytest.mark.skip(
-    reason="margins not reached yet: this two-stage recipe measured 46.3% true vs 37.7% shuffled vs 40.0% majority "
-    "on 300 queries (about 5 CPU minutes), below the asserted +10 / +8 points; yamls/eval-easyvqa.yaml lists the "
-    "recipes tried. Re-enable when a recipe clears them."
+    reason="too slow for the suite yet: this two-stage recipe (1,000 + 1,000 steps, about 6 CPU minutes) measured "
+    "55.0% true vs 44.3% shuffled vs 40.0% majority on 300 queries in one run (600 stage-2 steps: 46.3 / 37.7 / "
+    "40.0), but `make test` already takes 13.5 of its 15 minutes on a fresh clone; enable once the suite is trimmed "
+    "and the margins are confirmed on a second CPU."
 )
 def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_path):
     from flamingo_composer.eval.easy_vqa import write_fewshot_training_mds, write_vqa_pairs_mds
