@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,12 +236,12 @@ def test_easy_vqa_what_pairs_train_the_evaluation_prompt(tmp_path):
     from streaming import LocalDataset
 
     from flamingo_composer.data.laion import LaionPreprocessConfig, LaionProcessor
-    from flamingo_composer.eval.easy_vqa import easy_vqa_layout, write_vqa_pairs_mds
+    from flamingo_composer.eval.easy_vqa import IMAGE_FILENAME, easy_vqa_layout, write_vqa_pairs_mds
     from flamingo_composer.models.factory import TokenizerConfig, build_flamingo
     from flamingo_composer.models.tiny import tiny_model_config
 
     count = write_vqa_pairs_mds(tmp_path / "pairs", split="test")
-    questions, annotations, _ = easy_vqa_layout("test")
+    questions, annotations, image_dir = easy_vqa_layout("test")
     what = [(q, a) for q, a in zip(questions["questions"], annotations["annotations"]) if q["question"].startswith("what")]
     assert count == len(what) == 2537  # easy-vqa's test split: 26% "what" questions
     bundle = build_flamingo(tiny_model_config(vision="tiny-vit-64", tokenizer=TokenizerConfig(builtin="easy_vqa")))
@@ -253,6 +254,8 @@ def test_easy_vqa_what_pairs_train_the_evaluation_prompt(tmp_path):
         prompt = prompts.vqa_prompt(q["question"], a["multiple_choice_answer"]) + bundle.tokenizer.eos_token
         assert ids == bundle.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         assert row["images"].shape[0] == 1
+        own_image = Path(image_dir) / IMAGE_FILENAME.format(image_id=q["image_id"])
+        assert dataset[i]["jpg"] == own_image.read_bytes()  # the pair holds its question's image
 
 
 def _vqav2_args(split_paths):
