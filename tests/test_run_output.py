@@ -6,14 +6,17 @@ dumps off) with a held-out evaluation, the file logger and a W&B offline run; th
 
 from __future__ import annotations
 
+import io
+import logging
 import re
+import sys
 
 import pytest
 from PIL import Image
 from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
-from flamingo_composer.training.run import main
+from flamingo_composer.training.run import configure_package_logging, main
 from flamingo_composer.training.run_logs import read_run_metrics
 
 plot_run = load_tool("plot_run")
@@ -84,3 +87,26 @@ def test_plot_run_names_what_it_could_not_find(tmp_path, capsys):
     (tmp_path / "logs-rank0.txt").write_text("[metric][batch=1]: time/batch: 1 \n")
     assert plot_run.main([str(tmp_path)]) == 2
     assert "none of the plotted metrics" in capsys.readouterr().err
+
+
+def test_an_empty_wandb_run_file_is_named_not_misread(tmp_path):
+    run_folder = tmp_path / "wandb" / "offline-run-20261202_000000-abc"
+    run_folder.mkdir(parents=True)
+    (run_folder / "run-abc.wandb").touch()  # W&B's service creates it first and writes it later
+    with pytest.raises(ValueError, match=r"run-abc\.wandb: the run file is empty"):
+        read_run_metrics(tmp_path)
+
+
+def test_package_log_lines_go_to_the_current_stderr(monkeypatch):
+    package_log = logging.getLogger("flamingo_composer")
+    for name in ("handlers", "level", "propagate"):
+        monkeypatch.setattr(package_log, name, [] if name == "handlers" else getattr(package_log, name))
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_package_logging()
+    first.close()  # as pytest closes a test's captured stderr; a handler bound to it raised on every later line
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("flamingo_composer.training").info("a later line")
+    (line,) = later.getvalue().splitlines()  # the line itself, not logging's "--- Logging error ---" report
+    assert line.endswith("flamingo_composer.training: a later line")

@@ -4,6 +4,7 @@ autoresume on, as the released recipes combine them (Composer asks W&B for a che
 from __future__ import annotations
 
 import pytest
+import wandb
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
 from flamingo_composer.training.run import load_config, train_from_config
@@ -22,7 +23,8 @@ def test_wandb_offline_records_both_losses(tmp_path_factory, tmp_path, monkeypat
         "autoresume=true",  # with save_folder (from short_run_overrides) and no checkpoint there yet
     ]
     trainer = train_from_config(load_config(RUN_YAML, overrides))
-    trainer.close()
+    trainer.close()  # wandb.finish(): the run is marked finished, but the service may still be writing its file
+    wandb.teardown()  # joins the service process, so the run file is complete (as at the end of a train.py run)
     (run_folder,) = tmp_path.glob("wandb/offline-run-*")
     history = read_wandb_offline(run_folder)
     for key in ("loss/train/laion", "loss/train/mmc4", "loss/train/total"):

@@ -204,13 +204,26 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     return trainer
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each line (as logging's last-resort handler does), not the stream of
+    the first call: a caller that swaps stderr and closes it (pytest's capture, a notebook cell) breaks no later
+    line."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 def configure_package_logging() -> None:
     """INFO-level lines of this package, printed once: our own handler, and no propagation to the root logger
     (libraries such as open_clip call `logging.warning()`, which installs a root handler that would print every
     line a second time)."""
     package_log = logging.getLogger("flamingo_composer")
     if not package_log.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)

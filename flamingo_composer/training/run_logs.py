@@ -47,6 +47,11 @@ def read_wandb_offline(run_folder: str | Path) -> Metrics:
     files = sorted(Path(run_folder).glob("run-*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"{run_folder}: expected one run-*.wandb file, found {len(files)}")
+    if files[0].stat().st_size == 0:
+        raise ValueError(
+            f"{files[0]}: the run file is empty: W&B is still writing it (read it after the run's process exits, "
+            "or after wandb.teardown())"
+        )
     store = datastore.DataStore()
     store.open_for_scan(str(files[0]))
     metrics: Metrics = defaultdict(list)
