@@ -10,6 +10,7 @@ import itertools
 import json
 
 import matplotlib.cbook
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -24,7 +25,7 @@ from flamingo_composer.data import mmc4 as mmc4_module
 from flamingo_composer.data.dataspec import ExpandImages, build_dataspec, split_batch
 from flamingo_composer.data.dual_loader import build_dual_loader, collate_laion, collate_mmc4
 from flamingo_composer.data.images import SplitImageTransform
-from flamingo_composer.data.items import passthrough_collate
+from flamingo_composer.data.items import received, send_by_value
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor, preprocess_mmc4
 from flamingo_composer.data.wds import WebDatasetItems
@@ -218,8 +219,11 @@ def test_workers_send_uint8_images_of_the_real_slots_only(root, tok):
     urls = sorted(str(p) for p in (root / "wds" / "mmc4").glob("train-*.tar"))
     items = WebDatasetItems(urls, process, seed=0, shuffle=False, shuffle_buffer=0, resample=False, rank=0,
                             world_size=1)  # fmt: skip
-    loader = DataLoader(items, batch_size=None, num_workers=1, collate_fn=passthrough_collate)
-    samples = [item["sample"] for item in itertools.islice(iter(loader), 24) if "sample" in item]
+    loader = DataLoader(items, batch_size=None, num_workers=1, collate_fn=send_by_value)
+    sent = [item for item in itertools.islice(loader, 24) if "sample" in item]
+    # By value (numpy bytes), not as shared-memory tensors (a file-descriptor handshake per tensor, ~1 ms each).
+    assert all(isinstance(v, np.ndarray) for item in sent for v in item["sample"].values())
+    samples = [received(item)["sample"] for item in sent]
     assert len(samples) >= 8
     side = IMAGE_SIDE
     for sample in samples:

@@ -11,7 +11,7 @@ from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.items import passthrough_collate
+from flamingo_composer.data.items import received, send_by_value
 from flamingo_composer.data.laion import LaionProcessor
 from flamingo_composer.data.mds import MDSItems, open_mds
 from flamingo_composer.data.wds import WebDatasetItems, split_plan
@@ -24,8 +24,8 @@ def process(root):
 
 def _keys(dataset, workers: int, count: int) -> list[str]:
     """Keys of the first `count` items (accepted or rejected) a rank's DataLoader delivers."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate)
-    return [item["key"] for item in itertools.islice(loader, count)]
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=send_by_value)
+    return [item["key"] for item in itertools.islice(map(received, loader), count)]
 
 
 def _shards(root, split: str) -> list[str]:

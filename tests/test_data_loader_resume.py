@@ -11,7 +11,7 @@ from data_loader_helpers import image_transform as transform
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.items import note_cursor, passthrough_collate
+from flamingo_composer.data.items import note_cursor, received, send_by_value
 from flamingo_composer.data.laion import LaionProcessor
 from flamingo_composer.data.mds import MDSItems, open_mds
 from flamingo_composer.data.wds import WebDatasetItems
@@ -67,9 +67,9 @@ def test_resumed_loader_continues_at_the_next_sample(root, tok, fmt, workers):
 def _items(dataset, workers: int, count: int, cursors: list | None = None) -> list[tuple]:
     """The first `count` items as comparable tuples; `cursors` (one per reader) collects the readers' latest
     cursors as the batcher does."""
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=send_by_value)
     out = []
-    for position, item in enumerate(itertools.islice(loader, count)):
+    for position, item in enumerate(itertools.islice(map(received, loader), count)):
         if cursors is not None:
             note_cursor(cursors, position, item)
         if "skip" in item:

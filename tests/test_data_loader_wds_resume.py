@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from flamingo_composer.data import wds
 from flamingo_composer.data.dual_loader import build_dual_loader
-from flamingo_composer.data.items import note_cursor, passthrough_collate
+from flamingo_composer.data.items import note_cursor, received, send_by_value
 from flamingo_composer.data.laion import LaionProcessor
 from flamingo_composer.data.wds import ShardCursor, WebDatasetItems
 
@@ -157,9 +157,9 @@ def test_sample_split_and_resampling_resume_exactly(root, tok, mode, workers):
     phases = set()
 
     def keys(dataset, count: int, cursors: list | None = None) -> list:
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=passthrough_collate)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=send_by_value)
         out = []
-        for position, item in enumerate(itertools.islice(loader, count)):
+        for position, item in enumerate(itertools.islice(map(received, loader), count)):
             phases.add(ShardCursor.from_state(item["cursor"]).phase)
             if cursors is not None:
                 note_cursor(cursors, position, item)

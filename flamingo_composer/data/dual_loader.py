@@ -2,9 +2,9 @@
 resume state. (`dataspec` then cuts each batch into microbatches for the trainer.)
 
 Per dataset, a `SourceBatcher` in the main process pulls items from an endless reader (webdataset or MDS) through
-a DataLoader with `batch_size=None`, groups them into batches of exactly B valid samples, counts rejections by
-reason (so the counts reach the trainer even when workers made them) and tracks the raw position (items
-consumed up to the last sample of the last batch).
+a DataLoader with `batch_size=None` (items cross by value: `items.send_by_value`), groups them into batches of
+exactly B valid samples, counts rejections by reason (so the counts reach the trainer even when workers made them)
+and tracks the raw position (items consumed up to the last sample of the last batch).
 
 A batch leaves here compact: SPEC 2's text tensors and `image_mask`, plus `images` (N, 3, H, W) uint8 holding
 only the N real images, row by row (no zero slots), in pinned memory on GPU machines; the DataSpec turns them
@@ -42,7 +42,8 @@ from flamingo_composer.data.items import (
     SkipCounter,
     is_rejected,
     note_cursor,
-    passthrough_collate,
+    received,
+    send_by_value,
 )
 from flamingo_composer.data.laion import LaionProcessor
 from flamingo_composer.data.masking import count_supervised_tokens, laion_labels, mmc4_labels
@@ -188,12 +189,12 @@ class SourceBatcher:
                 self.make_items(self.position, list(self.cursors)),
                 batch_size=None,
                 num_workers=self.num_workers,
-                collate_fn=passthrough_collate,
+                collate_fn=send_by_value,
                 prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             )
             self._items = iter(loader)
         try:
-            item = next(self._items)
+            item = received(next(self._items))
         except StopIteration:
             raise RuntimeError(f"{self.name}: the item stream ended; readers must be endless") from None
         note_cursor(self.cursors, self.position, item)

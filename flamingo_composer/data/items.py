@@ -133,9 +133,32 @@ def process_to_item(
         return rejected(skip.reason, key, source=source, detail=skip.detail)
 
 
-def passthrough_collate(item: Any) -> Any:
-    """collate_fn for `batch_size=None`: hand each item to the main process unchanged."""
-    return item
+def send_by_value(item: Any) -> Any:
+    """collate_fn for `batch_size=None`, run in the worker: the item's tensors as numpy arrays, pickled by value.
+
+    A tensor crosses the worker queue as a shared-memory file descriptor, passed over a socket with a handshake
+    per tensor (~1 ms each): with items sent one by one (4 tensors each) that was most of a tiny model's step.
+    Copying the bytes is far cheaper (an item is a few kB; a 224 px uint8 image 150 kB). `received` undoes it.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return item  # the main process itself (num_workers=0): nothing crosses
+    return _map_tensors(item, lambda t: t.numpy() if t.dtype in _NUMPY_DTYPES else t, torch.Tensor)
+
+
+def received(item: Any) -> Any:
+    """An item from `send_by_value`, its arrays back as tensors (sharing the unpickled memory, no copy)."""
+    return _map_tensors(item, torch.from_numpy, np.ndarray)
+
+
+_NUMPY_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, torch.float32}
+
+
+def _map_tensors(value: Any, convert: Callable[[Any], Any], kind: type) -> Any:
+    if isinstance(value, kind):
+        return convert(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, convert, kind) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
