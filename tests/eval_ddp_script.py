@@ -1,6 +1,6 @@
-"""Run by tests/test_eval_integration.py under `composer -n N`: the Composer few-shot path (FewShotLoader
-batches -> FewShotComposerModel.eval_forward -> FewShotScore gather/broadcast) on a deterministic tiny model;
-each rank writes what its metric computed, so the test can compare ranks and world sizes."""
+"""Run by tests/test_eval_integration.py on N ranks (torchrun: `train_helpers.rank_launcher`): the Composer
+few-shot path (FewShotLoader batches -> FewShotComposerModel.eval_forward -> FewShotScore gather/broadcast) on a
+deterministic tiny model; each rank writes what its metric computed, so the test can compare ranks and world sizes."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Shared helpers of the training-step tests: models, dual batches, one-step Trainers, gradient capture.
 
-Also a script: `composer -n 2 tests/step_utils.py OUT.pt` runs one optimizer step of the tiny model on each
+Also a script: `torchrun --standalone --nproc_per_node 2 tests/step_utils.py OUT.pt` runs one optimizer step of the tiny model on each
 rank's half of `dual_batch(seed=0)` (DDP over gloo) and saves rank 0's gradients to OUT.pt.
 """
 
@@ -297,7 +297,7 @@ def peak_cpu_memory(fn) -> int:
 
 
 def _two_rank_main(out_path: str, scenario: str) -> None:
-    """`composer -n 2 tests/step_utils.py OUT.pt SCENARIO`: one step on each rank's share of the global batch.
+    """`torchrun ... tests/step_utils.py OUT.pt SCENARIO`: one step on each rank's share of the global batch.
 
     'halves': the dual batch, microbatches of 1. 'zero_image': MMC4 only, rank 1's documents hold no image, under
     FSDP2 (where a rank that skipped a module's forward would leave the others waiting in its all-gather), and

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO_ROOT, subprocess_env
+from train_helpers import REPO_ROOT, rank_launcher, subprocess_env
 
 pytest.importorskip("easy_vqa")
 
@@ -67,10 +67,9 @@ def test_yaml_evaluator_runs_inside_composer_train_and_logs_its_metric(easy_vqa_
 
 
 def _evaluate(world_size: int, checkpoint: Path, out: Path) -> dict:
+    launcher = [COMPOSER, "-n", str(world_size)] if world_size > 1 else [sys.executable]  # as a user runs it
     cmd = [
-        COMPOSER,
-        "-n",
-        str(world_size),
+        *launcher,
         "tools/evaluate.py",
         "--config",
         str(RECIPE),
@@ -199,7 +198,7 @@ def easy_vqa_data_root_for_config(tmp_path):
 
 def _composer_path_scores(world_size: int, out: Path) -> list[dict]:
     out.mkdir()
-    _run([COMPOSER, "-n", str(world_size), "tests/eval_ddp_script.py", str(out)])
+    _run([*rank_launcher(world_size), "tests/eval_ddp_script.py", str(out)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

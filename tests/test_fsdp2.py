@@ -1,4 +1,4 @@
-"""FSDP2 for real, on CPU: `composer -n 2` over gloo runs `tests/dist_train.py` (train_from_config on run.yaml).
+"""FSDP2 for real, on CPU: 2 processes (torchrun, see `rank_launcher`) over gloo run `tests/dist_train.py` (train_from_config on run.yaml).
 
 - FSDP2 (sharded state dicts, microbatching) gives DDP's per-step losses, pre-clip gradient norms, FLOPs and
   trainable parameters; every parameter is a DTensor shard; frozen parameters get no gradient.
@@ -12,14 +12,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO_ROOT, SYNTHETIC_MIN_IMAGE_BYTES, small_data, subprocess_env
+from train_helpers import REPO_ROOT, SYNTHETIC_MIN_IMAGE_BYTES, rank_launcher, small_data, subprocess_env
 
-COMPOSER = str(Path(sys.executable).parent / "composer")
 STEPS, KILL_AT = 6, 3
 LR = 5e-3  # run.yaml's optimizer.lr
 FSDP2_SHARDED = "fsdp_config={version: 2, state_dict_type: sharded}"
@@ -41,7 +39,7 @@ def launch(out: Path, overrides: list[str], *, ranks: int = 2, kill_at: int | No
     """Run dist_train.py on `ranks` processes; its record (up to the kill, for a run killed as asked)."""
     kill = ["--kill-at", str(kill_at)] if kill_at is not None else []
     result = subprocess.run(
-        [COMPOSER, "-n", str(ranks), str(REPO_ROOT / "tests" / "dist_train.py"), str(out), *kill, *overrides],
+        [*rank_launcher(ranks), str(REPO_ROOT / "tests" / "dist_train.py"), str(out), *kill, *overrides],
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     if kill_at is not None:

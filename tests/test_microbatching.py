@@ -6,14 +6,13 @@ these tests cover Composer's gradient-accumulation weights and what the model do
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from step_utils import REPO_ROOT, dual_batch, run_one_step, tiny_bundle, zero_image_batch
+from train_helpers import rank_launcher, subprocess_env
 
 
 def _assert_grads_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
@@ -141,13 +140,11 @@ def test_gradient_clipping_runs_once_per_step_on_the_global_norm(batch, full_bat
 
 @pytest.mark.slow
 def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Path):
-    """`composer -n 2` (DDP over gloo), each rank half the batch in microbatches of 1 = one rank, whole batch."""
+    """2 ranks (DDP over gloo), each rank half the batch in microbatches of 1 = one rank, whole batch."""
     out = tmp_path / "rank0.pt"
-    composer = Path(sys.executable).with_name("composer")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "halves"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [*rank_launcher(2), str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "halves"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two_ranks = torch.load(out, weights_only=True)
@@ -164,11 +161,9 @@ def test_a_rank_without_images_does_not_hang_fsdp2_and_matches_one_rank(tmp_path
     and perceiver (a skipped forward would skip an all-gather the other rank waits in: a hang, cut by the
     timeout), and the step equals one rank's on the whole batch."""
     out = tmp_path / "rank0.pt"
-    composer = Path(sys.executable).with_name("composer")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(composer), "-n", "2", str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "zero_image"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [*rank_launcher(2), str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "zero_image"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two_ranks = torch.load(out, weights_only=True)
