@@ -1,4 +1,5 @@
-"""FSDP2 for real, on CPU: 2 processes (torchrun, see `rank_launcher`) over gloo run `tests/dist_train.py` (train_from_config on run.yaml).
+"""FSDP2 for real, on CPU: 2 processes (torchrun, see `rank_launcher`) over gloo run `tests/dist_train.py`
+(train_from_config on run.yaml).
 
 - FSDP2 (sharded state dicts, microbatching) gives DDP's per-step losses, pre-clip gradient norms, FLOPs and
   trainable parameters; every parameter is a DTensor shard; frozen parameters get no gradient.

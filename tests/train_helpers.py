@@ -16,15 +16,15 @@ RUN_YAML = REPO_ROOT / "yamls" / "run.yaml"
 
 def rank_launcher(ranks: int) -> list[str]:
     """The command that starts a test harness script on `ranks` local processes: torchrun (standalone: a free
-    port), which sets what Composer reads (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT)
-    but NODE_RANK.
+    port). It sets what Composer reads (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT)
+    except NODE_RANK, which Composer requires once distributed is initialised: set here.
 
     Composer's own launcher takes ~12 s more per start (its imports and shutdown wait; 14 s against 2 s for a
     no-op script on 2 ranks), and the distributed tests start about a dozen runs. `composer -n` itself is what
     the entry-point tests use (`train.py`, `tools/evaluate.py` in test_train_cli and test_eval_integration).
     """
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return ["env", "NODE_RANK=0", torchrun, "--standalone", f"--nproc_per_node={ranks}"]  # Composer needs NODE_RANK
+    return ["env", "NODE_RANK=0", torchrun, "--standalone", f"--nproc_per_node={ranks}"]
 
 # Every 9th sample is broken, so the runs also exercise (and log) skipped samples.
 SMALL_DATA = SyntheticConfig(
