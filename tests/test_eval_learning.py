@@ -1,18 +1,25 @@
-"""Learning on real data: a tiny Flamingo trained for a few CPU minutes on easy-vqa (the PyPI package's images and
-questions) answers held-out easy-vqa questions 4-shot clearly better than the majority answer and than itself
+"""Learning on real data: a tiny Flamingo trained for about 4 CPU minutes on easy-vqa (the PyPI package's images
+and questions) answers held-out easy-vqa questions 4-shot clearly better than the majority answer and than itself
 with the query images shuffled across the questions (so it answers from the image, not from the question text).
 
-Two stages through the real entry point (yamls/eval-easyvqa.yaml, shortened): (1) the LAION-style pairs of
-easy-vqa's "what" questions in the VQA prompt format (their answers need the image alone), which teach the
-perceiver and cross-attention to look; (2) those pairs and the few-shot VQA documents (answers balanced per
-question text), starting from stage 1's trainable weights, so the image signal survives text before the query.
-Then the standalone runner evaluates under the protocol (random demos per trial seed, beam search 3,
-post-processing, VQA accuracy). Other recipes and their figures: yamls/eval-easyvqa.yaml.
+Two stages through the real entry point (yamls/eval-easyvqa.yaml): (1) the LAION-style pairs of easy-vqa's "what"
+questions in the VQA prompt format at batch 64 (their answers need the image alone), which teach the perceiver and
+cross-attention to look; (2) those pairs and the few-shot VQA documents (answers balanced per question text), from
+stage 1's trainable weights, so the image signal survives the demos before the query. Then the standalone runner
+evaluates under the protocol (random demos per trial seed, beam search 3, post-processing, VQA accuracy).
+
+Not in `make test`: 4 minutes would take the suite past its bound. Run it with
+    FLAMINGO_LONG_TESTS=1 .venv/bin/python -m pytest tests/test_eval_learning.py -s
+Measured (AMD EPYC, 2 cores; true / shuffled / majority on 600 queries, by data-order seed variables.seed):
+seed 17 51.8 / 40.7 / 39.2, seed 18 49.0 / 42.5 / 39.2, seed 19 52.8 / 42.8 / 39.2. The margins asserted are about
+half the smallest measured gaps (9.8 and 6.5 points); the paired true-vs-shuffled difference has a standard error
+of about 2 points at 600 queries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import pytest
@@ -22,10 +29,10 @@ from train_helpers import REPO_ROOT
 pytest.importorskip("easy_vqa")
 
 RECIPE = REPO_ROOT / "yamls" / "eval-easyvqa.yaml"
-STAGE1_STEPS, STAGE2_STEPS = 1000, 1000
-QUERIES = 300
-MIN_GAIN_OVER_MAJORITY = 10.0  # accuracy points
-MIN_GAIN_OVER_SHUFFLED = 8.0
+STAGE1_STEPS, STAGE2_STEPS = 600, 600
+QUERIES = 600
+MIN_GAIN_OVER_MAJORITY = 5.0  # accuracy points; measured 9.8-13.7
+MIN_GAIN_OVER_SHUFFLED = 3.0  # measured 6.5-11.2
 COMMON = [
     "evaluators=[]",
     "save_folder=null",
@@ -56,12 +63,9 @@ def _train(root, overrides, start_from=None):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="not robust yet, and too slow for the suite: 4-shot true / shuffled / majority, by data-order seed "
-    "(variables.seed), on this AMD EPYC: 1,000 + 1,000 steps (~3 CPU min) seed 17 50.7 / 42.7 / 40.0 (300 queries), "
-    "seed 18 43.3 / 43.3 / 39.2 (600: no image use at all), seed 19 52.5 / 43.2 / 39.2 (600); 2,000 + 1,000 steps "
-    "(~4.5 CPU min) seed 17 50.7 / 41.0 / 40.0 (300), seed 18 54.8 / 45.3 / 39.2 (600). A gap of ~9-10 points in "
-    "4 of 5 runs and none in one: no margin holds on every machine, and 4.5 minutes does not fit `make test`."
+@pytest.mark.skipif(
+    os.environ.get("FLAMINGO_LONG_TESTS") != "1",
+    reason="about 4 CPU minutes, past the suite's bound: FLAMINGO_LONG_TESTS=1 runs it (figures in the docstring)",
 )
 def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_path):
     from flamingo_composer.eval.easy_vqa import write_fewshot_training_mds, write_vqa_pairs_mds
@@ -71,7 +75,7 @@ def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_p
     torch.set_num_threads(1)
     write_fewshot_training_mds(tmp_path / "mds" / "train")  # easy-vqa's train split only
     write_vqa_pairs_mds(tmp_path / "mds" / "what_pairs")
-    stage1_only = [f"max_duration={STAGE1_STEPS}", "data.mmc4.enabled=false", "data.laion.num_workers=2"]
+    stage1_only = [f"max_duration={STAGE1_STEPS}", "data.mmc4.enabled=false", "data.laion.batch_size=64"]
     _, stage1 = _train(tmp_path, stage1_only)
     trainable = {k: v.detach().clone() for k, v in stage1.named_parameters() if v.requires_grad}
     cfg, model = _train(
