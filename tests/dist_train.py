@@ -1,5 +1,6 @@
 """`torchrun --standalone --nproc_per_node 2 tests/dist_train.py OUT.pt [--kill-at K] [dotted.key=value ...]`:
-a real multi-rank run of `train_from_config` on yamls/run.yaml with the given overrides, recording what the distributed tests compare.
+a real multi-rank run of `train_from_config` on yamls/run.yaml with the given overrides, recording what the
+distributed tests compare.
 
 Rank 0 writes OUT.pt after every step (so a killed run leaves its steps) and at the end: per-step logged losses, the global gradient norm before clipping (from the accumulated
 gradients after the last microbatch's backward), the trainable parameters at the end (full tensors, gathered from

@@ -1,7 +1,7 @@
 """Shared helpers of the training-step tests: models, dual batches, one-step Trainers, gradient capture.
 
-Also a script: `torchrun --standalone --nproc_per_node 2 tests/step_utils.py OUT.pt` runs one optimizer step of the tiny model on each
-rank's half of `dual_batch(seed=0)` (DDP over gloo) and saves rank 0's gradients to OUT.pt.
+Also a script: `torchrun --standalone --nproc_per_node 2 tests/step_utils.py OUT.pt` runs one optimizer step of
+the tiny model on each rank's half of `dual_batch(seed=0)` (DDP over gloo) and saves rank 0's gradients to OUT.pt.
 """
 
 from __future__ import annotations

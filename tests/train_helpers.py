@@ -26,6 +26,7 @@ def rank_launcher(ranks: int) -> list[str]:
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return ["env", "NODE_RANK=0", torchrun, "--standalone", f"--nproc_per_node={ranks}"]
 
+
 # Every 9th sample is broken, so the runs also exercise (and log) skipped samples.
 SMALL_DATA = SyntheticConfig(
     num_laion=96, num_laion_val=16, num_mmc4=48, num_mmc4_val=8, image_size=32,
