@@ -27,12 +27,16 @@ $(DATA)/.complete: tools/make_synthetic_data.py flamingo_composer/shards/synthet
 train: $(STAMP) $(DATA)/.complete
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/composer train.py yamls/run.yaml
 
+# Two pytest-xdist workers, one test module each at a time (module fixtures are built once), longest first
+# (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 # Everything but the multi-process and learning tests, for local iteration (CI runs `make test`).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

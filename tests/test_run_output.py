@@ -99,9 +99,7 @@ def test_an_empty_wandb_run_file_is_named_not_misread(tmp_path):
 
 def test_package_log_lines_go_to_the_current_stderr(monkeypatch):
     package_log = logging.getLogger("flamingo_composer")
-    monkeypatch.setattr(package_log, "handlers", [])  # as in a fresh process; the rest restored after the test
-    monkeypatch.setattr(package_log, "level", package_log.level)
-    monkeypatch.setattr(package_log, "propagate", package_log.propagate)
+    monkeypatch.setattr(package_log, "handlers", [])  # as in a fresh process (conftest restores the logger after)
     first = io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     configure_package_logging()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,24 +16,39 @@ from flamingo_composer.models.tiny import tiny_model_config
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _modules_loaded_by(module: str) -> set[str]:
-    code = f"import sys, {module}; print('\\n'.join(m for m in sys.modules if m.startswith('flamingo_composer')))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+# One fresh interpreter imports each module in turn and reports the package modules it loaded, forgetting them
+# (from sys.modules) before the next: one start-up (composer's import takes ~20 s) instead of one per module.
+_IMPORT_EACH = """
+import importlib, json, sys
+loaded = {}
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+    loaded[module] = sorted(m for m in sys.modules if m.startswith("flamingo_composer"))
+    for m in loaded[module]:
+        del sys.modules[m]
+print(json.dumps(loaded))
+"""
+CHECKED = ("flamingo_composer.config_schema", "flamingo_composer.training.registry", "flamingo_composer.training.config")
+
+
+@pytest.fixture(scope="module")
+def loaded_by() -> dict[str, set[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *CHECKED], capture_output=True, text=True, cwd=REPO_ROOT, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    return set(done.stdout.split())
+    return {module: set(names) for module, names in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
-def test_registries_are_a_leaf_of_config_and_builders():
-    loaded = _modules_loaded_by("flamingo_composer.training.registry")
-    assert "flamingo_composer.training.config" not in loaded
-    assert "flamingo_composer.training.builders" not in loaded
-    config_loads = _modules_loaded_by("flamingo_composer.training.config")
-    assert "flamingo_composer.training.registry" in config_loads
-    assert "flamingo_composer.training.builders" not in config_loads
+def test_registries_are_a_leaf_of_config_and_builders(loaded_by):
+    assert "flamingo_composer.training.config" not in loaded_by["flamingo_composer.training.registry"]
+    assert "flamingo_composer.training.builders" not in loaded_by["flamingo_composer.training.registry"]
+    assert "flamingo_composer.training.registry" in loaded_by["flamingo_composer.training.config"]
+    assert "flamingo_composer.training.builders" not in loaded_by["flamingo_composer.training.config"]
 
 
-def test_config_schema_depends_on_nothing_of_the_package():
-    assert _modules_loaded_by("flamingo_composer.config_schema") == {"flamingo_composer", "flamingo_composer.config_schema"}
+def test_config_schema_depends_on_nothing_of_the_package(loaded_by):
+    assert loaded_by["flamingo_composer.config_schema"] == {"flamingo_composer", "flamingo_composer.config_schema"}
 
 
 def test_model_config_uses_the_training_config_validator():
