@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -90,6 +92,41 @@ def test_mds_ranks_are_disjoint_and_complete(root, process):
         for rank in range(3)
     ]
     assert Counter(sum(per_rank, [])) == Counter(f"train-{i:07d}" for i in range(96))
+
+
+# Each job, for each MDS directory in turn: marks itself ready, waits until all are, opens it at once with the
+# others. Then it stays alive (its shared memory held) until all have opened all (or one failed: 20 s later).
+_OPEN_AT_ONCE = """
+import pathlib, sys, time
+from flamingo_composer.data.mds import open_mds
+meeting, job, jobs, directories = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+def all_marked(stage, wait_s):
+    (meeting / f"{stage}-{job}").touch()
+    until = time.time() + wait_s
+    while len(list(meeting.glob(f"{stage}-*"))) < jobs and time.time() < until:
+        time.sleep(0.001)
+for i, local in enumerate(directories):
+    all_marked(f"ready{i}", 180 if i == 0 else 20)  # the first waits for the imports
+    print(open_mds(local)._shm_prefix_int, flush=True)
+all_marked("opened", 20)
+"""
+
+
+def test_jobs_opening_mds_at_the_same_moment_each_get_their_own_shared_memory(root, tmp_path):
+    """Streaming's shared-memory prefix is picked by a walk then a create: without open_mds's node lock, 4 jobs
+    opening 2 directories at once collided (FileExistsError '/000000_locals') in 2 of 4 tries here."""
+    jobs, directories = 4, [str(root / "mds" / name / "train") for name in ("laion", "mmc4")]
+    launched = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT_ONCE, str(tmp_path), str(job), str(jobs), *directories],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for job in range(jobs)
+    ]  # fmt: skip
+    results = [job.communicate(timeout=300) for job in launched]
+    assert [job.returncode for job in launched] == [0] * jobs, [err[-1500:] for _, err in results]
+    prefixes = {int(prefix) for out, _ in results for prefix in out.split()}
+    assert len(prefixes) == jobs * len(directories)  # distinct, all alive at once (others may hold low ones)
 
 
 def test_resampling_draws_different_streams_per_rank(root, process):

@@ -27,9 +27,12 @@ Cost: each worker computes the epoch's shuffle (an int64 array of the dataset si
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +40,8 @@ import numpy as np
 from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.shuffle import get_shuffle
+from streaming.base.world import World
+from torch import distributed as torch_dist
 from torch.utils.data import IterableDataset
 
 from flamingo_composer.data.images import decode_base64
@@ -121,6 +126,25 @@ SHUFFLE_ALGO = "py1e"
 _OPEN_DATASETS: dict[tuple[str, str | None, str | None], StreamingDataset] = {}
 
 
+# Streaming names a dataset's shared memory by walking the prefixes in use and creating the first free one
+# (`streaming.base.shared.prefix.get_shm_prefix`), with nothing between the walk and the create: two jobs on one
+# machine that open a dataset at the same moment pick the same prefix and the later one dies with
+# `FileExistsError: '/000000_locals'` (a sweep's jobs, a training run and an evaluation, parallel tests).
+_SHM_REGISTRATION_LOCK = os.path.join(tempfile.gettempdir(), "flamingo_composer-streaming-shm.lock")
+
+
+@contextlib.contextmanager
+def _one_shm_registration_per_node():
+    """The local leader (which creates the name) holds a node-wide file lock while its job registers; the job's
+    other ranks wait at a barrier until it holds the lock, so their walk too comes after any other job's create."""
+    with open(_SHM_REGISTRATION_LOCK, "a") as lock_file:
+        if World.detect().is_local_leader:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.barrier()
+        yield
+
+
 def open_mds(local: str, remote: str | None = None, split: str | None = None) -> StreamingDataset:
     """A StreamingDataset over one MDS directory, used for random access only (our own order); shared per process."""
     if remote is None:
@@ -129,7 +153,10 @@ def open_mds(local: str, remote: str | None = None, split: str | None = None) ->
             raise ValueError(f"local: MDS index not found: {index}")
     key = (os.path.abspath(local), remote, split)
     if key not in _OPEN_DATASETS:
-        _OPEN_DATASETS[key] = StreamingDataset(local=local, remote=remote, split=split, batch_size=1, shuffle=False)
+        with _one_shm_registration_per_node():
+            _OPEN_DATASETS[key] = StreamingDataset(
+                local=local, remote=remote, split=split, batch_size=1, shuffle=False
+            )
     return _OPEN_DATASETS[key]
 
 
