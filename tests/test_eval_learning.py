@@ -10,10 +10,13 @@ evaluates under the protocol (random demos per trial seed, beam search 3, post-p
 
 The longest test of `make test` (it starts first, on one xdist worker); alone, with its figures:
     .venv/bin/python -m pytest tests/test_eval_learning.py -s
-Measured (AMD EPYC, 2 cores; true / shuffled / majority on 600 queries, by data-order seed variables.seed):
-seed 17 51.8 / 40.7 / 39.2, seed 18 49.0 / 42.5 / 39.2, seed 19 52.8 / 42.8 / 39.2. The margins asserted are about
-half the smallest measured gaps (9.8 and 6.5 points); the paired true-vs-shuffled difference has a standard error
-of about 2 points at 600 queries.
+Measured (2 cores; true / shuffled / majority on 600 queries, by data-order seed variables.seed). fp32 rounding
+differs between CPU models and a 1,200-step run diverges from it, so each machine draws its own run of a seed:
+AMD EPYC:    seed 17 51.8 / 40.7 / 39.2, seed 18 49.0 / 42.5 / 39.2, seed 19 52.8 / 42.8 / 39.2;
+Intel Xeon:  seed 17 46.7 / 38.0 / 39.2, seed 18 54.2 / 46.2 / 39.2, seed 19 53.2 / 44.0 / 39.2,
+             seed 20 52.3 / 44.7 / 39.2.
+The margins asserted are about half the smallest measured gaps (7.5 over majority, 6.5 over shuffled); the paired
+true-vs-shuffled difference has a standard error of about 2 points at 600 queries.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ pytest.importorskip("easy_vqa")
 RECIPE = REPO_ROOT / "yamls" / "eval-easyvqa.yaml"
 STAGE1_STEPS, STAGE2_STEPS = 600, 600
 QUERIES = 600
-MIN_GAIN_OVER_MAJORITY = 5.0  # accuracy points; measured 9.8-13.7
-MIN_GAIN_OVER_SHUFFLED = 3.0  # measured 6.5-11.2
+MIN_GAIN_OVER_MAJORITY = 4.0  # accuracy points; measured 7.5-15.0
+MIN_GAIN_OVER_SHUFFLED = 3.0  # measured 6.5-11.1
 COMMON = [
     "evaluators=[]",
     "save_folder=null",
