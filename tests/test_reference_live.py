@@ -165,7 +165,7 @@ def test_step_weights_match_reference_in_float64(float64_step):
 
 
 def test_pair_from_a_recipe(tmp_path):
-    """What tools/bench.py --vs-reference builds: both models from a training YAML's `model:` section."""
+    """What tools/bench_vs_reference.py builds: both models from a training YAML's `model:` section."""
     from train_helpers import RUN_YAML
 
     pair = oracle.build_pair_from_recipe(RUN_YAML, tmp_path, seed=3)

@@ -1,7 +1,7 @@
 """The reference OpenFlamingo package (open-flamingo 2.0.1) as a live oracle: same tiny model, its data, its step.
 
 Test-only: the runtime package never imports this module or `open_flamingo` (installed `--no-deps` beside
-`einops-exts`, see the Makefile). It is used by the parity tests and by `tools/bench.py --vs-reference`.
+`einops-exts`, see the Makefile). It is used by the parity tests and by `tools/bench_vs_reference.py`.
 
     pair = build_pair(tiny_model_config("llama", cross_attn_every_n_layers=2), workdir, seed=0)
     batch = reference_batch(pair, seed=0)          # built by the reference's own preprocessing
