@@ -174,6 +174,16 @@ def test_pair_from_a_recipe(tmp_path):
     assert type(pair.reference.lang_encoder).__name__ == "GPTNeoXForCausalLM"
 
 
+def test_bench_vs_reference_stops_with_the_failed_sides_own_error():
+    import sys
+
+    bench = load_tool("bench_vs_reference")
+    failing = [sys.executable, "-c", "import sys; sys.exit('data.laion.local: MDS index not found')"]
+    with pytest.raises(SystemExit, match=r"(?s)exited 1:.*data\.laion\.local: MDS index not found"):
+        bench.run_worker(failing, env={})
+    assert bench.side_command("reference", bench.parse_args(["--config", "x.yaml"]))[2] == "--reference-worker"
+
+
 def test_runtime_package_never_imports_the_reference():
     """The oracle is test-only: importing every module of flamingo_composer loads no `open_flamingo`."""
     import subprocess

@@ -78,7 +78,7 @@ class _RepeatedBatch:
 
 def reference_worker(args: argparse.Namespace) -> dict:
     """Time the reference's train_one_epoch on the config's shapes (this process builds only the reference)."""
-    from bench import memory_batches
+    from bench import ensure_synthetic_data, memory_batches
     from reference_oracle import (
         REFERENCE_PERCEIVER,
         build_reference,
@@ -94,6 +94,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     from flamingo_composer.models.vision import check_vision_transformer
     from flamingo_composer.training.config import load_config
 
+    ensure_synthetic_data(args.config, [])  # the config names its data (validated); bench.py makes it too
     cfg = load_config(args.config, [])
     device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,18 +144,18 @@ def _last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
-def run_reference(args, env) -> dict:
-    cmd = [sys.executable, __file__, "--reference-worker", "--config", args.config, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--images-per-doc", args.images_per_doc]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+def run_worker(cmd: list[str], env: dict[str, str]) -> dict:
+    """One side's figures (the last JSON line it prints); a failed side stops the bench with its own error."""
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_vs_reference: {' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return _last_json(result.stdout)
 
 
-def run_ours(args, env) -> dict:
-    cmd = [sys.executable, str(TOOLS / "bench.py"), "--config", args.config, "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--images-per-doc", args.images_per_doc]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return _last_json(result.stdout)
+def side_command(side: str, args) -> list[str]:
+    script = [__file__, "--reference-worker"] if side == "reference" else [str(TOOLS / "bench.py")]
+    return [sys.executable, *script, "--config", args.config, "--steps", str(args.steps), "--warmup",
+            str(args.warmup), "--images-per-doc", args.images_per_doc]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     for index in range(args.pairs):
         runs = {}
         for side in (("reference", "ours") if index % 2 == 0 else ("ours", "reference")):
-            runs[side] = run_reference(args, env) if side == "reference" else run_ours(args, env)
+            runs[side] = run_worker(side_command(side, args), env)
         pairs.append(runs)
         print(f"pair {index}: reference {runs['reference']['step_time_s']:.3f} s/step, "
               f"ours {runs['ours']['step_time_s']:.3f} s/step", file=sys.stderr)  # fmt: skip

@@ -130,7 +130,8 @@ _OPEN_DATASETS: dict[tuple[str, str | None, str | None], StreamingDataset] = {}
 # (`streaming.base.shared.prefix.get_shm_prefix`), with nothing between the walk and the create: two jobs on one
 # machine that open a dataset at the same moment pick the same prefix and the later one dies with
 # `FileExistsError: '/000000_locals'` (a sweep's jobs, a training run and an evaluation, parallel tests).
-_SHM_REGISTRATION_LOCK = os.path.join(tempfile.gettempdir(), "flamingo_composer-streaming-shm.lock")
+# One lock file per user (another user's would not be writable).
+_SHM_REGISTRATION_LOCK = os.path.join(tempfile.gettempdir(), f"flamingo_composer-streaming-shm-{os.getuid()}.lock")
 
 
 @contextlib.contextmanager
