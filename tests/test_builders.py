@@ -58,8 +58,18 @@ def test_decay_option_excludes_gates_and_norms(flamingo):
     assert gates_and_norms <= set(no_decay)
 
 
+def test_default_optimizer_is_torch_adamw_with_the_fused_kernel(flamingo):
+    opt = build_optimizer(OptimizerConfig(lr=1e-4, weight_decay=0.1), flamingo)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # torch-AdamW terms, as the reference
+    unfused = build_optimizer(OptimizerConfig(fused=False), flamingo)
+    assert not unfused.defaults["fused"]
+    with pytest.raises(ValueError, match="fused: only adamw has a fused kernel, not 'decoupled_adamw'"):
+        OptimizerConfig(name="decoupled_adamw", fused=True)
+
+
 def test_optimizer_groups_betas_and_decoupled_decay(flamingo):
-    cfg = OptimizerConfig(lr=1e-4, weight_decay=0.1)
+    cfg = OptimizerConfig(name="decoupled_adamw", lr=1e-4, weight_decay=0.1)
     opt = build_optimizer(cfg, flamingo)
     assert isinstance(opt, DecoupledAdamW)
     decay_group, no_decay_group = opt.param_groups
@@ -71,12 +81,13 @@ def test_optimizer_groups_betas_and_decoupled_decay(flamingo):
 
 
 def test_decoupled_step_equals_torch_adamw_in_reference_convention():
-    """DecoupledAdamW(wd = lr * 0.1) makes the same update as torch AdamW(wd = 0.1): the conversion is right."""
+    """DecoupledAdamW(wd = lr * 0.1) makes the same update as torch AdamW(wd = 0.1), fused or not: the conversion
+    is right and the fused kernel computes the reference's update."""
     torch.manual_seed(0)
     w0 = torch.randn(5, 3)
     grads = [torch.randn(5, 3) for _ in range(3)]
     results = []
-    for name in ("decoupled_adamw", "adamw"):
+    for name, fused in (("decoupled_adamw", None), ("adamw", False), ("adamw", True)):
         model = torch.nn.Module()
         model.w = torch.nn.Parameter(w0.clone())
         # Put the parameter in the decay group the way the builder sees it: fake a cross-attention block.
@@ -85,12 +96,13 @@ def test_decoupled_step_equals_torch_adamw_in_reference_convention():
         block = GatedCrossAttentionBlock(dim=4, dim_visual=4, dim_head=2, heads=1)
         block.requires_grad_(False)
         block.register_parameter("extra", model.w)
-        opt = build_optimizer(OptimizerConfig(name=name, lr=1e-2, weight_decay=0.1), block)
+        opt = build_optimizer(OptimizerConfig(name=name, lr=1e-2, weight_decay=0.1, fused=fused), block)
         for g in grads:
             model.w.grad = g.clone()
             opt.step()
         results.append(model.w.detach().clone())
-    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-7)
     assert not torch.allclose(results[0], w0)
 
 

@@ -460,8 +460,8 @@ def test_per_dataset_backward_peaks_below_one_backward_over_both_datasets(bundle
         model.loss(model(batch), batch)["total"].backward()
 
     def per_dataset_backward():
-        parts = split_batch(batch, microbatch_size=8)  # LAION's 8 rows, then MMC4's 4 (one dataset each)
-        assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["laion"], ["mmc4"]]
+        parts = split_batch(batch, microbatch_size=8)  # MMC4's 4 rows, then LAION's 8 (one dataset each)
+        assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["mmc4"], ["laion"]]
         for part in parts:
             model.loss(model(part), part)["total"].backward()
 
@@ -470,9 +470,42 @@ def test_per_dataset_backward_peaks_below_one_backward_over_both_datasets(bundle
         return lambda: model.loss(model(part), part)["total"].backward()
 
     both, separate = peak_cpu_memory(one_backward), peak_cpu_memory(per_dataset_backward)
-    laion, mmc4 = peak_cpu_memory(one_part(0)), peak_cpu_memory(one_part(1))
+    mmc4, laion = peak_cpu_memory(one_part(0)), peak_cpu_memory(one_part(1))
     print(f"peak step memory: one backward {both / 1e6:.1f} MB, per dataset {separate / 1e6:.1f} MB "
           f"(LAION part {laion / 1e6:.1f}, MMC4 part {mmc4 / 1e6:.1f})")
     assert separate < both
     assert separate <= 1.1 * max(laion, mmc4)  # the larger part's peak, not the sum
     assert both > laion + 0.5 * mmc4  # one backward holds both datasets' activations
+
+
+def test_the_larger_dataset_runs_first_while_no_gradient_exists(bundle):
+    """The first backward of a step allocates the trainable gradients (Composer sets them to None before each
+    batch). MMC4's microbatch, the larger graph, goes first: its activations are never alive together with a
+    full set of gradients, so the step peaks lower than in the LAION-first order, with the same gradients."""
+    from flamingo_composer.data.dataspec import split_batch
+
+    model = FlamingoComposerModel(bundle.model)
+    set_gates(bundle.model, 0.5)
+    # Long documents, short captions: MMC4's activations are several times the gradients (as at every real size).
+    batch = dual_batch(bundle.tokenizer, laion_rows=2, mmc4_rows=8, laion_len=16, mmc4_len=256)
+    parts = split_batch(batch, microbatch_size=2)
+    assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["mmc4"], ["laion"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(order):
+        for part in order:
+            model.loss(model(part), part)["total"].backward()
+
+    peaks, grads = {}, {}
+    for name, order in (("mmc4_first", parts), ("laion_first", parts[::-1])):
+        for _ in range(2):  # the first run builds lazy caches (rotary tables), which would count as the step's
+            for p in trainable:
+                p.grad = None  # outside the measured step, as Composer's zero_grad before the batch
+            peaks[name] = peak_cpu_memory(lambda order=order: step(order))
+        grads[name] = [p.grad.clone() for p in trainable]
+    gradient_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    print(f"step peak: MMC4 first {peaks['mmc4_first'] / 1e6:.2f} MB, LAION first {peaks['laion_first'] / 1e6:.2f} "
+          f"MB, gradients {gradient_bytes / 1e6:.2f} MB")
+    assert peaks["mmc4_first"] < peaks["laion_first"] - 0.5 * gradient_bytes
+    for a, b in zip(grads["mmc4_first"], grads["laion_first"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # a + b == b + a: the same gradients, bit for bit

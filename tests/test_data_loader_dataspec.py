@@ -7,6 +7,7 @@ import torch
 from composer.core import DataSpec
 
 from flamingo_composer.data.dataspec import (
+    MICROBATCH_ORDER,
     build_dataspec,
     get_num_samples_in_batch,
     get_num_tokens_in_batch,
@@ -54,10 +55,10 @@ def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_ro
     pieces = split_batch(batch, microbatch)
     names = list(batch)
     rows = [[piece[name]["input_ids"].shape[0] for name in names] for piece in pieces]
-    # One dataset with rows per microbatch, LAION's first; every microbatch carries every dataset's entry.
+    # One dataset with rows per microbatch, MMC4's first; every microbatch carries every dataset's entry.
     owners = [names[[r > 0 for r in row].index(True)] for row in rows]
     assert all(sum(r > 0 for r in row) == 1 for row in rows)
-    assert owners == sorted(owners, key=names.index)
+    assert owners == sorted(owners, key=MICROBATCH_ORDER.index)
     for name, sub in batch.items():
         present = [piece[name] for piece, owner in zip(pieces, owners) if owner == name]
         assert len(present) == min(chunks, sub["input_ids"].shape[0])
@@ -133,7 +134,7 @@ def test_build_dataspec_wires_our_functions():
     assert spec.get_num_samples_in_batch(batch) == 12
     assert spec.get_num_tokens_in_batch(batch) == get_num_tokens_in_batch(batch)["total"]
     assert spec.get_num_tokens_in_batch(batch, token_type="loss_generating") > 0
-    assert len(spec.split_batch(batch, 4)) == 2 * 2  # 2 LAION chunks, then 2 MMC4 chunks
+    assert len(spec.split_batch(batch, 4)) == 2 * 2  # 2 MMC4 chunks, then 2 LAION chunks
 
 
 def test_microbatches_drop_trailing_padding_columns_only():

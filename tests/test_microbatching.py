@@ -79,7 +79,7 @@ def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
 
     flamingo = tiny_bundle().model
 
-    chunks = split_batch(batch, 2)  # 2 LAION microbatches, then 2 MMC4 microbatches
+    chunks = split_batch(batch, 2)  # 2 MMC4 microbatches, then 2 LAION microbatches
     for chunk in chunks:
         for name, mult in (("laion", 0.2), ("mmc4", 1.0)):
             sub = chunk[name]

@@ -8,7 +8,7 @@ from flamingo_composer.models.cross_attention import (
     MaskedCrossAttention,
     media_text_time,
 )
-from flamingo_composer.models.perceiver import PerceiverResampler
+from flamingo_composer.models.perceiver import PerceiverResampler, attention
 
 IMAGE = 99  # media token id used in these block-level tests
 
@@ -109,6 +109,25 @@ def _block_inputs(t_img=3, n=4, d_vis=12, d_lm=16):
     x = torch.randn(2, ids.shape[1], d_lm)
     media = torch.randn(2, t_img, n, d_vis)
     return ids, x, media
+
+
+def test_attention_over_leading_dims_is_sdpa_without_saving_the_attention_weights():
+    """(B, T, h, n, d) inputs: the same values and gradients as SDPA's 5-D call, but through a fused kernel, so the
+    graph keeps no (B, T, h, n, m) tensor of attention weights (the math path does)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 16, 8, generator=gen).requires_grad_()  # (B, T, h, n, d)
+    k, v = (torch.randn(2, 3, 4, 40, 8, generator=gen).requires_grad_() for _ in range(2))  # (B, T, h, m, d)
+    weights = 2 * 3 * 4 * 16 * 40
+    outputs, largest = [], []
+    for fn in (attention, torch.nn.functional.scaled_dot_product_attention):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = fn(q, k, v)  # (B, T, h, n, d)
+        outputs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+        largest.append(max(saved))
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert largest[1] >= weights > largest[0], largest  # 5-D SDPA saves the weights; `attention` does not
 
 
 def test_masked_cross_attention_matches_reference_and_only_attends_immediate_media():

@@ -1,7 +1,7 @@
 """One optimizer step through a real Composer Trainer reproduces the reference's step (fixture grads.pt/after_step.pt).
 
 Settings as the fixture's README: loss multipliers 0.2 / 1.0, lr 1e-4, weight decay 0.1 on the cross-attention
-blocks only (torch-AdamW terms; DecoupledAdamW 1e-5), betas (0.9, 0.999), eps 1e-8, clip to norm 1.0, fp32, CPU.
+blocks only (torch AdamW, fused, as the default optimizer), betas (0.9, 0.999), eps 1e-8, clip to norm 1.0, fp32, CPU.
 """
 
 from __future__ import annotations

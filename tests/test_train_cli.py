@@ -81,7 +81,7 @@ def test_composer_n1_runs_to_the_end(data_root, tmp_path):
     _check_run(tmp_path, world_size=1, max_duration=4)
     # Each of the package's log lines is printed once (not also by the root handler libraries install).
     output = (result.stdout + result.stderr).splitlines()
-    ours = [line for line in output if "flamingo_composer." in line and "optimizer decoupled_adamw" in line]
+    ours = [line for line in output if "flamingo_composer." in line and "optimizer adamw" in line]
     assert len(ours) == 1, ours
     assert not [line for line in output if line.startswith("INFO:flamingo_composer")]
 

@@ -102,20 +102,28 @@ def _trim_padding(part: dict[str, Any]) -> dict[str, Any]:
     return part
 
 
+# The order of the microbatches: MMC4's first. The first backward of a step allocates the trainable gradients
+# (Composer sets them to None before each batch), so the dataset with the larger activations (256-token documents
+# with up to 6 images, against 32-token captions with one) runs while no gradient exists yet, and the smaller one
+# runs with them. The summed gradients are the same: with one chunk each, a + b == b + a exactly.
+MICROBATCH_ORDER = ("mmc4", "laion")
+
+
 def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
-    """One dataset per microbatch: the LAION chunks, then the MMC4 chunks (Composer passes the SIZE).
+    """One dataset per microbatch: the MMC4 chunks, then the LAION chunks (Composer passes the SIZE).
 
     Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
     auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
     dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
     normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
     only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
-    runs one forward per backward.
+    runs one forward per backward. `MICROBATCH_ORDER` says why MMC4 goes first.
     """
     microbatch_size = max(1, int(microbatch_size))
     num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
     chunks: list[dict[str, Any]] = []
-    for name, sub in batch.items():
+    for name in sorted(batch, key=MICROBATCH_ORDER.index):
+        sub = batch[name]
         bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
         for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
             chunks.append({

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flamingo_composer.models.perceiver import feed_forward, merge_heads, split_heads
+from flamingo_composer.models.perceiver import attention, feed_forward, merge_heads, split_heads
 
 
 def media_text_time(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ class MaskedCrossAttention(nn.Module):
         index = positions.reshape(b, -1, 1).expand(-1, -1, inner)  # (B, T*S, h*d)
         q_seg = split_heads(q.gather(1, index).reshape(b, t_img, -1, inner), self.heads)  # (B, T, h, S, d)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, n, d)
-        attended = merge_heads(F.scaled_dot_product_attention(q_seg, k, v))  # (B, T, S, h*d)
+        attended = merge_heads(attention(q_seg, k, v))  # (B, T, S, h*d)
         attended = attended * valid.unsqueeze(-1)  # padding slots of short runs contribute nothing
         # Each valid token is in exactly one run: summing the runs back places every token once (zero elsewhere).
         return q.new_zeros(q.shape).scatter_add(1, index, attended.reshape(b, -1, inner))  # (B, L, h*d)

