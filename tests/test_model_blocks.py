@@ -121,7 +121,7 @@ def test_attention_over_leading_dims_is_sdpa_without_saving_the_attention_weight
     outputs, largest = [], []
     for fn in (attention, torch.nn.functional.scaled_dot_product_attention):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
             out = fn(q, k, v)  # (B, T, h, n, d)
         outputs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
         largest.append(max(saved))
