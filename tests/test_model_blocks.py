@@ -8,7 +8,7 @@ from flamingo_composer.models.cross_attention import (
     MaskedCrossAttention,
     media_text_time,
 )
-from flamingo_composer.models.perceiver import PerceiverResampler, attention
+from flamingo_composer.models.perceiver import FeedForward, PerceiverResampler, attention
 
 IMAGE = 99  # media token id used in these block-level tests
 
@@ -128,6 +128,27 @@ def test_attention_over_leading_dims_is_sdpa_without_saving_the_attention_weight
     for got, want in zip(*outputs):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert largest[1] >= weights > largest[0], largest  # 5-D SDPA saves the weights; `attention` does not
+
+
+def test_feed_forward_equals_its_layers_in_sequence_and_keeps_one_4d_activation():
+    """FeedForward (GELU + last Linear as one function that recomputes the GELU in backward) gives the plain
+    Sequential's values and gradients, and its graph keeps one (..., 4D) tensor where autograd keeps two."""
+    torch.manual_seed(0)
+    ff = FeedForward(16, mult=4)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    params = [x, *ff.parameters()]
+    results, wide = [], []
+    for forward in (ff, lambda t: torch.nn.Sequential.forward(ff, t)):  # ours, then the layers one by one
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = forward(x)  # (3, 7, 16)
+        results.append((out, *torch.autograd.grad(out.square().sum(), params)))
+        wide.append({t.untyped_storage().data_ptr() for t in saved if t.numel() == 3 * 7 * 64})  # (3, 7, 4D)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert (len(wide[0]), len(wide[1])) == (1, 2)
+    with torch.no_grad():
+        assert torch.equal(ff(x), torch.nn.Sequential.forward(ff, x))
 
 
 def test_masked_cross_attention_matches_reference_and_only_attends_immediate_media():

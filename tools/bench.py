@@ -12,7 +12,8 @@ config's data through the real loaders (decoding included).
 
 Printed: samples/s per dataset, tokens/s, the frozen-aware FLOP/s (training/flops.py) and the same machine's
 dense matmul FLOP/s measured in this run (a timed square matmul in the training dtype), their ratio, and peak
-memory (CUDA max allocated, or the process's max RSS on CPU).
+memory (CUDA max allocated, or the process's max RSS on CPU). On CPU also `peak_tensor_bytes`: the tensors that
+live across steps plus the peak one more (untimed) step allocates, as CUDA's max allocated counts them.
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ def peak_memory() -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
 
 
+def resident_tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors that live across steps: parameters, buffers, gradients, optimizer state (each storage
+    once)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def step_tensor_peak(run_step) -> int:
+    """Peak bytes of CPU tensors that `run_step()` allocates above what exists before it (activations, gradients,
+    temporaries): torch.profiler's allocation and free events summed in time order. With
+    `resident_tensor_bytes` it is the CPU counterpart of CUDA's max_memory_allocated, free of the C allocator's
+    retained heap that max RSS also counts."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -245,11 +270,16 @@ def run(args: argparse.Namespace) -> dict:
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile), file=sys.stderr)
     else:
         trainer.fit(**fit_kwargs)
-    trainer.close()
     memory, memory_kind = peak_memory()
+    ends, records = list(timer.ends), list(timer.steps)  # the timed run's, before the memory step below
+    tensor_memory = None
+    if device == "cpu":  # one more step, untimed, under the memory profiler
+        resident = resident_tensor_bytes(composer_model, trainer.state.optimizers[0])
+        tensor_memory = resident + step_tensor_peak(lambda: trainer.fit(duration="1ba"))
+    trainer.close()
 
-    timed = timer.steps[args.warmup :]
-    seconds = timer.ends[-1] - timer.ends[args.warmup]  # end of the last warm-up step -> end of the last step
+    timed = records[args.warmup :]
+    seconds = ends[-1] - ends[args.warmup]  # end of the last warm-up step -> end of the last step
     totals: dict[str, float] = {}
     for record in timed:
         for key, value in record.items():
@@ -275,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         "achieved_over_matmul": achieved / matmul,
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
+        "peak_tensor_bytes": tensor_memory if tensor_memory is not None else memory,  # CPU: resident + step peak
         "torch": torch.__version__,
     }
     return result

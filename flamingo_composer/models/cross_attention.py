@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flamingo_composer.models.perceiver import attention, feed_forward, merge_heads, split_heads
+from flamingo_composer.models.perceiver import FeedForward, attention, merge_heads, split_heads
 
 
 def media_text_time(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads,
                                          per_image=per_image)  # fmt: skip
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))  # (1,) as in the reference checkpoints
-        self.ff = feed_forward(dim, ff_mult)
+        self.ff = FeedForward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))  # (1,)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,48 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
-    """LayerNorm -> Linear(D, mult*D) -> GELU -> Linear(mult*D, D), bias-free (children 0, 1, 2, 3)."""
-    inner_dim = int(dim * mult)
-    return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, inner_dim, bias=False),
-        nn.GELU(),
-        nn.Linear(inner_dim, dim, bias=False),
-    )
+class _GeluLinear(torch.autograd.Function):
+    """gelu(h) @ W^T that keeps only h for backward and recomputes gelu(h) there for W's gradient.
+
+    Autograd would keep both h (for GELU's backward) and gelu(h) (for the trained W's gradient): two (..., 4D)
+    tensors per feed-forward, the largest activations of a cross-attention block. The recomputation is one
+    elementwise GELU; the gradients are autograd's own ops on the same tensors.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight):  # hidden (..., 4D), weight (D, 4D)
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(F.gelu(hidden), weight)  # (..., D)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):  # grad_out (..., D)
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_out.flatten(0, -2).t() @ F.gelu(hidden).flatten(0, -2)  # (D, 4D)
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight.to(grad_out.dtype), hidden)  # (..., 4D)
+        return grad_hidden, grad_weight
+
+
+class FeedForward(nn.Sequential):
+    """LayerNorm -> Linear(D, mult*D) -> GELU -> Linear(mult*D, D), bias-free (children 0, 1, 2, 3: the
+    reference's parameter names). The GELU and the last Linear run as one `_GeluLinear`."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        inner_dim = int(dim * mult)
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, inner_dim, bias=False),
+            nn.GELU(),
+            nn.Linear(inner_dim, dim, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, up, _, down = self
+        return _GeluLinear.apply(up(norm(x)), down.weight)  # (..., D)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,7 +126,7 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))  # (n, D), init std 1
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), feed_forward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), FeedForward(dim, ff_mult)])
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
