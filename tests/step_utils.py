@@ -280,17 +280,12 @@ def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tenso
 
 
 def peak_cpu_memory(fn) -> int:
-    """Peak bytes of CPU tensor memory that `fn()` allocates on top of what exists (torch.profiler's allocation
-    and free events, summed in time order): a structural measure, the same on any machine."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak bytes of CPU tensor memory that `fn()` allocates on top of what exists: tools/bench.py's
+    `step_tensor_peak` (torch.profiler's allocation and free events), the measure the benchmarks print; a
+    structural measure, the same on any machine."""
+    from tool_modules import load_tool
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    return load_tool("bench").step_tensor_peak(fn)
 
 
 # ------------------------------------------------------------------------------------------- 2-rank script

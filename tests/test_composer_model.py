@@ -290,6 +290,27 @@ def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
     assert figures["achieved_over_matmul"] == pytest.approx(
         figures["achieved_flops_per_s"] / figures["matmul_flops_per_s"]
     )
+    # Tensors only (weights, AdamW state, one step's activations): more than the weights, less than the RSS,
+    # which also holds the libraries.
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.training.config import load_config
+
+    model = build_flamingo(load_config(RUN_YAML, [f"variables.data_root={data_root}"]).model).model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights < figures["peak_tensor_bytes"] < figures["peak_memory_bytes"]
+
+
+def test_resident_tensor_bytes_count_each_storage_once():
+    from tool_modules import load_tool
+
+    bench = load_tool("bench")
+    layer = torch.nn.Linear(8, 4)
+    layer.bias = torch.nn.Parameter(layer.weight[0, :4].detach())  # shares the weight's storage
+    optimizer = torch.optim.AdamW(layer.parameters())
+    assert bench.resident_tensor_bytes(layer, optimizer) == 32 * 4  # the weight's storage, once
+    layer(torch.randn(2, 8)).sum().backward()
+    optimizer.step()  # gradients (8x4 and 4) + exp_avg and exp_avg_sq of both + two 0-d step counters
+    assert bench.resident_tensor_bytes(layer, optimizer) == (32 + 3 * (32 + 4)) * 4 + 2 * 4
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "llama", "mpt", "opt", "gpt2", "gptj"])

@@ -33,8 +33,8 @@ class OptimizerConfig:
     """AdamW as the reference trains (SPEC 3). `weight_decay` is in torch-AdamW terms (decay scaled by lr).
 
     `adamw` is torch's AdamW, the reference's own optimizer; `fused` (its default for `adamw`) runs torch's fused
-    kernel, one pass over each tensor (CPU and CUDA): 13x faster than Composer's per-tensor loop on this model's
-    44M trainable weights, the same update within fp32 rounding. `decoupled_adamw` is Composer's DecoupledAdamW,
+    kernel, one pass over each tensor (CPU and CUDA): on the CPU bench model's 44M trainable weights 26 ms per
+    update against 349 ms for Composer's per-tensor loop, the same update within fp32 rounding. `decoupled_adamw` is Composer's DecoupledAdamW,
     which does not scale decay by lr: the builder gives it lr * weight_decay. It has no fused kernel.
     """
 
