@@ -34,7 +34,7 @@ class _GeluLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = grad_out.flatten(0, -2).t() @ F.gelu(hidden).flatten(0, -2)  # (D, 4D)
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight.to(grad_out.dtype), hidden)  # (..., 4D)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight, hidden)  # (..., 4D)
         return grad_hidden, grad_weight
 
 
