@@ -196,10 +196,11 @@ def peak_memory() -> tuple[int, str]:
 
 
 def resident_tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors that live across steps: parameters, buffers, gradients, optimizer state (each storage
-    once)."""
+    """Bytes of the tensors that live across steps: parameters, buffers, optimizer state (each storage once).
+
+    Not the gradients: both training loops set them to None every step (Composer before the batch, the
+    reference after its update), so each step allocates them anew and `step_tensor_peak` counts them."""
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
@@ -207,14 +208,21 @@ def resident_tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def step_tensor_peak(run_step) -> int:
     """Peak bytes of CPU tensors that `run_step()` allocates above what exists before it (activations, gradients,
-    temporaries): torch.profiler's allocation and free events summed in time order. With
+    temporaries): the profiler's raw allocation and free records, summed in time order. With
     `resident_tensor_bytes` it is the CPU counterpart of CUDA's max_memory_allocated, free of the C allocator's
-    retained heap that max RSS also counts."""
+    retained heap that max RSS also counts.
+
+    The raw records, not the per-op `self_cpu_memory_usage`: a range such as `Optimizer.step` (which holds the
+    whole forward and backward when Composer steps with a closure) owns every free made in Python code between
+    ops, and those would all count at the range's start. A free of a tensor allocated before the profile is not
+    recorded, so the sum only errs high (such tensors, the last step's gradients, are resident anyway)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run_step()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    records = [e for e in records if e.device_type() == torch.autograd.DeviceType.CPU]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()  # + allocation, - free
         peak = max(peak, current)
     return peak
 
