@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/synthetic
 
-.PHONY: train test test-fast lint clean
+.PHONY: train test test-fast lint clean gpu-wheels
 
 # Re-install only when pyproject.toml (or the install steps here) change.
 $(STAMP): pyproject.toml Makefile
@@ -44,3 +44,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DATA)
+
+# Wheels for the lent GPU machine (Python 3.12, its own torch), carried as .whl/ to run tools/gpu_check.py there.
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl -r tools/gpu_wheels.txt

@@ -1,0 +1,86 @@
+"""The prepared GPU check (tools/gpu_check.py, yamls/bench-3b.yaml): its variants are valid configs at the 3B
+shapes, its summary computes MFU and the goals from bench.py's figures, and it runs each variant through
+bench.py (here on CPU, on the tiny run.yaml model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tool_modules import load_tool
+from train_helpers import REPO_ROOT, RUN_YAML, small_data
+
+from flamingo_composer.training.config import load_config
+
+BENCH_3B = REPO_ROOT / "yamls" / "bench-3b.yaml"
+
+
+def test_every_variant_is_a_valid_config_at_the_3b_shapes(tmp_path_factory):
+    gpu_check = load_tool("gpu_check")
+    data = [f"variables.data_root={small_data(tmp_path_factory)}"]
+    configs = {name: load_config(BENCH_3B, data + overrides) for name, overrides in gpu_check.VARIANTS.items()}
+    levers = configs["levers"]
+    assert (levers.model.vision.name, levers.model.vision.pretrained) == ("ViT-L-14", None)
+    lm = levers.model.lm.config
+    assert (lm["model_type"], lm["d_model"], lm["n_layers"], levers.model.cross_attn_every_n_layers) == ("mpt", 2048, 24, 1)
+    assert levers.model.tokenizer.builtin == "tiny-50k" and levers.model.lm.name is None  # nothing from the hub
+    assert (levers.data.laion.batch_size, levers.data.mmc4.batch_size) == (64, 32)
+    assert levers.precision == "amp_bf16" and levers.fsdp_config.version == 2
+    assert (levers.model.cross_attention, levers.model.frozen_dtype, levers.loss_chunk_tokens) == (
+        "per_image", "bfloat16", 1024
+    )
+    assert levers.optimizer.fused is not False and not levers.fsdp_config.activation_checkpointing
+    plain = configs["no-levers"]
+    assert (plain.model.cross_attention, plain.model.frozen_dtype, plain.optimizer.fused, plain.loss_chunk_tokens) == (
+        "masked", None, False, None
+    )
+    assert configs["checkpointed"].fsdp_config.activation_checkpointing
+    assert configs["compiled"].compile_trainable
+
+
+def _bench_record(device: str, **figures) -> dict:
+    record = {"variant": "levers", "device": device, "step_time_s": 2.0, "laion_samples_per_s": 32.0,
+              "mmc4_samples_per_s": 16.0, "achieved_flops_per_s": 4.0e14, "matmul_flops_per_s": 8.0e14,
+              "achieved_over_matmul": 0.5, "peak_tensor_bytes": 3 * 2**30}  # fmt: skip
+    return {**record, **figures}
+
+
+def test_summary_gives_mfu_against_the_gpu_peak_and_the_scaled_reference_goal():
+    gpu_check = load_tool("gpu_check")
+    goal = load_tool("bench_data").gpu_step_estimate()["samples_per_s_per_gpu"]
+    gpu = _bench_record("NVIDIA H200", laion_samples_per_s=goal)  # with MMC4's, above the goal
+    cpu = {**_bench_record("cpu x2 threads", achieved_flops_per_s=1.0e11, matmul_flops_per_s=3.0e11), "variant": "cpu"}
+    failed = {"variant": "compiled", "error": "over --variant-timeout 120 s"}
+    summary = gpu_check.summarise([gpu, cpu, failed], peak_flops=None)
+    rows = summary["summary"]
+    assert rows["levers"]["mfu"] == pytest.approx(4.0e14 / gpu_check.H200_BF16_DENSE_FLOPS, abs=1e-4)
+    assert rows["levers"]["meets_mfu_goal"] == (4.0e14 / gpu_check.H200_BF16_DENSE_FLOPS >= 0.45)
+    assert rows["levers"]["samples_per_s_per_gpu"] == pytest.approx(goal + 16.0, abs=0.01)
+    assert rows["levers"]["meets_samples_goal"] and rows["levers"]["peak_memory_gib"] == 3.0
+    assert rows["cpu"]["mfu"] == pytest.approx(1 / 3, abs=1e-4) and rows["cpu"]["mfu_peak_flops"] == 3.0e11
+    assert rows["compiled"] == {"error": failed["error"]}
+    assert summary["goals"]["samples_per_s_per_gpu"] == goal and summary["goals"]["mfu"] == 0.45
+    pinned = gpu_check.summarise([gpu], peak_flops=8.0e14)["summary"]["levers"]
+    assert pinned["mfu"] == pytest.approx(0.5) and pinned["meets_mfu_goal"]
+
+
+def test_unknown_variant_is_named():
+    gpu_check = load_tool("gpu_check")
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--variants", "levers,turbo"])
+
+
+@pytest.mark.slow
+def test_each_variant_runs_bench_in_its_own_process(tmp_path, tmp_path_factory, capsys):
+    gpu_check = load_tool("gpu_check")
+    argv = ["--config", str(RUN_YAML), "--steps", "1", "--warmup", "1", "--variants", "levers,no-levers",
+            "--out", str(tmp_path), "--variant-timeout", "300", f"variables.data_root={small_data(tmp_path_factory)}",
+            "data.laion.batch_size=4", "data.mmc4.batch_size=2"]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    logged = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert printed == logged and len(logged) == 3
+    assert [r["variant"] for r in logged[:2]] == ["levers", "no-levers"]
+    assert all(r["step_time_s"] > 0 and r["laion_samples_per_s"] > 0 for r in logged[:2])
+    assert set(logged[2]["summary"]) == {"levers", "no-levers"}
+    assert all(0 < row["mfu"] for row in logged[2]["summary"].values())

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""The prepared GPU check of the performance issue: tools/bench.py at 3B shapes, with and without the levers.
+
+    python tools/gpu_check.py [--config yamls/bench-3b.yaml] [--steps 8] [--warmup 3] [--variants levers,...]
+
+Each variant runs in a fresh process (its own CUDA memory peak, no compile caches shared) under a time limit,
+and prints its bench line as soon as it ends, so a run cut short still reports the variants that finished.
+Then one summary line: per variant the step time, samples/s per GPU, frozen-aware MFU against the GPU's dense
+bf16 peak (`--peak-flops`; on CPU the measured matmul) and peak memory, beside the issue's goals (MFU >= 45%,
+and 2x the reference's published 2.2 samples/s/GPU at 9B, scaled to 3B as tools/bench_data.py does).
+Everything printed is also appended to OUT/gpu_check.jsonl (OUT: $OUT, else runs/gpu-check).
+
+On the lent H200 (its own torch, no Composer): here `make gpu-wheels` downloads tools/gpu_wheels.txt's wheels
+for its Python 3.12 into .whl/; the device command, with carry [".whl"], is
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 python3 tools/gpu_check.py
+
+Each variant builds the 3B model afresh; the default limits (4 x 120 s) end the run inside a 9-minute device call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+from bench_data import gpu_step_estimate  # noqa: E402  (a sibling tool: the scaled reference figure)
+
+H200_BF16_DENSE_FLOPS = 989.4e12  # NVIDIA's dense bf16 tensor-core peak of the H100/H200 SXM
+MFU_GOAL = 0.45
+# Overrides per variant. "levers": the recipe as written (per-image cross-attention, bf16 frozen weights, fused
+# AdamW, chunked CE). "no-levers": the reference's forms of each (masked cross-attention, fp32 frozen weights,
+# the foreach AdamW, the CE in one chunk); per-dataset backward and the supervised-only logits are structural
+# and stay. "checkpointed": the levers with activation checkpointing (memory against time). "compiled": the
+# levers with torch.compile of the trainable blocks (compile time is spent in the warm-up steps).
+VARIANTS = {
+    "levers": [],
+    "no-levers": [
+        "model.cross_attention=masked",
+        "model.frozen_dtype=null",
+        "optimizer.fused=false",
+        "loss_chunk_tokens=null",
+    ],
+    "checkpointed": ["fsdp_config.activation_checkpointing=true"],
+    "compiled": ["compile_trainable=true"],
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO_ROOT / "yamls" / "bench-3b.yaml"))
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variant-timeout", type=float, default=120.0, help="seconds per variant")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help=f"the MFU denominator (default: {H200_BF16_DENSE_FLOPS:.4g} on CUDA, the measured "
+                        "matmul on CPU)")  # fmt: skip
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "runs" / "gpu-check"))
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every variant")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    return args
+
+
+def bench_command(args: argparse.Namespace, variant: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO_ROOT / "tools" / "bench.py"),
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        *args.overrides,
+        *VARIANTS[variant],
+    ]
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    """bench.py's JSON line for one variant, or what went wrong (the end of its stderr) in its place."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(bench_command(args, variant), capture_output=True, text=True,
+                              timeout=args.variant_timeout, cwd=REPO_ROOT)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"over --variant-timeout {args.variant_timeout:g} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"variant": variant, "error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:]}
+    return {"variant": variant, "wall_s": round(time.perf_counter() - start, 1), **json.loads(lines[-1])}
+
+
+def summarise(results: list[dict], peak_flops: float | None) -> dict:
+    """Per variant: MFU, samples/s per GPU and peak memory beside the goals (the module docstring)."""
+    goal_samples = gpu_step_estimate()["samples_per_s_per_gpu"]
+    rows = {}
+    for result in results:
+        if "error" in result:
+            rows[result["variant"]] = {"error": result["error"]}
+            continue
+        on_cpu = result["device"].startswith("cpu")
+        peak = peak_flops or (result["matmul_flops_per_s"] if on_cpu else H200_BF16_DENSE_FLOPS)
+        samples = result["laion_samples_per_s"] + result["mmc4_samples_per_s"]
+        rows[result["variant"]] = {
+            "step_time_s": round(result["step_time_s"], 4),
+            "samples_per_s_per_gpu": round(samples, 2),
+            "mfu": round(result["achieved_flops_per_s"] / peak, 4),
+            "mfu_peak_flops": peak,
+            "achieved_over_matmul": round(result["achieved_over_matmul"], 4),
+            "peak_memory_gib": round(result["peak_tensor_bytes"] / 2**30, 2),
+            "meets_mfu_goal": result["achieved_flops_per_s"] / peak >= MFU_GOAL,
+            "meets_samples_goal": samples >= goal_samples,
+        }
+    goals = {"mfu": MFU_GOAL, "samples_per_s_per_gpu": goal_samples, "samples_source": gpu_step_estimate()["source"]}
+    return {"summary": rows, "goals": goals}
+
+
+def emit(record: dict, log: Path) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with log.open("a") as handle:
+        handle.write(line + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = Path(args.out) / "gpu_check.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in args.variants.split(","):
+        results.append(run_variant(args, variant))
+        emit(results[-1], log)
+    emit(summarise(results, args.peak_flops), log)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
