@@ -34,6 +34,7 @@ def test_every_variant_is_a_valid_config_at_the_3b_shapes(tmp_path_factory):
     assert (plain.model.cross_attention, plain.model.frozen_dtype, plain.optimizer.fused, plain.loss_chunk_tokens) == (
         "masked", None, False, None
     )
+    assert configs["no-fsdp"].fsdp_config is None
     assert configs["checkpointed"].fsdp_config.activation_checkpointing
     assert configs["compiled"].compile_trainable
 
@@ -72,15 +73,16 @@ def test_unknown_variant_is_named():
 
 @pytest.mark.slow
 def test_each_variant_runs_bench_in_its_own_process(tmp_path, tmp_path_factory, capsys):
+    """Under FSDP2 (one process, gloo) as on the GPU, and without it (the no-fsdp variant's override wins)."""
     gpu_check = load_tool("gpu_check")
-    argv = ["--config", str(RUN_YAML), "--steps", "1", "--warmup", "1", "--variants", "levers,no-levers",
+    argv = ["--config", str(RUN_YAML), "--steps", "1", "--warmup", "1", "--variants", "levers,no-fsdp",
             "--out", str(tmp_path), "--variant-timeout", "300", f"variables.data_root={small_data(tmp_path_factory)}",
-            "data.laion.batch_size=4", "data.mmc4.batch_size=2"]  # fmt: skip
+            "data.laion.batch_size=4", "data.mmc4.batch_size=2", "fsdp_config.version=2"]  # fmt: skip
     assert gpu_check.main(argv) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     logged = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert printed == logged and len(logged) == 3
-    assert [r["variant"] for r in logged[:2]] == ["levers", "no-levers"]
+    assert [(r["variant"], r["fsdp"]) for r in logged[:2]] == [("levers", "FSDP2"), ("no-fsdp", None)]
     assert all(r["step_time_s"] > 0 and r["laion_samples_per_s"] > 0 for r in logged[:2])
-    assert set(logged[2]["summary"]) == {"levers", "no-levers"}
+    assert set(logged[2]["summary"]) == {"levers", "no-fsdp"}
     assert all(0 < row["mfu"] for row in logged[2]["summary"].values())

@@ -200,8 +200,11 @@ def resident_tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     Not the gradients: both training loops set them to None every step (Composer before the batch, the
     reference after its update), so each step allocates them anew and `step_tensor_peak` counts them."""
+    from torch.distributed.tensor import DTensor
+
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]  # FSDP2: this rank's shards
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
@@ -298,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": args.data,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "precision": cfg.precision,
+        "fsdp": None if cfg.fsdp_config is None else f"FSDP{cfg.fsdp_config.version}",
         "steps": args.steps,
         "warmup": args.warmup,
         "step_time_s": seconds / args.steps,

@@ -39,8 +39,9 @@ MFU_GOAL = 0.45
 # Overrides per variant. "levers": the recipe as written (per-image cross-attention, bf16 frozen weights, fused
 # AdamW, chunked CE). "no-levers": the reference's forms of each (masked cross-attention, fp32 frozen weights,
 # the foreach AdamW, the CE in one chunk); per-dataset backward and the supervised-only logits are structural
-# and stay. "checkpointed": the levers with activation checkpointing (memory against time). "compiled": the
-# levers with torch.compile of the trainable blocks (compile time is spent in the warm-up steps).
+# and stay. "no-fsdp": the levers on one plain device (FSDP2's own cost on one GPU). "checkpointed": the levers
+# with activation checkpointing (memory against time). "compiled" (not run by default): the levers with
+# torch.compile of the trainable blocks (compile time is spent in the warm-up steps).
 VARIANTS = {
     "levers": [],
     "no-levers": [
@@ -49,9 +50,11 @@ VARIANTS = {
         "optimizer.fused=false",
         "loss_chunk_tokens=null",
     ],
+    "no-fsdp": ["fsdp_config=null"],
     "checkpointed": ["fsdp_config.activation_checkpointing=true"],
     "compiled": ["compile_trainable=true"],
 }
+DEFAULT_VARIANTS = "levers,no-levers,no-fsdp,checkpointed"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(REPO_ROOT / "yamls" / "bench-3b.yaml"))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--variant-timeout", type=float, default=120.0, help="seconds per variant")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help=f"the MFU denominator (default: {H200_BF16_DENSE_FLOPS:.4g} on CUDA, the measured "
