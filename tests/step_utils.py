@@ -309,12 +309,12 @@ def _two_rank_main(out_path: str, scenario: str) -> None:
         batch = rank_slice(zero_image_batch(bundle.tokenizer), rank, world)
         from composer.utils import FSDP2Config
 
-        from flamingo_composer.training.callbacks import GlooFSDP2GradientMean
+        from flamingo_composer.training.callbacks import FSDP2AfterWrap
 
         for name in calls:
             getattr(bundle.model, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
         kwargs = {"microbatch_size": None, "parallelism_config": {"fsdp": FSDP2Config()},
-                  "callbacks": [GlooFSDP2GradientMean()]}  # fmt: skip
+                  "callbacks": [FSDP2AfterWrap()]}  # fmt: skip
     else:
         batch = rank_slice(dual_batch(bundle.tokenizer), rank, world)
         kwargs = {"microbatch_size": 1}

@@ -309,8 +309,8 @@ def test_resident_tensor_bytes_count_each_storage_once():
     optimizer = torch.optim.AdamW(layer.parameters())
     assert bench.resident_tensor_bytes(layer, optimizer) == 32 * 4  # the weight's storage, once
     layer(torch.randn(2, 8)).sum().backward()
-    optimizer.step()  # exp_avg and exp_avg_sq of both (8x4 and 4) + two 0-d step counters; not the gradients,
-    assert bench.resident_tensor_bytes(layer, optimizer) == (32 + 2 * (32 + 4)) * 4 + 2 * 4  # each step's own
+    optimizer.step()  # exp_avg and exp_avg_sq of both (8x4 and 4) + two 0-d step counters, not the gradients
+    assert bench.resident_tensor_bytes(layer, optimizer) == (32 + 2 * (32 + 4)) * 4 + 2 * 4
 
 
 def test_step_tensor_peak_counts_frees_where_they_happen():
@@ -387,7 +387,7 @@ def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
     # This head trains, so each chunk's logits are recomputed in backward: the logits, their log-softmax and its
     # gradient, 128 positions' each, live at once.
     chunk_logits = 128 * 20_000 * 4
-    assert chunked < 4 * chunk_logits, (chunked, whole)  # whole: 3 x full_logits
+    assert chunked < 4 * chunk_logits, (chunked, whole)
 
 
 def _frozen_heads(dim: int, vocab: int, dtype) -> dict:

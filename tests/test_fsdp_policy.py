@@ -107,3 +107,26 @@ def test_trainable_rows_still_spliced_and_learned():
     assert torch.equal(out[0, :2], emb.new_token_rows.detach()) and torch.equal(out[0, 2], emb.weight[3])
     out.sum().backward()
     assert emb.new_token_rows.grad is not None and emb.weight.grad is None
+
+
+def test_the_outermost_fsdp2_unit_stays_gathered_after_forward():
+    """The loss reads the LM head (root unit) after forward: the outermost unit is told not to reshard, alone.
+    torch 2.7's FSDP2 never reshards the root and has no setter; later releases do unless told (Composer passes
+    `reshard_after_forward` explicitly), which left the head a DTensor shard in the loss."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from flamingo_composer.training.fsdp import keep_root_gathered_after_forward
+
+    calls = []
+
+    class FSDPLinear(FSDPModule, nn.Linear):  # as fully_shard swaps a module's class for FSDP<Module>
+        def set_reshard_after_forward(self, reshard_after_forward, recurse=True):
+            calls.append((self, reshard_after_forward, recurse))
+
+    root, inner = nn.Linear(2, 2), nn.Linear(2, 2)
+    root.inner = inner
+    root.__class__ = inner.__class__ = FSDPLinear
+    wrapper = nn.Sequential(root)  # the ComposerModel around the sharded Flamingo
+    assert keep_root_gathered_after_forward(wrapper)
+    assert calls == [(root, False, False)]
+    assert not keep_root_gathered_after_forward(nn.Sequential(nn.Linear(2, 2)))  # no FSDP2: nothing to set

@@ -217,8 +217,8 @@ def step_tensor_peak(run_step) -> int:
 
     The raw records, not the per-op `self_cpu_memory_usage`: a range such as `Optimizer.step` (which holds the
     whole forward and backward when Composer steps with a closure) owns every free made in Python code between
-    ops, and those would all count at the range's start. A free of a tensor allocated before the profile is not
-    recorded, so the sum only errs high (such tensors, the last step's gradients, are resident anyway)."""
+    ops, and those would all count at the range's start. The free of a tensor made before the profile (the last
+    step's gradients, set to None) is not recorded; such tensors are not in `resident_tensor_bytes` either."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run_step()
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

@@ -126,11 +126,13 @@ class TrainableOnlyModelState(Callback):
         state.get_model_state_dict = trainable_model_state_dict
 
 
-class GlooFSDP2GradientMean(Callback):
-    """After Composer wraps the model (AFTER_LOAD), fix FSDP2's gradient mean on gloo (see
-    `fsdp.average_fsdp2_gradients_on_gloo`): gradients then equal DDP's, on CPU as on GPUs."""
+class FSDP2AfterWrap(Callback):
+    """After Composer wraps the model (AFTER_LOAD): FSDP2's gradient mean on gloo made a mean (gradients then
+    equal DDP's, on CPU as on GPUs), and the root unit kept gathered after forward for the loss's head (see
+    `fsdp.average_fsdp2_gradients_on_gloo`, `fsdp.keep_root_gathered_after_forward`). No-ops without FSDP2."""
 
     def after_load(self, state: State, logger: Logger) -> None:
-        from flamingo_composer.training.fsdp import average_fsdp2_gradients_on_gloo
+        from flamingo_composer.training.fsdp import average_fsdp2_gradients_on_gloo, keep_root_gathered_after_forward
 
         average_fsdp2_gradients_on_gloo(state.model)
+        keep_root_gathered_after_forward(state.model)

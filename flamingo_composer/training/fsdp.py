@@ -179,6 +179,23 @@ def average_fsdp2_gradients_on_gloo(model: nn.Module) -> int:
     return len(units)
 
 
+def keep_root_gathered_after_forward(model: nn.Module) -> bool:
+    """Keep the FSDP2 root unit's parameters gathered after forward; returns whether a setting changed.
+
+    The loss projects the final hidden states with the LM head (or the tied embedding), which lives in the root
+    unit, after the model's forward (composer_model.FlamingoComposerModel.loss). torch 2.7 never reshards the root
+    after forward; later releases do when `reshard_after_forward` is passed explicitly, as Composer passes it,
+    and the head's weight is then a DTensor shard when the loss reads it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # The outermost unit, first in module order: Composer shards the Flamingo inside the ComposerModel.
+    root = next((module for module in model.modules() if isinstance(module, FSDPModule)), None)
+    if root is None or not hasattr(root, "set_reshard_after_forward"):
+        return False
+    root.set_reshard_after_forward(False, recurse=False)
+    return True
+
+
 def make_fsdp_wrap_fn(flamingo: nn.Module) -> Callable[[nn.Module], bool]:
     """Wrap policy: perceiver, each vision block, each LM decoder layer, each cross-attention block, new-token rows.
 

@@ -31,7 +31,7 @@ from flamingo_composer.training.builders import (
 )
 from flamingo_composer.training.callbacks import (
     DataPositionCallback,
-    GlooFSDP2GradientMean,
+    FSDP2AfterWrap,
     TrainableOnlyModelState,
 )
 from flamingo_composer.training.composer_model import (
@@ -149,7 +149,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
     callbacks = [
         *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), TrainableOnlyModelState(),
-        GlooFSDP2GradientMean(), *extra_callbacks,
+        FSDP2AfterWrap(), *extra_callbacks,
     ]
     sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
 
