@@ -132,7 +132,10 @@ class FSDP2AfterWrap(Callback):
     `fsdp.average_fsdp2_gradients_on_gloo`, `fsdp.keep_root_gathered_after_forward`). No-ops without FSDP2."""
 
     def after_load(self, state: State, logger: Logger) -> None:
-        from flamingo_composer.training.fsdp import average_fsdp2_gradients_on_gloo, keep_root_gathered_after_forward
+        from flamingo_composer.training.fsdp import (
+            average_fsdp2_gradients_on_gloo,
+            keep_root_gathered_after_forward,
+        )
 
         average_fsdp2_gradients_on_gloo(state.model)
         keep_root_gathered_after_forward(state.model)
