@@ -127,9 +127,12 @@ class TrainableOnlyModelState(Callback):
 
 
 class FSDP2AfterWrap(Callback):
-    """After Composer wraps the model (AFTER_LOAD): FSDP2's gradient mean on gloo made a mean (gradients then
-    equal DDP's, on CPU as on GPUs), and the root unit kept gathered after forward for the loss's head (see
-    `fsdp.average_fsdp2_gradients_on_gloo`, `fsdp.keep_root_gathered_after_forward`). No-ops without FSDP2."""
+    """After Composer wraps the model (AFTER_LOAD), two FSDP2 fixes; both do nothing without FSDP2.
+
+    - on gloo, the gradient reduction becomes a mean, so gradients equal DDP's on CPU as on GPUs
+      (`fsdp.average_fsdp2_gradients_on_gloo`);
+    - the root unit stays gathered after forward, for the loss's head (`fsdp.keep_root_gathered_after_forward`).
+    """
 
     def after_load(self, state: State, logger: Logger) -> None:
         from flamingo_composer.training.fsdp import (
