@@ -46,6 +46,13 @@ def _batch(laion_rows: int | None, mmc4_rows: int | None) -> dict:
     return batch
 
 
+def test_microbatch_order_names_every_dataset_once():
+    """The order is a second list of the dataset names: it must stay the same set as data/config.py's."""
+    from flamingo_composer.data.config import DATASETS
+
+    assert sorted(MICROBATCH_ORDER) == sorted(DATASETS) and MICROBATCH_ORDER[0] == "mmc4"
+
+
 @pytest.mark.parametrize(
     "laion_rows,mmc4_rows,microbatch,chunks",
     [(8, 4, 4, 2), (8, 4, 2, 4), (6, 3, 2, 3), (8, 4, 8, 1), (8, 2, 1, 8), (None, 4, 2, 2), (4, None, 1, 4)],

@@ -34,8 +34,9 @@ class OptimizerConfig:
 
     `adamw` is torch's AdamW, the reference's own optimizer; `fused` (its default for `adamw`) runs torch's fused
     kernel, one pass over each tensor (CPU and CUDA): on the CPU bench model's 44M trainable weights 26 ms per
-    update against 349 ms for Composer's per-tensor loop, the same update within fp32 rounding. `decoupled_adamw` is Composer's DecoupledAdamW,
-    which does not scale decay by lr: the builder gives it lr * weight_decay. It has no fused kernel.
+    update against 349 ms for Composer's per-tensor loop, the same update within fp32 rounding.
+    `decoupled_adamw` is Composer's DecoupledAdamW, which does not scale decay by lr: the builder gives it
+    lr * weight_decay. It has no fused kernel.
     """
 
     name: str = "adamw"
