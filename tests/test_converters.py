@@ -295,6 +295,24 @@ def test_truncated_zip_is_reported_and_its_complete_documents_kept(tmp_path, pac
         assert kept == [key for key, _, _ in converted_docs(tmp_path / "expected", "mds")]
 
 
+
+def test_raw_mmc4_images_in_a_folder_named_after_the_zip_member(tmp_path):
+    """`shard_7.zip` holding `docs_no_face_shard_7_v3.jsonl`, its images where mmc4's download script puts them
+    for that member: `docs_no_face_shard_7_v3_images/` (the archive's own name gives `shard_7_images/`)."""
+    inputs, images, expected = make_raw_mmc4(tmp_path / "raw", "zip", "download_script")
+    original = Path(inputs[0])
+    text = zipfile.ZipFile(original).read("docs_shard_7_v2.jsonl")
+    renamed = original.with_name("shard_7.zip")
+    with zipfile.ZipFile(renamed, "w") as archive:
+        archive.writestr("docs_no_face_shard_7_v3.jsonl", text)
+    original.unlink()
+    (images / "docs_shard_7_v2.jsonl_images").rename(images / "docs_no_face_shard_7_v3_images")
+
+    report = convert_raw_mmc4([str(renamed)], images, tmp_path / "out", output_format="mds", progress=False)
+
+    assert dict(report.images_dropped) == expected["images_dropped"]  # only the planted missing / broken ones
+    assert report.written == len(expected["docs"])
+
 def test_brace_range_converts_what_exists_and_lists_the_missing(synthetic, tmp_path, capsys):
     tool = load_tool("convert_wds_to_mds")
     tars = train_tars(synthetic, "laion")

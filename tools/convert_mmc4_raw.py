@@ -7,7 +7,8 @@ the downloaded images named by `image_name`) to webdataset or MDS shards.
 
 Images are looked up as IMAGES/<image_name>, then IMAGES/<N>/<image_name> for docs_shard_N, then in the per-shard
 folder mmc4's own download script writes, IMAGES/<shard name>_images/<image_name> (e.g.
-IMAGES/docs_shard_0_v2.jsonl_images/ for docs_shard_0_v2.jsonl.zip, or docs_shard_0_v2_images/). A brace range
+IMAGES/docs_shard_0_v2.jsonl_images/ for docs_shard_0_v2.jsonl.zip, or docs_shard_0_v2_images/; a zip's member
+names it too: shard_151.zip holding docs_no_face_shard_151_v3.jsonl -> docs_no_face_shard_151_v3_images/). A brace range
 converts the inputs that exist and lists the missing ones (the public release lacks some shard numbers); exit 2
 if none exists, or if any is missing with --require-all. A damaged (cut) zip is reported by name and every
 complete document before the damage is kept. `--format wds`

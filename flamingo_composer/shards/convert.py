@@ -332,20 +332,22 @@ def mmc4_record(sample: dict[str, Any], report: ConversionReport, where: str) ->
     return record
 
 
-def mmc4_image_dirs(images_dir: Path, jsonl_path: str) -> list[Path]:
-    """Where the images of one jsonl file may lie, in search order:
+def mmc4_image_dirs(images_dir: Path, jsonl_path: str, member: str | None = None) -> list[Path]:
+    """Where the images of one jsonl file (or of one `member` of a zip) may lie, in search order:
     - `images_dir` itself;
     - `images_dir/<N>` for `docs_shard_<N>_v2.jsonl.zip` (the layout of the reference's download script);
     - `images_dir/<name>_images`, the per-shard folder mmc4's own `scripts/download_images.py` writes by default
       (`./{shard_name}_images/`, shard_name = the input's stem: `docs_shard_0_v2.jsonl` for the zipped file,
-      `docs_shard_0_v2` for a plain jsonl); both spellings are tried.
+      `docs_shard_0_v2` for a plain jsonl); both spellings are tried, for the archive's name and then for the
+      zip member's (`shard_151.zip` holding `docs_no_face_shard_151_v3.jsonl`: `docs_no_face_shard_151_v3_images/`).
     """
     name = os.path.basename(jsonl_path)
     dirs = [images_dir]
     shard = re.search(r"shard_(\d+)", name)
     if shard:
         dirs.append(images_dir / shard.group(1))
-    for stem in dict.fromkeys((Path(name).stem, name.split(".")[0])):  # ordered, de-duplicated
+    names = [name] + ([os.path.basename(member)] if member else [])
+    for stem in dict.fromkeys(s for n in names for s in (Path(n).stem, n.split(".")[0])):  # ordered, unique
         dirs.append(images_dir / f"{stem}_images")
     return dirs
 
@@ -391,10 +393,14 @@ def raw_mmc4_documents(
     """
     for path in inputs:
         stem = os.path.basename(path).split(".")[0]
-        image_dirs = mmc4_image_dirs(images_dir, path)
+        image_dirs_of: dict[str, list[Path]] = {}  # per source: the file, or `path:member` of a zip
         try:
             for source, label, number, line in iter_jsonl_records(path):
                 where = f"{source} line {number + 1}"
+                if source not in image_dirs_of:
+                    member = source[len(path) + 1 :] if source.startswith(f"{path}:") else None
+                    image_dirs_of[source] = mmc4_image_dirs(images_dir, path, member)
+                image_dirs = image_dirs_of[source]
                 key = "-".join(part for part in (stem, label, f"{number:07d}") if part)
                 try:
                     doc = parse_mmc4_json(line, key=key)
