@@ -18,8 +18,11 @@ from step_utils import (
     set_gates,
     tiny_bundle,
 )
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from flamingo_composer.flop_formulas import flop_counter
+from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.models.lm_adapter import get_decoder_layers
+from flamingo_composer.models.tiny import tiny_model_config
 from flamingo_composer.training.composer_model import (
     REQUIRED_TRAINER_KWARGS,
     FinalHidden,
@@ -152,61 +155,31 @@ def test_eval_metrics_per_dataset(bundle, batch):
 
 # -------------------------------------------------------------------------------------------------- FLOPs
 
-ATEN = torch.ops.aten
-
-
-def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
-
-
-def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return 2 * sdpa_flop_count(query, key, value)  # model FLOPs: no recompute of the scores
-
-
-def _native_mha(
-    query,
-    key,
-    value,
-    embed_dim,
-    num_heads,
-    qkv_weight,
-    qkv_bias,
-    proj_weight,
-    proj_bias,
-    *args,
-    out_shape=None,
-    **kwargs,
-):
-    b, s, _ = query
-    return (
-        2 * b * s * (qkv_weight[0] * qkv_weight[1] + proj_weight[0] * proj_weight[1])
-        + 4 * b * s * s * embed_dim
-    )
-
-
-# torch's FlopCounterMode does not count CPU's fused attention kernels; give them the standard formulas.
-CPU_ATTENTION_FORMULAS = {
-    ATEN._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
-    ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
-    ATEN._native_multi_head_attention: _native_mha,  # the frozen ViT's eval fast path
+FLOP_CASES = {  # which -> (LM family, tiny vision tower, overrides)
+    "gpt_neox": ("gpt_neox", "tiny-vit", {}),
+    "gpt2": ("gpt2", "tiny-vit", {}),  # Conv1D layers
+    "mpt": ("mpt", "tiny-vit", {}),  # tied head
+    "llama": ("llama", "tiny-vit", {}),
+    "per_image": ("gpt_neox", "tiny-vit", {"cross_attention": "per_image"}),
+    "mixtral": ("mixtral", "tiny-vit", {}),  # MoE: 2 of 4 experts per token
+    "qwen3_moe": ("qwen3_moe", "tiny-vit", {}),
+    "timm_siglip2": ("qwen3", "tiny-siglip2", {}),  # an open_clip timm tower
+    "hf_siglip": ("gemma3_text", "tiny-hf-siglip", {}),  # a transformers vision model
+    "reference": None,
 }
 
 
-@pytest.mark.parametrize("which", ["gpt_neox", "gpt2", "mpt", "llama", "reference", "per_image"])
+@pytest.mark.parametrize("which", list(FLOP_CASES))
 def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
     """The estimate equals the matmul FLOPs torch counts in one forward + backward of each dataset.
 
     Autograd skips weight gradients of frozen parameters and the vision tower runs without autograd, so the
-    executed count is itself frozen-aware; empty MMC4 image slots are neither encoded nor resampled.
+    executed count is itself frozen-aware; empty MMC4 image slots are neither encoded nor resampled. The MoE
+    families dispatch each token to its top-k experts only, so the executed count is the active experts'.
     """
-    if which != "reference":  # a tiny LM of that family (GPT-2: Conv1D layers; MPT: tied head)
-        from flamingo_composer.models.factory import build_flamingo
-        from flamingo_composer.models.tiny import tiny_model_config
-
-        if which == "per_image":  # GPT-NeoX with the per-image form of the cross-attention
-            bundle = build_flamingo(tiny_model_config("gpt_neox", cross_attention="per_image"))
-        else:
-            bundle = build_flamingo(tiny_model_config(which))
+    if which != "reference":  # a tiny LM of that family with a tiny tower of that kind
+        family, vision, overrides = FLOP_CASES[which]
+        bundle = build_flamingo(tiny_model_config(family, vision=vision, **overrides))
         batch = dual_batch(bundle.tokenizer)
     else:
         bundle = reference_bundle()
@@ -217,10 +190,20 @@ def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
     assert set(estimate) == {"laion", "mmc4"}
     for name in ("laion", "mmc4"):
         sub = {name: batch[name]}
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS) as counter:
+        with flop_counter() as counter:
             model.loss(model(sub), sub)["total"].backward()
         assert estimate[name] == pytest.approx(counter.get_total_flops(), rel=1e-3), name
     assert model.flops_per_batch(batch) == pytest.approx(sum(estimate.values()))
+
+
+def test_an_moe_layer_counts_its_active_experts_only():
+    from flamingo_composer.training.flops import matmul_weights
+
+    bundle = build_flamingo(tiny_model_config("mixtral"))
+    layer = get_decoder_layers(bundle.model.lang_encoder)[0].decoder_layer
+    experts = layer.block_sparse_moe.experts  # 4 experts, 2 per token
+    per_expert = matmul_weights(experts[0])
+    assert matmul_weights(layer, experts_per_token=2) == pytest.approx(matmul_weights(layer) - 2 * per_expert)
 
 
 def test_speed_monitor_reports_flops(bundle):

@@ -46,13 +46,17 @@ def test_laion_truncated_row_keeps_every_caption_token():
     assert laion_labels(ids, SPECIAL).tolist() == [[X, 5, 6, 7, 8]]
 
 
-def test_attention_mask_masks_padding_even_when_pad_equals_eos():
+def test_where_pad_equals_eos_the_attention_mask_keeps_the_final_eos_supervised():
     pad_is_eos = SpecialTokens(media=IMG, endofchunk=EOC, pad=EOS, eos=EOS)
     ids = row(IMG, 5, EOC, EOS, EOS, EOS)
     attention = row(1, 1, 1, 1, 0, 0)
-    # Following the reference (mask by pad id) would also mask the real eos...
+    # Masking by pad id (the reference's rule, used without a mask) would also mask the real eos...
     assert laion_labels(ids, pad_is_eos).tolist() == [[X, 5, EOC, X, X, X]]
-    # ... while a plain pad id with an attention mask masks exactly the padded positions.
+    # ... the attention mask masks exactly the padded positions, the caption's eos stays supervised.
+    assert laion_labels(ids, pad_is_eos, attention).tolist() == [[X, 5, EOC, EOS, X, X]]
+    doc = row(7, IMG, 5, EOC, IMG, 6, EOC, EOS, EOS)
+    assert mmc4_labels(doc, pad_is_eos, row(1, 1, 1, 1, 1, 1, 1, 1, 0)).tolist() == [[X, X, 5, EOC, X, 6, EOC, X, X]]
+    # With a distinct pad the attention mask gives the same labels as the pad id.
     assert laion_labels(row(IMG, 5, EOC, EOS, PAD, PAD), SPECIAL, attention).tolist() == [
         [X, 5, EOC, EOS, X, X]
     ]

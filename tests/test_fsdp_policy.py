@@ -46,7 +46,7 @@ def test_each_block_is_its_own_unit(composer_model):
     flamingo = composer_model.model
     units = set(simulate_fsdp_units(flamingo)) - {""}
     unit_types = [PerceiverResampler, GatedCrossAttentionBlock, NewTokenRows]
-    unit_types += [flamingo.decoder_layer_class, flamingo.vision_block_class]
+    unit_types += [*flamingo.decoder_layer_classes, *flamingo.vision_block_classes]
     expected = {name for name, m in flamingo.named_modules() if type(m) in unit_types}
     assert units == expected
     kinds = {
@@ -69,7 +69,7 @@ def test_activation_checkpointing_policy(composer_model):
     flamingo = composer_model.model
     ac = flamingo.activation_checkpointing_fn
     chosen = {type(m) for m in flamingo.modules() if ac(m)}
-    assert chosen == {flamingo.decoder_layer_class, GatedCrossAttentionBlock}
+    assert chosen == {*flamingo.decoder_layer_classes, GatedCrossAttentionBlock}
     assert not any(
         ac(m) for m in flamingo.modules() if isinstance(m, FlamingoLayer)
     )  # it reads the media context

@@ -64,7 +64,7 @@ def test_reference_lm_shrinks_640_to_621_keeping_rows(reference_dir):
     assert torch.equal(embedding.new_token_rows, raw["gpt_neox.embed_in.weight"][[618, 619]])
     assert torch.equal(model.lang_encoder.get_output_embeddings().weight, raw["embed_out.weight"][:621])
     assert model.lang_encoder.config.vocab_size == 621
-    assert model.vis_dim == 64 and model.decoder_layer_class.__name__ == "GPTNeoXLayer"
+    assert model.vis_dim == 64 and [c.__name__ for c in model.decoder_layer_classes] == ["GPTNeoXLayer"]
     blocks = [layer.gated_cross_attn_layer is not None for layer in model.lang_encoder.gpt_neox.layers]
     assert blocks == [False, True, False, True]
     assert model.perceiver.latents.shape == (64, 64) and len(model.perceiver.layers) == 6
@@ -109,8 +109,12 @@ def test_config_from_dict_and_omegaconf_round_trip():
 
 
 def test_bad_configs_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match="exactly one of name / custom_config / config_path"):
-        build_vision(VisionConfig())
+    with pytest.raises(ValueError, match=r"source: 'open_clip' needs exactly one of \['config_path', 'custom_config', 'name'\]"):
+        VisionConfig()
+    with pytest.raises(ValueError, match=r"config: does not apply to source 'open_clip'"):
+        VisionConfig(config={"model_type": "siglip_vision_model"})
+    with pytest.raises(ValueError, match="revision: only applies with source hf and a name"):
+        VisionConfig(source="hf", config={"model_type": "siglip_vision_model"}, revision="main")
     with pytest.raises(FileNotFoundError, match="vision.config_path"):
         build_vision(VisionConfig(config_path=str(tmp_path / "missing.json")))
     with pytest.raises(ValueError, match="vision_cfg"):
@@ -142,7 +146,7 @@ def test_every_tiny_family_is_small_and_sized_to_the_tokenizer():
     for family, config in TINY_LM_CONFIGS.items():
         lm_cfg = tiny_lm_config(family)
         assert lm_cfg.config == config and lm_cfg.config is not config  # a copy: callers may edit it
-        assert config["vocab_size"] >= TINY_VOCAB_SIZE
+        assert config.get("text_config", config)["vocab_size"] >= TINY_VOCAB_SIZE  # gemma3: a composite config
     vision, transform = build_vision(tiny_model_config().vision)
     assert vision.transformer.width == 64 and transform(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
 
@@ -163,3 +167,14 @@ def test_frozen_weights_can_be_stored_in_bfloat16():
     params = dict(model.named_parameters(remove_duplicate=False))
     for unit, names in simulate_fsdp_units(model).items():
         assert len({params[n].dtype for n in names}) <= 1, unit
+
+
+def test_a_pretrained_tag_brings_its_activation_and_preprocessing_without_a_download():
+    """ViT-L-14 `openai` (the released models' tower) was trained with QuickGELU, which open_clip 3.3 only warns
+    about: the tower must be built with it. A meta-device build (FSDP ranks > 0) gets the tag's preprocessing."""
+    from flamingo_composer.models.towers import build_vision
+
+    tower, transform = build_vision(VisionConfig(name="ViT-L-14", pretrained="openai"), on_meta=True)
+    assert type(tower.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    tower, transform = build_vision(VisionConfig(name="ViT-B-16-SigLIP2", pretrained="webli"), on_meta=True)
+    assert transform.transforms[-1].mean == (0.5, 0.5, 0.5)

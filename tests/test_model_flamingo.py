@@ -185,7 +185,7 @@ def test_vision_encoder_frozen_eval_no_grad_and_token_semantics():
         atol=1e-5,
         rtol=1e-5,
     )
-    assert with_ln.vision_block_class.__name__ == "ResidualAttentionBlock"
+    assert [c.__name__ for c in with_ln.vision_block_classes] == ["ResidualAttentionBlock"]
 
 
 def test_generate_stops_at_endofchunk_by_default():

@@ -99,7 +99,8 @@ def test_structure_keys_and_trainable_parameters(remote_dirs, variant):
     lm = model.lang_encoder
     layers = get_decoder_layers(lm)
     assert layers is lm.transformer.blocks and all(isinstance(layer, FlamingoLayer) for layer in layers)
-    assert type(layers[0].decoder_layer).__name__ == "GPTBlock" == model.decoder_layer_class.__name__
+    assert model.decoder_layer_classes == (type(layers[0].decoder_layer),)
+    assert type(layers[0].decoder_layer).__name__ == "GPTBlock"
     assert layers[0].gated_cross_attn_layer.attn.to_q.in_features == bare.config.d_model == 64
     embedding = lm.transformer.wte
     assert isinstance(embedding, SplicedEmbedding) and lm.get_input_embeddings() is embedding

@@ -75,3 +75,65 @@ def test_bad_bases_are_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="base not found"):
         load_config(tmp_path / "bad.yaml")
+
+
+# Current-backbone recipes: hub models for users; here their settings are validated and the same model is built
+# with tiny stand-ins of the same kinds (nothing is downloaded).
+CURRENT_RECIPES = {  # file -> (LM name, tiny LM family, tower (source, name), tiny tower, xattn every)
+    "qwen3-1.7b-siglip2.yaml": ("Qwen/Qwen3-1.7B-Base", "qwen3", ("open_clip", "ViT-SO400M-14-SigLIP2"),
+                                "tiny-siglip2", 2),
+    "llama3.2-1b-siglip.yaml": ("meta-llama/Llama-3.2-1B", "llama", ("hf", "google/siglip-so400m-patch14-384"),
+                                "tiny-hf-siglip", 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CURRENT_RECIPES))
+def test_current_backbone_recipes_validate_and_build_with_tiny_stand_ins(name):
+    import dataclasses
+
+    import torch
+    from step_utils import dual_batch, set_gates
+
+    from flamingo_composer.models.factory import TokenizerConfig, build_flamingo
+    from flamingo_composer.models.tiny import tiny_lm_config, tiny_vision_config
+    from flamingo_composer.training.composer_model import FlamingoComposerModel
+
+    lm_name, family, tower, tiny_tower, every = CURRENT_RECIPES[name]
+    cfg = load_config(REPO_ROOT / "yamls" / name)
+    model = cfg.model
+    assert (model.lm.name, model.tokenizer.name, model.cross_attn_every_n_layers) == (lm_name, lm_name, every)
+    assert (model.vision.source, model.vision.name) == tower
+    assert model.frozen_dtype == "bfloat16" and cfg.precision == "amp_bf16" and cfg.fsdp_config is not None
+    assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size, cfg.max_duration) == (64, 32, "234375ba")
+
+    tiny = dataclasses.replace(
+        model,
+        lm=dataclasses.replace(tiny_lm_config(family), attn_implementation=model.lm.attn_implementation),
+        tokenizer=TokenizerConfig(builtin="tiny"),
+        vision=tiny_vision_config(tiny_tower),
+        frozen_dtype=None,  # bf16 weights need CUDA autocast
+        perceiver_depth=1, perceiver_num_latents=8, seed=0,
+    )  # fmt: skip
+    bundle = build_flamingo(tiny)
+    set_gates(bundle.model, 0.5)
+    composer_model = FlamingoComposerModel(bundle.model)
+    batch = dual_batch(bundle.tokenizer)
+    composer_model.loss(composer_model(batch), batch)["total"].backward()
+    assert bundle.model.perceiver.latents.grad.abs().sum() > 0
+    blocks = [m for m in bundle.model.modules() if type(m).__name__ == "GatedCrossAttentionBlock"]
+    assert len(blocks) == 2 // every
+    assert torch.isfinite(bundle.model.lang_encoder.get_input_embeddings().new_token_rows.grad).all()
+
+
+def test_the_siglip2_recipe_tower_gives_256_tokens_of_width_1152():
+    """open_clip's ViT-SO400M-14-SigLIP2 built on the meta device (no weights read): the tower's real shape."""
+    from flamingo_composer.models.towers import build_vision
+    from flamingo_composer.models.vision import measure_tower, prepare_vision, vision_block_classes
+
+    vision = load_config(REPO_ROOT / "yamls" / "qwen3-1.7b-siglip2.yaml").model.vision
+    tower, transform = build_vision(vision, on_meta=True)
+    shape = measure_tower(prepare_vision(tower))
+    assert (shape.tokens, shape.width) == (256, 1152)
+    assert shape.flops_per_image > 2 * 400e6 * 256  # about 2 x 400M weights x 256 tokens, plus attention
+    assert [c.__name__ for c in vision_block_classes(tower)] == ["Block"]
+    assert transform.transforms[-1].mean == (0.5, 0.5, 0.5)  # SigLIP's normalisation, from the tower's config

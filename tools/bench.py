@@ -266,9 +266,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     fit_kwargs = {}
     if args.data == "memory":
-        from flamingo_composer.models.vision import check_vision_transformer
+        from flamingo_composer.models.vision import vision_image_size
 
-        image_size = int(check_vision_transformer(flamingo.vision_encoder).image_size[0])
+        image_size = vision_image_size(flamingo.vision_encoder)[0]
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
         batches = MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc))

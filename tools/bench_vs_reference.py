@@ -92,7 +92,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     from torch.nn.parallel import DistributedDataParallel
     from transformers import get_constant_schedule_with_warmup
 
-    from flamingo_composer.models.vision import check_vision_transformer
+    from flamingo_composer.models.vision import vision_image_size
     from flamingo_composer.training.config import load_config
 
     ensure_synthetic_data(args.config, [])  # the config names its data (validated); bench.py makes it too
@@ -104,7 +104,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
                                               seed=0)  # fmt: skip
     set_reference_gates(model, 0)
     model.to(device)
-    image_size = int(check_vision_transformer(model.vision_encoder).image_size[0])
+    image_size = vision_image_size(model.vision_encoder)[0]
     per_doc = [int(n) for n in args.images_per_doc.split(",")]
     batch = memory_batches(cfg, tokenizer, image_size, per_doc, count=1)[0]
     total = args.warmup + args.steps

@@ -13,14 +13,20 @@ IGNORE_INDEX = -100
 
 
 def _mask_padding(labels: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens, attention_mask):
-    """-100 at the pad id (as the reference does) and, when given, wherever attention_mask is 0."""
-    labels[input_ids == special.pad] = IGNORE_INDEX
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        labels[attention_mask == 0] = IGNORE_INDEX
+    """-100 wherever attention_mask is 0; without a mask, at the pad id (the reference's rule).
+
+    With a mask the pad id itself is not masked: where a tokenizer's pad is its eos (Qwen base, Phi-3, SmolLM2),
+    that would also drop the caption's final eos from the loss. Text never holds the pad token otherwise
+    (`text.clean_text` removes it), so with a distinct pad both rules give the reference's labels.
+    """
+    if attention_mask is None:
+        labels[input_ids == special.pad] = IGNORE_INDEX
+        return
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
+    labels[attention_mask == 0] = IGNORE_INDEX
 
 
 def _check_ids(input_ids: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The Flamingo model: frozen open_clip ViT, perceiver resampler, causal LM with gated cross-attention."""
+"""The Flamingo model: frozen vision tower, perceiver resampler, causal LM with gated cross-attention."""
 
 from flamingo_composer.models.cross_attention import (
     GatedCrossAttentionBlock,
@@ -15,12 +15,11 @@ from flamingo_composer.models.factory import (
     build_flamingo,
 )
 from flamingo_composer.models.flamingo import Flamingo
-from flamingo_composer.models.lm_adapter import DECODER_LAYERS_PATH, FlamingoLayer, get_decoder_layers
+from flamingo_composer.models.lm_adapter import FlamingoLayer, get_decoder_layers
 from flamingo_composer.models.perceiver import PerceiverResampler
 from flamingo_composer.models.tiny import TINY_LM_CONFIGS, tiny_model_config, tiny_vision_config
 
 __all__ = [
-    "DECODER_LAYERS_PATH",
     "TINY_LM_CONFIGS",
     "Flamingo",
     "FlamingoBundle",

@@ -3,9 +3,11 @@
 Only `<|endofchunk|>` and `<image>` are learned (SPEC 1, FIX): instead of a trainable (V, D) matrix with a
 gradient mask, the frozen `weight` keeps every row exactly as loaded (the `<PAD>` row included) and
 `new_token_rows` (2, D) replaces the rows of the new ids wherever they are looked up. Works under FSDP and
-needs no hooks. For LMs with tied input/output embeddings, `SplicedLMHead` projects with the same spliced matrix;
-LMs whose tied logits are computed inside their own forward from the input embedding's `weight` (the remote code
-of the released 3B/9B LMs) get that one `F.linear` routed to the same projection (`TiedLogitsInForward`).
+needs no hooks. The look-up keeps what the LM's own embedding module does: a plain row look-up, or one scaled by
+its `embed_scale` (Gemma-3's sqrt(d)); `splice_new_token_rows` checks the result equals the original module's.
+For LMs with tied input/output embeddings, `SplicedLMHead` projects with the same spliced matrix; LMs whose tied
+logits are computed inside their own forward from the input embedding's `weight` (the remote code of the released
+3B/9B LMs) get that one `F.linear` routed to the same projection (`TiedLogitsInForward`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class NewTokenRows(nn.Module):
 
 
 class SplicedEmbedding(nn.Module):
-    """Embedding look-up over `weight` (V, D, frozen) with the rows of `new_token_ids` taken from `new_token_rows`."""
+    """Embedding look-up over `weight` (V, D, frozen) with the rows of `new_token_ids` taken from `new_token_rows`,
+    every row multiplied by `embed_scale` when the LM's embedding scales (in the weight's dtype, as Gemma-3 does)."""
 
-    def __init__(self, weight: torch.Tensor, new_token_ids: list[int]):
+    def __init__(self, weight: torch.Tensor, new_token_ids: list[int], embed_scale: torch.Tensor | None = None):
         super().__init__()
         vocab_size, dim = weight.shape
         for token_id in new_token_ids:
@@ -47,11 +50,17 @@ class SplicedEmbedding(nn.Module):
             raise ValueError(f"new token ids must be distinct, got {new_token_ids}")
         ids = torch.tensor(new_token_ids, dtype=torch.long, device=weight.device)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)  # (V, D)
-        self.trainable_rows = NewTokenRows(weight.detach()[ids].clone())  # holds (K, D), K = len(new_token_ids)
+        # At least fp32 (an LM loaded in bf16 still trains fp32 rows; a float64 parity run keeps float64).
+        rows = weight.detach()[ids].to(torch.promote_types(weight.dtype, torch.float32))  # (K, D)
+        self.trainable_rows = NewTokenRows(rows)  # holds (K, D), K = len(new_token_ids)
         self.register_buffer("new_token_ids", ids, persistent=False)  # (K,)
         slot_of_id = torch.full((vocab_size,), -1, dtype=torch.long, device=weight.device)
         slot_of_id[ids] = torch.arange(len(new_token_ids), device=weight.device)
         self.register_buffer("slot_of_id", slot_of_id, persistent=False)  # (V,): row of new_token_rows or -1
+        if embed_scale is not None:  # a buffer, so FSDP's meta-device ranks receive rank 0's value with the others
+            self.register_buffer("embed_scale", torch.as_tensor(embed_scale).detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
 
     @property
     def new_token_rows(self) -> nn.Parameter:
@@ -71,7 +80,8 @@ class SplicedEmbedding(nn.Module):
         base = F.embedding(input_ids, self.weight)  # (..., D)
         slot = self.slot_of_id[input_ids]  # (...,), -1 for original tokens
         spliced = F.embedding(slot.clamp(min=0), self.trainable_rows())  # (..., D)
-        return torch.where((slot >= 0).unsqueeze(-1), spliced.to(base.dtype), base)  # (..., D)
+        rows = torch.where((slot >= 0).unsqueeze(-1), spliced.to(base.dtype), base)  # (..., D)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)  # (..., D)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Output projection with the spliced matrix (tied LMs): (..., D) -> (..., V).
@@ -84,7 +94,29 @@ class SplicedEmbedding(nn.Module):
         return logits.index_copy_(-1, self.new_token_ids, new_logits.to(logits.dtype))  # (..., V)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, new_token_ids={self.new_token_ids.tolist()}"
+        scaled = "" if self.embed_scale is None else ", scaled"
+        return f"{self.num_embeddings}, {self.embedding_dim}, new_token_ids={self.new_token_ids.tolist()}{scaled}"
+
+
+def lookup_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """What `embedding` multiplies each looked-up row by: its `embed_scale` (Gemma-3), or None (a plain look-up)."""
+    scale = getattr(embedding, "embed_scale", None)
+    return None if scale is None else torch.as_tensor(scale)
+
+
+@torch.no_grad()
+def check_same_lookup(original: nn.Module, spliced: SplicedEmbedding, lm_name: str, samples: int = 256) -> None:
+    """ValueError unless `spliced` gives `original`'s output on a spread of ids (the new ones included): an
+    embedding module that does more than a (scaled) row look-up cannot have trainable rows spliced in."""
+    vocab = spliced.num_embeddings
+    ids = torch.cat([torch.linspace(0, vocab - 1, min(samples, vocab)).long(), spliced.new_token_ids.cpu()])
+    ids = ids.to(spliced.weight.device)[None]  # (1, n)
+    expected, ours = original(ids), spliced(ids)  # (1, n, D)
+    if ours.shape != expected.shape or not torch.equal(ours, expected.to(ours.dtype)):
+        raise ValueError(
+            f"{lm_name}: its input embedding {type(original).__name__} computes more than a row look-up (scaled by "
+            "`embed_scale` at most), so the trained <image> / <|endofchunk|> rows cannot be spliced into it"
+        )
 
 
 class SplicedLMHead(nn.Module):
@@ -186,7 +218,9 @@ def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmb
     tied = not head_in_forward and old_output.weight is old_input.weight
     if tied and getattr(old_output, "bias", None) is not None:
         raise ValueError(f"{type(lm).__name__}: tied output head with a bias is not supported")
-    embedding = SplicedEmbedding(old_input.weight, new_token_ids)
+    embedding = SplicedEmbedding(old_input.weight, new_token_ids, lookup_scale(old_input))
+    if not old_input.weight.is_meta:
+        check_same_lookup(old_input, embedding, type(lm).__name__)
     lm.set_input_embeddings(embedding)
     if tied:
         lm.set_output_embeddings(SplicedLMHead(embedding))

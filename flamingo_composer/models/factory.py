@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -17,21 +14,8 @@ from torch import nn
 from flamingo_composer.config_schema import from_dict
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
 from flamingo_composer.models.flamingo import Flamingo
-from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors
-
-# A minimal text tower, filled in for custom vision configs that only describe the ViT (open_clip builds both).
-_PLACEHOLDER_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
-
-
-@dataclass
-class VisionConfig:
-    """open_clip vision tower: `name` (+ `pretrained` tag, null = random init), or `custom_config`, or `config_path`."""
-
-    name: str | None = None
-    pretrained: str | None = None
-    custom_config: dict | None = None
-    config_path: str | None = None
-    ln_post_on_tokens: bool = False
+from flamingo_composer.models.lm_adapter import ensure_input_embedding_accessors, lm_decoder, text_config
+from flamingo_composer.models.towers import TorchDtypeName, VisionConfig, build_vision
 
 
 @dataclass
@@ -39,18 +23,28 @@ class LMConfig:
     """Causal LM: `name` (hub id or local dir, from_pretrained) or `config` (inline transformers config, random init).
 
     `trust_remote_code` lets from_pretrained run the model code shipped with `name` (the released 3B/9B LMs are
-    MosaicGPT / MPT remote code, which the reference loads with trust_remote_code=True).
+    MosaicGPT / MPT remote code, which the reference loads with trust_remote_code=True). `attn_implementation`
+    (eager / sdpa / flash_attention_2; HF asks for eager to train Gemma-2/3), `torch_dtype` and `revision` go to
+    from_pretrained. `decoder_layers`: the attribute path of the decoder-layer list, for an LM whose list cannot be
+    found (lm_adapter.find_decoder_layers). `loss_from_logits`: train on the LM's own logits (models/logits.py).
     """
 
     name: str | None = None
     config: dict | None = None
     trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    torch_dtype: TorchDtypeName | None = None
+    revision: str | None = None
+    decoder_layers: str | None = None
+    loss_from_logits: bool = False
 
     def __post_init__(self):
         if self.trust_remote_code and self.config is not None:
             raise ValueError(
                 "trust_remote_code: only applies with lm.name (an inline lm.config builds a transformers class)"
             )
+        if self.revision is not None and self.config is not None:
+            raise ValueError("revision: only applies with lm.name")
 
 
 @dataclass
@@ -100,70 +94,22 @@ class FlamingoBundle(NamedTuple):
     image_transform: Callable
 
 
-# ----------------------------------------------------------------------------------------------------- vision
-
-
-@contextlib.contextmanager
-def _registered_open_clip_config(vision: VisionConfig) -> Iterator[str]:
-    """Yield the open_clip model name for `vision`, registering a custom config with open_clip if needed."""
-    import open_clip
-
-    sources = [k for k in ("name", "custom_config", "config_path") if getattr(vision, k) is not None]
-    if len(sources) != 1:
-        raise ValueError(
-            f"vision config needs exactly one of name / custom_config / config_path, got {sources or 'none'}"
-        )
-    if vision.name is not None:
-        yield vision.name
-        return
-    if vision.pretrained is not None:
-        raise ValueError("vision.pretrained only applies with vision.name (custom configs are randomly initialised)")
-    if vision.config_path is not None:
-        path = Path(vision.config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vision.config_path {path} does not exist")
-        model_cfg = json.loads(path.read_text())
-        _check_open_clip_config(model_cfg, f"vision.config_path {path}")
-        open_clip.add_model_config(path)
-        yield path.stem
-        return
-    model_cfg = dict(vision.custom_config)
-    _check_open_clip_config(model_cfg, "vision.custom_config")
-    model_cfg.setdefault("embed_dim", 32)
-    model_cfg.setdefault("text_cfg", dict(_PLACEHOLDER_TEXT_CFG))
-    digest = hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"flamingo-custom-vision-{digest}.json"
-        path.write_text(json.dumps(model_cfg))
-        open_clip.add_model_config(path)
-        yield path.stem
-
-
-def _check_open_clip_config(model_cfg: Any, where: str) -> None:
-    if not isinstance(model_cfg, Mapping) or not isinstance(model_cfg.get("vision_cfg"), Mapping):
-        raise ValueError(f"{where} must be an open_clip model config with a 'vision_cfg' mapping")
-
-
-def build_vision(vision: VisionConfig, on_meta: bool = False) -> tuple[nn.Module, Callable]:
-    """open_clip `.visual` (the text tower is dropped) and open_clip's eval image transform.
-
-    `on_meta`: shapes only, no weights read (a rank that receives its weights from rank 0).
-    """
-    import open_clip
-
-    with _registered_open_clip_config(vision) as model_name:
-        if on_meta:
-            clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=None, device="meta")
-        else:
-            clip, _, eval_transform = open_clip.create_model_and_transforms(model_name, pretrained=vision.pretrained)
-    return clip.visual, eval_transform
-
-
 # --------------------------------------------------------------------------------------------- language model
 
 
+def _load_kwargs(lm: LMConfig) -> dict[str, Any]:
+    """The from_pretrained / from_config keywords the config sets (unset ones keep transformers' defaults)."""
+    kwargs: dict[str, Any] = {}
+    if lm.attn_implementation is not None:
+        kwargs["attn_implementation"] = lm.attn_implementation
+    if lm.torch_dtype is not None:
+        kwargs["torch_dtype"] = lm.torch_dtype if lm.torch_dtype == "auto" else getattr(torch, lm.torch_dtype)
+    return kwargs
+
+
 def build_lm(lm: LMConfig, on_meta: bool = False) -> nn.Module:
-    """The causal LM, with input-embedding accessors ensured (some remote-code LMs lack them).
+    """The causal LM (a multimodal checkpoint's text LM), with input-embedding accessors ensured (some remote-code
+    LMs lack them).
 
     `on_meta` (inside a `torch.device("meta")` context): the architecture from the config, no weights read.
     """
@@ -171,25 +117,61 @@ def build_lm(lm: LMConfig, on_meta: bool = False) -> nn.Module:
 
     if (lm.name is None) == (lm.config is None):
         raise ValueError("lm config needs exactly one of lm.name (hub id / local dir) or lm.config (inline config)")
+    kwargs = _load_kwargs(lm)
     if lm.name is not None and on_meta:
-        config = AutoConfig.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=lm.trust_remote_code)
-        return ensure_input_embedding_accessors(model)
-    if lm.name is not None:
+        config = AutoConfig.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code, revision=lm.revision)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=lm.trust_remote_code, **kwargs)
+    elif lm.name is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(lm.name, trust_remote_code=lm.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                lm.name, trust_remote_code=lm.trust_remote_code, revision=lm.revision, **kwargs
+            )
         except ValueError as exc:
             if "trust_remote_code" not in str(exc) or lm.trust_remote_code:
                 raise
             raise ValueError(
                 f"lm.name {lm.name!r} ships its own model code: set model.lm.trust_remote_code: true to run it"
             ) from exc
-        return ensure_input_embedding_accessors(model)
-    config = dict(lm.config)
-    model_type = config.pop("model_type", None)
-    if model_type is None:
-        raise ValueError("lm.config must contain 'model_type' (e.g. gpt_neox, llama, mpt)")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    else:
+        config = dict(lm.config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("lm.config must contain 'model_type' (e.g. gpt_neox, llama, mpt)")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), **kwargs)
+    return ensure_input_embedding_accessors(text_language_model(model))
+
+
+def text_language_model(model: nn.Module) -> nn.Module:
+    """A multimodal conditional-generation model (the Gemma-3 4B/12B/27B releases: `Gemma3ForConditionalGeneration`)
+    -> the text-only causal LM of its text config, holding its decoder and head (no copy; the wrapper's own vision
+    tower and projector are dropped). Any other LM is returned as it is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = text_config(model)
+    if config is model.config:
+        return model
+    decoder, head = lm_decoder(model), model.get_output_embeddings()
+    try:
+        with torch.device("meta"):  # a skeleton: every tensor is replaced by the wrapper's below
+            text_lm = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(
+            f"{type(model).__name__} is a multimodal model whose text model (model_type {config.model_type!r}) "
+            f"AutoModelForCausalLM cannot build: {exc}"
+        ) from exc
+    skeleton_decoder = lm_decoder(text_lm)
+    slot = next(name for name, child in text_lm.named_children() if child is skeleton_decoder)
+    setattr(text_lm, slot, decoder)
+    text_lm.set_output_embeddings(head)
+    own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    left = [n for n, t in itertools.chain(text_lm.named_parameters(), text_lm.named_buffers()) if id(t) not in own]
+    if left:
+        raise ValueError(
+            f"{type(model).__name__}: its text model {type(text_lm).__name__} has tensors outside the decoder and "
+            f"head ({left[:5]}), so it cannot be taken out of the multimodal model"
+        )
+    return text_lm
 
 
 def build_tokenizer(tokenizer: TokenizerConfig):
@@ -239,6 +221,8 @@ def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any], *, on_meta: boo
             gradient_checkpointing=cfg.gradient_checkpointing,
             vision_ln_post_on_tokens=cfg.vision.ln_post_on_tokens,
             per_image_cross_attention=cfg.cross_attention == "per_image",
+            decoder_layers=cfg.lm.decoder_layers,
+            loss_from_logits=cfg.lm.loss_from_logits,
         )
     if cfg.frozen_dtype is not None:
         cast_frozen_weights(model, getattr(torch, cfg.frozen_dtype))

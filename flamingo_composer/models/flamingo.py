@@ -1,4 +1,4 @@
-"""Flamingo: frozen CLIP ViT -> trainable perceiver -> frozen causal LM with gated cross-attention (SPEC 1)."""
+"""Flamingo: frozen vision tower -> trainable perceiver -> frozen causal LM with gated cross-attention (SPEC 1)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,25 @@ from torch import nn
 
 from flamingo_composer.models.cross_attention import media_text_time
 from flamingo_composer.models.embeddings import SplicedEmbedding
-from flamingo_composer.models.lm_adapter import MediaConditioning, MediaContext, insert_cross_attention
-from flamingo_composer.models.perceiver import PerceiverResampler
-from flamingo_composer.models.vision import (
-    freeze_vision,
-    patch_tokens,
-    use_patch_token_semantics,
-    vision_block_class,
-    vision_width,
+from flamingo_composer.models.lm_adapter import (
+    MediaConditioning,
+    MediaContext,
+    insert_cross_attention,
+    lm_decoder,
 )
+from flamingo_composer.models.logits import check_training_logits, logit_transform_of
+from flamingo_composer.models.perceiver import PerceiverResampler
+from flamingo_composer.models.vision import measure_tower, patch_tokens, prepare_vision, vision_block_classes
 from flamingo_composer.special_tokens import SPECIAL_TOKEN_KEYS
 
 
 class Flamingo(nn.Module):
     """The assembled model. `lang_encoder` must already have its `SplicedEmbedding` (see embeddings.py).
 
-    Children mirror the reference names: `vision_encoder` (open_clip `.visual`), `perceiver`, `lang_encoder`.
-    Trainable: perceiver, gated cross-attention blocks, the spliced new-token rows; everything else frozen.
+    Children mirror the reference names: `vision_encoder` (open_clip `.visual`, or another tower: vision.py),
+    `perceiver`, `lang_encoder`. Trainable: perceiver, gated cross-attention blocks, the spliced new-token rows;
+    everything else frozen. `decoder_layers`: the LM's layer-list path when it cannot be found by itself;
+    `loss_from_logits`: train on the LM's own logits instead of the fused head loss (see models/logits.py).
     """
 
     def __init__(
@@ -42,6 +44,8 @@ class Flamingo(nn.Module):
         gradient_checkpointing: bool = False,
         vision_ln_post_on_tokens: bool = False,
         per_image_cross_attention: bool = False,
+        decoder_layers: str | None = None,
+        loss_from_logits: bool = False,
     ):
         super().__init__()
         missing = [key for key in SPECIAL_TOKEN_KEYS if special_token_ids.get(key) is None]
@@ -52,9 +56,10 @@ class Flamingo(nn.Module):
         self.special_token_ids = {key: int(special_token_ids[key]) for key in SPECIAL_TOKEN_KEYS}
         self.media_token_id = self.special_token_ids["media"]
 
-        self.vision_encoder = freeze_vision(use_patch_token_semantics(vision_encoder, vision_ln_post_on_tokens))
-        self.vis_dim = vision_width(vision_encoder)
-        self.vision_block_class = vision_block_class(vision_encoder)
+        self.vision_encoder = prepare_vision(vision_encoder, vision_ln_post_on_tokens)
+        self.vision_shape = measure_tower(vision_encoder)  # tokens, width and FLOPs of one image
+        self.vis_dim = self.vision_shape.width
+        self.vision_block_classes = vision_block_classes(vision_encoder)
         self.perceiver = PerceiverResampler(
             dim=self.vis_dim,
             depth=perceiver_depth,
@@ -64,14 +69,20 @@ class Flamingo(nn.Module):
         )
 
         lang_encoder.requires_grad_(False)
+        self.loss_from_logits = loss_from_logits
+        self.logit_transform = logit_transform_of(lang_encoder)
+        head = lang_encoder.get_output_embeddings()
+        if not (loss_from_logits or _head_in_forward(lang_encoder) or head.weight.is_meta):
+            check_training_logits(lang_encoder, head, self.logit_transform)  # before the blocks: the bare LM
         self.media_context = MediaContext()
-        self.decoder_layer_class = insert_cross_attention(
+        self.decoder_layer_classes = insert_cross_attention(
             lang_encoder,
             vis_dim=self.vis_dim,
             media_context=self.media_context,
             cross_attn_every_n_layers=cross_attn_every_n_layers,
             gradient_checkpointing=gradient_checkpointing,
             per_image_cross_attention=per_image_cross_attention,
+            decoder_layers=decoder_layers,
         )
         lang_encoder.get_input_embeddings().new_token_rows.requires_grad_(True)
         self.lang_encoder = lang_encoder
@@ -118,8 +129,9 @@ class Flamingo(nn.Module):
         """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels.
 
         `final_hidden_states=True`: the LM's last hidden states (B, L, D) instead (final norm applied, before
-        `output_head`, so `output_head(h)` equals the logits), for a loss that projects only the positions it
-        needs (never a (B, L, V) tensor). Called through this module (not a separate method) so FSDP's hooks run.
+        `output_head`, so `logit_transform.apply(output_head(h))` equals the logits), for a loss that projects only
+        the positions it needs (never a (B, L, V) tensor). Called through this module (not a separate method) so
+        FSDP's hooks run.
         """
         if input_ids.dim() != 2 or vision_x.shape[0] != input_ids.shape[0]:
             raise ValueError(
@@ -132,17 +144,19 @@ class Flamingo(nn.Module):
             if final_hidden_states:
                 if self.output_head is None:
                     raise ValueError(
-                        f"{type(self.lang_encoder).__name__} computes its logits inside forward: no hidden-state path"
+                        f"{type(self.lang_encoder).__name__} trains on its own logits: no hidden-state path"
                     )
-                output = self.lang_encoder.base_model(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+                decoder = lm_decoder(self.lang_encoder)
+                output = decoder(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
                 return output.last_hidden_state  # (B, L, D)
             return self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
     @property
     def output_head(self) -> nn.Module | None:
-        """The LM's output projection as a module of its own (hidden (..., D) -> logits (..., V)), or None when the
-        LM computes its logits inside its forward (the remote MosaicGPT / MPT code): then only `forward` gives them."""
-        if getattr(self.lang_encoder, "_tied_logits_in_forward", False):  # set by TiedLogitsInForward.install
+        """The LM's output projection as a module of its own (hidden (..., D) -> logits (..., V), before
+        `logit_transform`), or None when the training loss takes the LM's own logits: the LM computes them inside
+        its forward (the remote MosaicGPT / MPT code), or `loss_from_logits` asks for them."""
+        if self.loss_from_logits or _head_in_forward(self.lang_encoder):
             return None
         return self.lang_encoder.get_output_embeddings()
 
@@ -186,3 +200,8 @@ class Flamingo(nn.Module):
                 return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             del lm.prepare_inputs_for_generation  # back to the class method
+
+
+def _head_in_forward(lm: nn.Module) -> bool:
+    """The LM computes its tied logits inside its forward, with no head module (set by TiedLogitsInForward)."""
+    return getattr(lm, "_tied_logits_in_forward", False)

@@ -1,4 +1,8 @@
-"""Interleave gated cross-attention blocks with a Hugging Face causal LM's decoder layers.
+"""Find what Flamingo needs in any Hugging Face causal LM, and interleave gated cross-attention with its layers.
+
+No family table: the decoder-layer list is an explicit path (`model.lm.decoder_layers`), else the layer list of
+the decoder that `get_decoder()` (or `base_model`) returns, else the one `nn.ModuleList` of the LM whose length is
+the text config's layer count. The width comes from the text config (`config.get_text_config()`).
 
 Each decoder layer is replaced by a `FlamingoLayer` (children `decoder_layer`, the original untouched, and
 `gated_cross_attn_layer`, a block or None). The layer reads the media of the current call from a
@@ -19,50 +23,56 @@ from torch import nn
 
 from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
 
-
-@dataclass(frozen=True)
-class LMFamily:
-    """Where a decoder-only family keeps what Flamingo needs (attribute paths from the causal-LM root)."""
-
-    decoder_layers: str  # the decoder-layer ModuleList
-    hidden_size: str = "hidden_size"  # config attribute holding the residual-stream width
-    input_embedding: str | None = None  # the input embedding, for LMs without get/set_input_embeddings
-
-
-# config.model_type -> family facts (the reference's table, plus the remote-code LMs of the released models:
-# `mosaic_gpt` = anas-awadalla/mpt-1b-redpajama-200b, `mpt` also covers anas-awadalla/mpt-7b's own MPT code).
-LM_FAMILIES: dict[str, LMFamily] = {
-    "llama": LMFamily("model.layers"),
-    "mistral": LMFamily("model.layers"),
-    "gpt_neox": LMFamily("gpt_neox.layers"),
-    "mpt": LMFamily("transformer.blocks", hidden_size="d_model", input_embedding="transformer.wte"),
-    "mosaic_gpt": LMFamily("transformer.blocks", hidden_size="d_model", input_embedding="transformer.wte"),
-    "opt": LMFamily("model.decoder.layers"),
-    "gpt2": LMFamily("transformer.h"),
-    "gptj": LMFamily("transformer.h"),
-}
-DECODER_LAYERS_PATH: dict[str, str] = {name: family.decoder_layers for name, family in LM_FAMILIES.items()}
+# Config attributes that hold the layer count / residual width, in the order they are tried (transformers maps
+# most families onto the first through `attribute_map`; remote-code LMs such as MosaicGPT use their own names).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers", "n_layer", "num_layers")
+WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
+# Names a token embedding goes by, to tell it from a position embedding of the same row count (remote code).
+TOKEN_EMBEDDING_NAMES = ("wte", "embed_tokens", "word_embeddings", "embed_in", "tok_embeddings")
+DECODER_LAYERS_KEY = "model.lm.decoder_layers"
 
 
-def _supported_families() -> str:
-    return ", ".join(sorted(LM_FAMILIES))
+def text_config(lm: nn.Module):
+    """The LM's text config: `config.get_text_config()` (a composite config's text part), else `config`."""
+    config = lm.config
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
 
 
-def lm_family(lm: nn.Module) -> LMFamily:
-    """The family facts of `lm` (by config.model_type); ValueError naming the class for unsupported LMs."""
-    model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    family = LM_FAMILIES.get(model_type)
-    if family is None:
-        raise ValueError(
-            f"Unsupported language model class {type(lm).__name__} (model_type={model_type!r}): "
-            f"Flamingo supports the decoder-only families {_supported_families()}"
-        )
-    return family
+def _config_int(config, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
-def decoder_layers_path(lm: nn.Module) -> str:
-    """The attribute path of `lm`'s decoder-layer list; ValueError naming the class for unsupported LMs."""
-    return lm_family(lm).decoder_layers
+def lm_hidden_size(lm: nn.Module) -> int:
+    """Width of the LM's residual stream, from its text config (`hidden_size`; MPT / MosaicGPT: `d_model`)."""
+    width = _config_int(text_config(lm), WIDTH_KEYS)
+    if width is None:
+        raise ValueError(f"{type(lm).__name__}: its config has none of {list(WIDTH_KEYS)} to give the hidden size")
+    return width
+
+
+def lm_decoder(lm: nn.Module) -> nn.Module:
+    """The module that maps input ids to the final hidden states (`get_decoder()`, else `base_model`).
+
+    Not `base_model` first: Gemma-3 and Llama-4 text LMs name `language_model` as their base-model prefix but keep
+    the decoder under `.model`, so their `base_model` is the causal LM itself.
+    """
+    get_decoder = getattr(lm, "get_decoder", None)
+    if callable(get_decoder):
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            decoder = get_decoder()
+            if isinstance(decoder, nn.Module) and decoder is not lm:
+                return decoder
+    base = getattr(lm, "base_model", None)
+    if isinstance(base, nn.Module) and base is not lm:
+        return base
+    raise ValueError(
+        f"{type(lm).__name__}: neither get_decoder() nor base_model gives a decoder module apart from the LM itself"
+    )
 
 
 def _resolve(root: nn.Module, path: str, what: str) -> nn.Module:
@@ -74,18 +84,69 @@ def _resolve(root: nn.Module, path: str, what: str) -> nn.Module:
     return module
 
 
+def _path_of(root: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in root.named_modules() if module is target)
+
+
+def _layer_lists(root: nn.Module, count: int | None, *, direct: bool) -> list[nn.ModuleList]:
+    """Non-empty ModuleLists of `root` (its direct children only, or all descendants) of length `count`."""
+    modules = root.children() if direct else root.modules()
+    return [m for m in modules if isinstance(m, nn.ModuleList) and len(m) > 0 and (count is None or len(m) == count)]
+
+
+def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """(attribute path from the LM's root, ModuleList) of the decoder layers; ValueError naming the class if none.
+
+    Once Flamingo has wrapped them, the list is the one holding `FlamingoLayer`s.
+    """
+    if path is not None:
+        layers = _resolve(lm, path, "decoder layers")
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"{type(lm).__name__}.{path} is a {type(layers).__name__}, expected an nn.ModuleList")
+        return path, layers
+    wrapped = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and m and isinstance(m[0], FlamingoLayer)]
+    if len(wrapped) == 1:
+        return _path_of(lm, wrapped[0]), wrapped[0]
+    count = _config_int(text_config(lm), LAYER_COUNT_KEYS)
+    candidates: list[nn.ModuleList] = []
+    with contextlib.suppress(ValueError):
+        decoder = lm_decoder(lm)
+        candidates = _layer_lists(decoder, count, direct=True) or _layer_lists(decoder, count, direct=False)
+    if len(candidates) != 1 and count is not None:
+        candidates = _layer_lists(lm, count, direct=False)
+    if len(candidates) == 1:
+        return _path_of(lm, candidates[0]), candidates[0]
+    found = ", ".join(f"{_path_of(lm, m)} ({len(m)})" for m in candidates) or "no candidate"
+    model_type = getattr(lm.config, "model_type", None)
+    raise ValueError(
+        f"cannot find the decoder-layer list of {type(lm).__name__} (model_type={model_type!r}, "
+        f"{count if count is not None else 'unknown'} layers in its config; found {found}): set {DECODER_LAYERS_KEY} "
+        "to its attribute path from the causal LM, e.g. 'model.layers'"
+    )
+
+
 def get_decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The LM's decoder-layer ModuleList (found by family, see `LM_FAMILIES`)."""
-    path = decoder_layers_path(lm)
-    module = _resolve(lm, path, "decoder layers")
-    if not isinstance(module, nn.ModuleList):
-        raise ValueError(f"{type(lm).__name__}.{path} is a {type(module).__name__}, expected nn.ModuleList")
-    return module
+    """The LM's decoder-layer ModuleList (see `find_decoder_layers`)."""
+    return find_decoder_layers(lm)[1]
 
 
-def lm_hidden_size(lm: nn.Module) -> int:
-    """Width of the LM's residual stream: config.hidden_size (MPT / MosaicGPT: config.d_model)."""
-    return int(getattr(lm.config, lm_family(lm).hidden_size))
+def decoder_layers_path(lm: nn.Module) -> str:
+    """The attribute path of `lm`'s decoder-layer list (e.g. 'model.layers', 'gpt_neox.layers')."""
+    return find_decoder_layers(lm)[0]
+
+
+def _token_embedding(lm: nn.Module) -> tuple[str, nn.Embedding]:
+    """(path, module) of the token embedding of an LM without get_input_embeddings(): the nn.Embedding with one
+    row per vocabulary entry (by its usual name when a position embedding has as many rows)."""
+    vocab = _config_int(text_config(lm), ("vocab_size",))
+    found = [(n, m) for n, m in lm.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab]
+    if len(found) > 1:
+        found = [(n, m) for n, m in found if n.rpartition(".")[2] in TOKEN_EMBEDDING_NAMES]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(lm).__name__} has no get_input_embeddings() and no single token embedding of {vocab} rows"
+        )
+    return found[0]
 
 
 def _input_embedding_at(lm: nn.Module, path: str) -> nn.Module:
@@ -103,6 +164,7 @@ def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
 
     Some revisions of MosaicGPT (the released 3B's LM) do not define them, so transformers' resize (and our
     splicing) cannot find the embedding; the reference patches the instance the same way (`EmbeddingFnMixin`).
+    The embedding is found by its row count (`_token_embedding`).
     The accessors are instance attributes holding `functools.partial`s, so copies and pickles of `lm` keep them.
     """
     try:
@@ -110,12 +172,7 @@ def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
         return lm
     except (NotImplementedError, AttributeError):
         pass
-    path = lm_family(lm).input_embedding
-    if path is None:
-        raise ValueError(
-            f"{type(lm).__name__} has no get_input_embeddings() and its family has no known input-embedding path"
-        )
-    _input_embedding_at(lm, path)  # fail now, naming the path, if it is not there
+    path, _ = _token_embedding(lm)
     lm.get_input_embeddings = functools.partial(_input_embedding_at, lm, path)
     lm.set_input_embeddings = functools.partial(_set_input_embedding_at, lm, path)
     return lm
@@ -227,22 +284,25 @@ def insert_cross_attention(
     dim_head: int = 64,
     heads: int = 8,
     per_image_cross_attention: bool = False,
-) -> type[nn.Module]:
-    """Replace every decoder layer of `lm` (in place) by a FlamingoLayer; returns the original layer class.
+    decoder_layers: str | None = None,
+) -> tuple[type[nn.Module], ...]:
+    """Replace every decoder layer of `lm` (in place) by a FlamingoLayer; returns the original layer classes.
 
-    A block goes before layer i when (i + 1) % cross_attn_every_n_layers == 0.
+    A block goes before layer i when (i + 1) % cross_attn_every_n_layers == 0. `decoder_layers`: the layer list's
+    attribute path, when it cannot be found (`find_decoder_layers`). Hybrid stacks (e.g. attention and Mamba
+    layers) give several classes, in order of first appearance: each is an FSDP and checkpointing unit.
     """
     if cross_attn_every_n_layers < 1:
         raise ValueError(f"cross_attn_every_n_layers must be >= 1, got {cross_attn_every_n_layers}")
-    layers = get_decoder_layers(lm)
+    _, layers = find_decoder_layers(lm, decoder_layers)
     if any(isinstance(layer, FlamingoLayer) for layer in layers):
         raise ValueError(f"{type(lm).__name__} already has Flamingo layers")
     dim = lm_hidden_size(lm)
-    decoder_layer_class = type(layers[0])
+    layer_classes = tuple(dict.fromkeys(type(layer) for layer in layers))
     for i, layer in enumerate(layers):
         block = None
         if (i + 1) % cross_attn_every_n_layers == 0:
             block = GatedCrossAttentionBlock(dim=dim, dim_visual=vis_dim, dim_head=dim_head, heads=heads,
                                              per_image=per_image_cross_attention)  # fmt: skip
         layers[i] = FlamingoLayer(layer, block, media_context, gradient_checkpointing)
-    return decoder_layer_class
+    return layer_classes

@@ -32,6 +32,7 @@ from torchmetrics import Metric
 
 from flamingo_composer.data.config import DATASETS
 from flamingo_composer.data.masking import IGNORE_INDEX, count_supervised_tokens
+from flamingo_composer.models.logits import LogitTransform
 from flamingo_composer.training.flops import FlamingoFlops
 
 # Trainer settings this model's loss normalisation relies on (see the module docstring).
@@ -70,8 +71,13 @@ class FinalHidden(NamedTuple):
     hidden: torch.Tensor
 
 
-def _chunk_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    logits = head(hidden)  # (n, V): one chunk's logits, the only ones alive at a time
+NO_TRANSFORM = LogitTransform()
+
+
+def _chunk_cross_entropy_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, transform: LogitTransform = NO_TRANSFORM
+) -> torch.Tensor:
+    logits = transform.apply(head(hidden))  # (n, V): one chunk's logits, the only ones alive at a time
     return F.cross_entropy(upcast_for_loss(logits), targets, reduction="sum")
 
 
@@ -107,23 +113,29 @@ class LinearCrossEntropySum(torch.autograd.Function):
     projected back to d(loss)/d(hidden) (n, D) and d(loss)/d(new_rows) (K, D); only those small gradients are kept.
     So no (n, V) tensor survives the forward, and backward is a scaling: no recomputation of the head (as
     checkpointing needs) and no second (n, V) gradient tensor. The arithmetic is autograd's own for
-    `F.cross_entropy(upcast_for_loss(head(hidden)), targets, reduction='sum')`, in the same dtypes.
+    `F.cross_entropy(upcast_for_loss(transform.apply(head(hidden))), targets, reduction='sum')`, in the same dtypes
+    (`transform`: the LM's own logit steps, models/logits.py; a soft-cap keeps one more (n, V) tensor).
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, new_rows, new_ids):  # hidden (n, D), targets (n,)
+    def forward(ctx, hidden, targets, weight, bias, new_rows, new_ids, transform):  # hidden (n, D), targets (n,)
         logits = F.linear(hidden, weight, bias)  # (n, V)
         if new_rows is not None:
             new_logits = F.linear(hidden, new_rows.to(hidden.dtype))  # (n, K)
             logits.index_copy_(-1, new_ids, new_logits.to(logits.dtype))
         logits_dtype = logits.dtype
+        logits = transform.apply(logits)  # (n, V): as the LM's forward gives them
         log_probs = torch.log_softmax(upcast_for_loss(logits), dim=-1)  # (n, V), fp32 at least
-        del logits  # at most two (n, V) tensors at a time
+        if not transform:
+            del logits  # at most two (n, V) tensors at a time
         loss = -log_probs.gather(-1, targets[:, None]).sum()  # 0-d
         grad_logits = log_probs.exp_()  # (n, V): softmax, in place
         grad_logits[torch.arange(targets.shape[0], device=targets.device), targets] -= 1
         grad_logits = grad_logits.to(logits_dtype)  # as the upcast's backward hands it to the projection
         del log_probs
+        if transform:
+            grad_logits = transform.backward(grad_logits, logits)  # through the LM's logit steps
+            del logits
         grad_rows = None
         if new_rows is not None:
             grad_new = grad_logits[:, new_ids]  # (n, K): the new columns' share (index_copy_'s backward)
@@ -140,15 +152,20 @@ class LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = None if grad_rows is None else grad_rows * grad_loss.to(grad_rows.dtype)
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, grad_rows, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, grad_rows, None, None
 
 
 def head_cross_entropy_sum(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    transform: LogitTransform = NO_TRANSFORM,
 ) -> torch.Tensor:
-    """The token CE sum of `head(hidden)`, computed only at supervised positions and `chunk_tokens` at a time.
+    """The token CE sum of `transform.apply(head(hidden))` (the LM's logits), computed only at supervised positions
+    and `chunk_tokens` at a time.
 
-    hidden (B, L, D), labels (B, L) -> 0-d. Equal to `token_cross_entropy_sum(head(hidden), labels)` (the logits of
+    hidden (B, L, D), labels (B, L) -> 0-d. Equal to `token_cross_entropy_sum(logits, labels)` (the logits of
     unsupervised positions never enter the loss), but no (B, L, V) tensor exists. A frozen head (the LMs' own, and
     tied heads whose only trained rows are the new tokens') goes through `LinearCrossEntropySum`: each chunk's
     logits live only inside its forward. A head that trains as a whole has each chunk's (n, V) logits recomputed
@@ -167,11 +184,13 @@ def head_cross_entropy_sum(
     for start in range(0, selected.shape[0], step):
         chunk = (selected[start : start + step], selected_targets[start : start + step])
         if frozen is not None:
-            total = total + LinearCrossEntropySum.apply(*chunk, *frozen)
+            total = total + LinearCrossEntropySum.apply(*chunk, *frozen, transform)
         elif chunked:
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_cross_entropy_sum, *chunk, head, use_reentrant=False)
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_cross_entropy_sum, *chunk, head, transform, use_reentrant=False
+            )
         else:
-            total = total + _chunk_cross_entropy_sum(*chunk, head)
+            total = total + _chunk_cross_entropy_sum(*chunk, head, transform)
     return total
 
 
@@ -292,7 +311,8 @@ class FlamingoComposerModel(ComposerModel):
                 continue
             output, labels = outputs[name], batch[name]["labels"]
             if isinstance(output, FinalHidden):
-                ce_sum = head_cross_entropy_sum(output.hidden, labels, self.model.output_head, self.loss_chunk_tokens)
+                ce_sum = head_cross_entropy_sum(output.hidden, labels, self.model.output_head, self.loss_chunk_tokens,
+                                                self.model.logit_transform)  # fmt: skip
             else:
                 ce_sum = token_cross_entropy_sum(output, labels)  # 0-d
             ce_share = ce_sum / n_global[name].clamp(min=1).to(ce_sum.dtype)  # share of the global CE mean

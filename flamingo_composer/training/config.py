@@ -236,9 +236,9 @@ def check_consistency(cfg: TrainConfig) -> None:
 
 
 def _check_model_sources(model: FlamingoModelConfig) -> None:
-    """Each model part names exactly one source, and local files named exist (before anything is built)."""
+    """Each model part names exactly one source, and local files named exist (before anything is built). The vision
+    tower's keys depend on its `source`: VisionConfig checks them itself."""
     for section, keys in (
-        ("vision", ("name", "custom_config", "config_path")),
         ("lm", ("name", "config")),
         ("tokenizer", ("name", "builtin")),
     ):

@@ -2,10 +2,11 @@
 
 A matmul with N weights costs 2N FLOPs per token forward. Backward costs another 2N for the activation gradient
 and 2N for the weight gradient, but frozen parts skip the weight gradient:
-- vision encoder (frozen, no autograd): forward only, 2N per token of each image actually encoded;
+- vision encoder (frozen, no autograd): forward only, its FLOPs per image measured once (vision.measure_tower),
+  times the images actually encoded;
 - perceiver and gated cross-attention blocks (trainable): 6N per token they process;
 - LM decoder layers and head (frozen): 2N forward + 2N activation gradient per text token where a trainable
-  parameter lies below them (the new-token embedding rows, or a cross-attention block), else 2N; the head only at
+  parameter lies below them (a mixture-of-experts layer: only the top-k of its E routed experts per token) (the new-token embedding rows, or a cross-attention block), else 2N; the head only at
   the supervised positions when the training loss projects just those (LMs with a head module);
 - attention score/value products (no weights): 4*q*k*d forward, twice that backward when gradients pass.
 Norms, biases, activations and embedding look-ups are ignored (they are not matmuls).
@@ -27,30 +28,46 @@ ACTIVATION_GRAD = 2  # backward, gradient w.r.t. the input
 WEIGHT_GRAD = 2  # backward, gradient w.r.t. the weight
 
 
-def matmul_weights(module: nn.Module | None) -> int:
-    """Weights used as matmul operands once per token: Linear / Conv weights and fused attention in-projections.
+def _own_matmul_weights(module: nn.Module) -> int:
+    """Matmul weights a module holds itself: Linear / Conv weights (transformers' `Conv1D`, GPT-2's transposed
+    Linear, too), fused attention in-projections, and stacked (E, ., .) expert matrices of fused MoE layers."""
+    total = 0
+    if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d) or type(module).__name__ == "Conv1D":
+        total += module.weight.numel()
+    in_proj = getattr(module, "in_proj_weight", None)
+    if isinstance(in_proj, torch.Tensor):
+        total += in_proj.numel()
+    total += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() == 3)
+    return total
 
-    transformers' `Conv1D` (GPT-2's linear layer with a transposed weight) counts as a Linear.
+
+def _num_experts(experts: nn.Module) -> int | None:
+    """E of a routed-experts container: a ModuleList of experts, or fused weights stacked along dim 0."""
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    stacked = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
+    return stacked[0] if stacked else None
+
+
+def matmul_weights(module: nn.Module | None, experts_per_token: int | None = None) -> float:
+    """Weights used as matmul operands once per token.
+
+    A mixture-of-experts layer routes each token to `experts_per_token` (top-k) of its E routed experts (a child
+    named `experts`): those count k/E of their weights. Shared experts and the router count whole.
     """
     if module is None:
         return 0
-    total = 0
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear | nn.Conv1d | nn.Conv2d) or type(sub).__name__ == "Conv1D":
-            total += sub.weight.numel()
-        in_proj = getattr(sub, "in_proj_weight", None)
-        if isinstance(in_proj, torch.Tensor):
-            total += in_proj.numel()
+    total: float = _own_matmul_weights(module)
+    for name, child in module.named_children():
+        count = matmul_weights(child, experts_per_token)
+        num_experts = _num_experts(child) if name == "experts" and experts_per_token else None
+        total += count * min(experts_per_token, num_experts) / num_experts if num_experts else count
     return total
 
 
 def _attention_core(queries: int, keys: int, dim: int) -> int:
     """Forward FLOPs of softmax(QK^T)V for one sequence: two (q x d) @ (d x k) products."""
     return 2 * 2 * queries * keys * dim
-
-
-def _find(module: nn.Module, class_name: str) -> list[nn.Module]:
-    return [m for m in module.modules() if type(m).__name__ == class_name]
 
 
 def _requires_grad(module: nn.Module | None) -> bool:
@@ -69,7 +86,7 @@ class AttentionShape:
 @dataclass(frozen=True)
 class LMLayerShape:
     cross_attention: AttentionShape | None  # the gated block before this decoder layer
-    decoder_weights: int
+    decoder_weights: float  # matmul weights per token (MoE: the active experts' share)
     grad_below: bool  # a trainable parameter lies below: the frozen layer needs activation gradients
 
 
@@ -94,14 +111,9 @@ class FlamingoFlops:
 
     @classmethod
     def of(cls, model: nn.Module) -> FlamingoFlops:
-        from flamingo_composer.models.lm_adapter import get_decoder_layers, lm_hidden_size
+        from flamingo_composer.models.lm_adapter import get_decoder_layers, lm_hidden_size, text_config
 
-        vit = _find(model.vision_encoder, "VisionTransformer")
-        vit = vit[0] if vit else model.vision_encoder
-        grid_h, grid_w = vit.grid_size
-        seq = 1 + grid_h * grid_w  # CLS + patch tokens
-        vision = FORWARD * (vit.conv1.weight.numel() * grid_h * grid_w + matmul_weights(vit.transformer) * seq)
-        vision += len(vit.transformer.resblocks) * _attention_core(seq, seq, vit.transformer.width)
+        experts_per_token = getattr(text_config(model.lang_encoder), "num_experts_per_tok", None)
 
         perceiver_layers = tuple(
             AttentionShape(
@@ -125,13 +137,14 @@ class FlamingoFlops:
                     attn.to_q.out_features,
                 )
                 grad_below = grad_below or _requires_grad(block)
-            lm_layers.append(LMLayerShape(shape, matmul_weights(getattr(layer, "decoder_layer", layer)), grad_below))
+            decoder_weights = matmul_weights(getattr(layer, "decoder_layer", layer), experts_per_token)
+            lm_layers.append(LMLayerShape(shape, decoder_weights, grad_below))
         head = lm.get_output_embeddings()
         if head is None:  # tied head computed inside forward from the input embedding (MosaicGPT)
             head = lm.get_input_embeddings()
         return cls(
-            vision_per_image=float(vision),
-            vision_tokens=grid_h * grid_w,
+            vision_per_image=model.vision_shape.flops_per_image,
+            vision_tokens=model.vision_shape.tokens,
             num_latents=int(model.perceiver.latents.shape[0]),
             perceiver_layers=perceiver_layers,
             lm_layers=tuple(lm_layers),

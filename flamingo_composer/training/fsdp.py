@@ -199,7 +199,8 @@ def keep_root_gathered_after_forward(model: nn.Module) -> bool:
 def make_fsdp_wrap_fn(flamingo: nn.Module) -> Callable[[nn.Module], bool]:
     """Wrap policy: perceiver, each vision block, each LM decoder layer, each cross-attention block, new-token rows.
 
-    The LM decoder layer is the original `decoder_layer` inside each FlamingoLayer (the FlamingoLayer itself holds
+    Every class of a hybrid stack is a unit (e.g. attention and Mamba layers). The LM decoder layer is the original
+    `decoder_layer` inside each FlamingoLayer (the FlamingoLayer itself holds
     no parameter of its own, so it needs no unit). The new-token rows live in their own `NewTokenRows` module; the
     frozen embedding matrix and the other leftovers (patch embedding, final norms, LM head) stay in the root unit.
     """
@@ -211,8 +212,8 @@ def make_fsdp_wrap_fn(flamingo: nn.Module) -> Callable[[nn.Module], bool]:
         PerceiverResampler,
         GatedCrossAttentionBlock,
         NewTokenRows,
-        flamingo.decoder_layer_class,
-        flamingo.vision_block_class,
+        *flamingo.decoder_layer_classes,
+        *flamingo.vision_block_classes,
     )
 
     def fsdp_wrap_fn(module: nn.Module) -> bool:
@@ -222,14 +223,15 @@ def make_fsdp_wrap_fn(flamingo: nn.Module) -> Callable[[nn.Module], bool]:
 
 
 def make_activation_checkpointing_fn(flamingo: nn.Module) -> Callable[[nn.Module], bool]:
-    """AC policy: LM decoder layers and gated cross-attention blocks, never the FlamingoLayer around them.
+    """AC policy: LM decoder layers (every class) and gated cross-attention blocks, never the FlamingoLayer around
+    them.
 
     FlamingoLayer reads the per-call media context; its two children take media as explicit arguments, so their
     recomputation during backward sees the right images.
     """
     from flamingo_composer.models.cross_attention import GatedCrossAttentionBlock
 
-    ac_classes = (GatedCrossAttentionBlock, flamingo.decoder_layer_class)
+    ac_classes = (GatedCrossAttentionBlock, *flamingo.decoder_layer_classes)
 
     def activation_checkpointing_fn(module: nn.Module) -> bool:
         return isinstance(module, ac_classes)

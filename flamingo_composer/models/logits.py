@@ -1,0 +1,110 @@
+"""What an LM's forward does to its output head's logits, so the training loss can do exactly the same.
+
+The training loss projects the decoder's final hidden states with the output head itself (composer_model.py,
+no (B, L, V) logits tensor). Some LMs change the head's logits inside their forward: Gemma-2/3 soft-cap them
+(`final_logit_softcapping`), Granite divides them (`logits_scaling`), Cohere multiplies them (`logit_scale`),
+Falcon-H1 too (`lm_head_multiplier`). `LogitTransform` holds those steps, read from the text config, and
+`check_training_logits` proves at build, on a short probe sequence, that head + transform give the LM's own
+logits: an LM that does anything else is refused with its class named, instead of silently training another
+objective than the one it is evaluated on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LOSS_FROM_LOGITS_KEY = "model.lm.loss_from_logits"
+PROBE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """Steps applied to the head's logits, in order: ('div', d), ('mul', m), then at most one ('softcap', c) last.
+
+    Each step is the LM's own operation in its own dtype (x / d is not always x * (1 / d) in floating point).
+    """
+
+    steps: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        for i, (op, value) in enumerate(self.steps):
+            if op not in ("div", "mul", "softcap"):
+                raise ValueError(f"unknown logit step {op!r}")
+            if op == "softcap" and i != len(self.steps) - 1:
+                raise ValueError("the soft-cap must be the last logit step")
+            if not value:
+                raise ValueError(f"logit step {op!r} needs a non-zero value, got {value!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) -> (..., V), as the LM's forward computes it."""
+        for op, value in self.steps:
+            if op == "div":
+                logits = logits / value
+            elif op == "mul":
+                logits = logits * value
+            else:  # softcap: c * tanh(x / c)
+                logits = torch.tanh(logits / value) * value
+        return logits
+
+    def backward(self, grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(head logits) from d(loss)/d(output) and `output` = apply(head logits); may overwrite `output`."""
+        for op, value in reversed(self.steps):
+            if op == "softcap":  # d/dx c * tanh(x / c) = 1 - tanh^2 = 1 - (y / c)^2
+                grad = grad * output.div_(value).square_().neg_().add_(1)
+            elif op == "div":
+                grad = grad / value
+            else:
+                grad = grad * value
+        return grad
+
+
+def logit_transform_of(lm: nn.Module) -> LogitTransform:
+    """The logit steps of `lm`'s forward, from its text config (the families listed in the module docstring)."""
+    from flamingo_composer.models.lm_adapter import text_config
+
+    config = text_config(lm)
+    steps: list[tuple[str, float]] = []
+    if getattr(config, "logits_scaling", None):  # Granite, GraniteMoe*: logits / logits_scaling
+        steps.append(("div", float(config.logits_scaling)))
+    for key in ("logit_scale", "lm_head_multiplier"):  # Cohere 1/2; Falcon-H1
+        if getattr(config, key, None) is not None:
+            steps.append(("mul", float(getattr(config, key))))
+    if getattr(config, "final_logit_softcapping", None):  # Gemma-2, Gemma-3
+        steps.append(("softcap", float(config.final_logit_softcapping)))
+    return LogitTransform(tuple(steps))
+
+
+@torch.no_grad()
+def check_training_logits(lm: nn.Module, head: nn.Module, transform: LogitTransform) -> None:
+    """Raise ValueError naming `lm`'s class unless transform(head(decoder hidden states)) equals its own logits.
+
+    Runs the LM once on a few token ids (in eval mode, so dropout cannot differ). Call on real weights only.
+    """
+    from flamingo_composer.models.lm_adapter import lm_decoder
+
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else PROBE_TOKENS
+    device = next(lm.parameters()).device
+    ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % vocab)[None]  # (1, T): spread over the vocabulary
+    was_training = lm.training
+    lm.eval()
+    try:
+        expected = lm(input_ids=ids, use_cache=False).logits  # (1, T, V)
+        hidden = lm_decoder(lm)(input_ids=ids, use_cache=False).last_hidden_state  # (1, T, D)
+        ours = transform.apply(head(hidden))  # (1, T, V)
+    finally:
+        lm.train(was_training)
+    scale = max(1.0, float(expected.abs().max()))
+    if ours.shape != expected.shape or not torch.allclose(ours, expected, rtol=1e-4, atol=1e-4 * scale):
+        diff = (ours - expected).abs().max().item() if ours.shape == expected.shape else "shape"
+        raise ValueError(
+            f"{type(lm).__name__}: its forward computes logits that the output head on the final hidden states, "
+            f"with the logit steps {list(transform.steps)}, does not reproduce (max difference {diff}): the fused "
+            f"training loss would train another objective. Set {LOSS_FROM_LOGITS_KEY}: true to train on the LM's "
+            "own logits (slower, more memory)"
+        )
