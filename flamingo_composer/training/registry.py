@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from composer.callbacks import LRMonitor, MemoryMonitor, OptimizerMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Algorithm
-from composer.loggers import FileLogger, InMemoryLogger, LoggerDestination, WandBLogger
+from composer.loggers import InMemoryLogger, LoggerDestination, WandBLogger
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -25,6 +25,7 @@ from composer.optim import (
 )
 
 from flamingo_composer.training.callbacks import DataSkipLogger
+from flamingo_composer.training.file_logger import AppendingFileLogger
 
 if TYPE_CHECKING:
     from flamingo_composer.training.config import OptimizerConfig, TrainConfig
@@ -144,7 +145,7 @@ def _wandb_logger(
 
 LOGGERS: dict[str, Callable[..., LoggerDestination]] = {
     "wandb": _wandb_logger,
-    "file": FileLogger,
+    "file": AppendingFileLogger,  # appends across restarts of the run
     "inmemory": InMemoryLogger,
 }
 

@@ -1,7 +1,8 @@
 """Read a run's logged metrics back: Composer's FileLogger text log or a W&B offline run folder.
 
 Both give `{metric name: [(step, value), ...]}` in logging order (step = optimizer steps, Composer's batch count),
-for tools/plot_run.py and the tests.
+for tools/plot_run.py and the tests. A file log written over several processes of one run (restarts) holds one
+segment per process (`file_logger.AppendingFileLogger`); read back, it is the one run's history.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["find_run_log", "read_file_log", "read_run_metrics", "read_wandb_offline"]
+__all__ = ["find_run_log", "read_file_log", "read_run_metrics", "read_wandb_offline", "segment_prefix"]
 
 Metrics = dict[str, list[tuple[int, float]]]
 
 # FileLogger.log_metrics writes `[metric][batch={step}]: {name}: {value} `
 _METRIC_LINE = re.compile(r"^\[metric\]\[batch=(?P<step>\d+)\]: (?P<name>.+?): (?P<value>\S+)\s*$")
+# AppendingFileLogger writes this once the checkpoint is loaded: the batch the process continues from.
+_SEGMENT_LINE = re.compile(r"^\[segment\]\[batch=(?P<step>\d+)\]: ")
+
+
+def segment_prefix(batch: int) -> str:
+    """The start of the line that opens a process's segment of the file log (the batch it continues from)."""
+    return f"[segment][batch={batch}]: "
 
 
 def _number(text) -> float | None:
@@ -29,14 +37,29 @@ def _number(text) -> float | None:
 
 
 def read_file_log(path: str | Path) -> Metrics:
-    """Every `[metric]` line of a Composer FileLogger log; lines that are not numeric metrics are ignored."""
-    metrics: Metrics = defaultdict(list)
+    """Every `[metric]` line of a Composer FileLogger log; lines that are not numeric metrics are ignored.
+
+    A segment that continues the run from batch N supersedes what earlier segments logged after N (a killed
+    process logged past its last checkpoint) and, metric by metric, at N itself: losses of batch N are logged
+    at step N by the process that runs it, while end-of-batch metrics at step N (learning rate, throughput,
+    evaluations) were logged before checkpoint N was saved and stay.
+    """
+    metrics: dict[str, list[tuple[int, float, int]]] = defaultdict(list)  # (step, value, segment)
+    segment, start = 0, 0
     with Path(path).open(errors="replace") as lines:
         for line in lines:
+            if opened := _SEGMENT_LINE.match(line):
+                segment, start = segment + 1, int(opened.group("step"))
+                for points in metrics.values():
+                    points[:] = [p for p in points if p[0] <= start]
+                continue
             match = _METRIC_LINE.match(line)
             if match and (value := _number(match.group("value"))) is not None:
-                metrics[match.group("name")].append((int(match.group("step")), value))
-    return dict(metrics)
+                step, points = int(match.group("step")), metrics[match.group("name")]
+                if step == start and segment:
+                    points[:] = [p for p in points if p[0] != start or p[2] == segment]
+                points.append((step, value, segment))
+    return {name: [(step, value) for step, value, _ in points] for name, points in metrics.items() if points}
 
 
 def read_wandb_offline(run_folder: str | Path) -> Metrics:
