@@ -1,4 +1,4 @@
-"""`torchrun --standalone --nproc_per_node 2 tests/dist_train.py OUT.pt [--kill-at K] [dotted.key=value ...]`:
+"""`torchrun --standalone --nproc_per_node 2 tests/dist_train.py OUT.pt [--kill-at K] [--slow-save S] [key=value ...]`:
 a real multi-rank run of `train_from_config` on yamls/run.yaml with the given overrides, recording what the
 distributed tests compare.
 
@@ -6,14 +6,18 @@ Rank 0 writes OUT.pt after every step (so a killed run leaves its steps) and at 
 gradients after the last microbatch's backward), the trainable parameters at the end (full tensors, gathered from
 FSDP2 shards), each trainable parameter's DTensor placements, whether any frozen parameter got a gradient, FLOPs
 per batch as the model counts them, and the world size. `--kill-at K` SIGKILLs every rank at the start of step
-K + 1, after step K's checkpoint is written: a crashed job, not a finished one.
+K + 1, after step K's checkpoint is written: a crashed job, not a finished one. `--slow-save S` writes each
+checkpoint file in two halves S seconds apart, as a large model's long write: a kill in between meets a partial
+file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,13 +83,35 @@ class Recorder(Callback):
             torch.save({**record, **extra}, self.out)  # fmt: skip
 
 
+def slow_checkpoint_writes(seconds: float) -> None:
+    """torch.save into an open file (how Composer writes a monolithic checkpoint) pauses halfway through."""
+    save = torch.save
+
+    def save_in_two_halves(obj, f, *args, **kwargs):
+        if isinstance(f, str | os.PathLike | io.BytesIO):
+            return save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(seconds)
+        f.write(data[len(data) // 2 :])
+
+    torch.save = save_in_two_halves
+
+
 def main(argv: list[str]) -> None:
     from flamingo_composer.training.run import configure_package_logging, load_config, train_from_config
 
     out, args = argv[0], argv[1:]
     kill_at = None
-    if args[:1] == ["--kill-at"]:
-        kill_at, args = int(args[1]), args[2:]
+    while args[:1] in (["--kill-at"], ["--slow-save"]):
+        if args[0] == "--kill-at":
+            kill_at = int(args[1])
+        else:
+            slow_checkpoint_writes(float(args[1]))
+        args = args[2:]
     torch.set_num_threads(1)
     configure_package_logging()
     recorder = Recorder(out, kill_at)

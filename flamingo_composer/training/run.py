@@ -34,6 +34,12 @@ from flamingo_composer.training.callbacks import (
     FSDP2AfterWrap,
     TrainableOnlyModelState,
 )
+from flamingo_composer.training.checkpoints import (
+    LATEST_MONOLITHIC,
+    LATEST_SHARDED,
+    build_checkpoint_saver,
+    prepare_checkpoints,
+)
 from flamingo_composer.training.composer_model import (
     REQUIRED_TRAINER_KWARGS,
     FlamingoComposerModel,
@@ -121,6 +127,12 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
     device = get_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
+    sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
+    # Before anything heavy: the checkpoint to resume from (the newest complete one) or load_path, checked.
+    start = prepare_checkpoints(cfg.save_folder, run_name=cfg.run_name, autoresume=cfg.autoresume,
+                                load_path=cfg.load_path, sharded=sharded)  # fmt: skip
+    if start and dist.get_global_rank() == 0:
+        log.info(start)
 
     # Under FSDP only rank 0 reads the weights; the other ranks get them from it when Composer shards the model.
     on_meta = cfg.fsdp_config is not None and cfg.fsdp_config.mixed_init and dist.get_global_rank() > 0
@@ -147,11 +159,15 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         cfg.evaluators, bundle.tokenizer, bundle.image_transform
     )
     optimizer = build_optimizer(cfg.optimizer, bundle.model)
+    saver = build_checkpoint_saver(
+        save_folder=cfg.save_folder, sharded=sharded, save_interval=cfg.save_interval,
+        keep=cfg.save_num_checkpoints_to_keep, overwrite=cfg.save_overwrite,
+        ignore_keys=trainable_only_filter(trainable),
+    )  # fmt: skip
     callbacks = [
         *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), TrainableOnlyModelState(),
-        FSDP2AfterWrap(), *extra_callbacks,
+        FSDP2AfterWrap(), *extra_callbacks, *([saver] if saver else []),
     ]
-    sharded = cfg.fsdp_config is not None and cfg.fsdp_config.state_dict_type == "sharded"
 
     trainer = Trainer(
         model=composer_model,
@@ -171,13 +187,9 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         python_log_level=cfg.python_log_level,
         eval_dataloader=evaluators or None,
         eval_interval=cfg.eval_interval if evaluators else 0,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        save_ignore_keys=trainable_only_filter(trainable),
+        save_folder=cfg.save_folder,  # the saver above writes (checkpoints.py); these two locate `latest`
+        save_latest_filename=LATEST_SHARDED if sharded else LATEST_MONOLITHIC,
         load_ignore_keys=trainable_only_filter(trainable),
-        save_latest_filename="latest-sharded-rank{rank}" if sharded else "latest-rank{rank}.pt",
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
         load_strict_model_weights=False,  # frozen weights are not in our checkpoints
