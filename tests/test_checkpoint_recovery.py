@@ -236,6 +236,20 @@ def test_a_bad_load_path_is_a_config_error_before_the_model_is_built(
     assert expected in error[0]
 
 
+def test_a_released_checkpoint_as_load_path_points_at_load_reference_checkpoint(
+    data_root, tmp_path, capsys, reference_dir
+):
+    released = reference_dir / "checkpoint.pt"  # the reference's layout, as OpenFlamingo publishes it
+    assert main([str(RUN_YAML), *overrides(data_root, tmp_path), f"load_path={released}"]) == 2
+    assert "give it as load_reference_checkpoint" in capsys.readouterr().err
+
+
+def test_without_autoresume_the_folder_conflict_names_this_trainers_keys(reference, data_root, tmp_path):
+    shutil.copytree(reference[1], tmp_path / "checkpoints", symlinks=True)
+    with pytest.raises(FileExistsError, match="set save_overwrite: true \\(or autoresume: true to continue"):
+        train([*overrides(data_root, tmp_path), "autoresume=false"])
+
+
 def test_a_good_load_path_starts_the_run_from_it(reference, data_root, tmp_path):
     losses = train([*overrides(data_root, tmp_path), f"load_path={reference[1] / name(5)}"])
     assert sorted(losses) == [6] and losses[6]["loss/train/total"] == reference[0][6]["loss/train/total"]

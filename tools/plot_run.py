@@ -3,8 +3,9 @@
 
     python tools/plot_run.py RUN_DIR [--out curves.png] [--source file|wandb]
 
-RUN_DIR is the run's folder (`runs/<run_name>/` after `make train`: its Composer file log `logs-rank0.txt`), or a
-W&B offline run folder (`wandb/offline-run-*`), or a folder holding one. Panels (those with data): train loss
+RUN_DIR is the run's folder (`runs/<run_name>/` after `make train`: its Composer file log `logs-rank0.txt`, one
+segment per start of the run, drawn as one run), or a W&B offline run folder (`wandb/offline-run-*`), or a folder
+holding one. Panels (those with data): train loss
 (total, LAION, MMC4); held-out cross-entropy and token accuracy per dataset (the `eval` loader); every other
 evaluator's metrics; learning rate per parameter group; throughput (samples/s and tokens/s). Prints what it drew.
 """

@@ -90,6 +90,8 @@ def _monolithic_problem(path: Path) -> str | None:
         return f"unreadable, truncated or not a torch archive ({_error_text(exc)})"
     state = saved.get("state") if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "timestamp" not in state:
+        if isinstance(saved, dict) and "perceiver.latents" in saved:
+            return "a released OpenFlamingo checkpoint, not a Composer one: give it as load_reference_checkpoint"
         return "not a Composer checkpoint (no state.model and state.timestamp)"
     if not any(key.startswith("model.perceiver.") for key in state["model"]):
         return "not a checkpoint of this trainer (no Flamingo perceiver under state.model)"
@@ -300,7 +302,8 @@ def _fsync(path: str) -> None:
 @contextlib.contextmanager
 def _monolithic_writes_by_rename() -> Iterator[None]:
     """Composer 0.32.1 writes a monolithic checkpoint with `checkpoint._write_checkpoint_file(state_dict, name)`:
-    while this is active, that writes `partial_name(name)`, syncs it and renames it to `name`."""
+    while this is active, that writes `partial_name(name)`, syncs it to disk (as torch's sharded writer syncs its
+    files) and renames it to `name`."""
     write = composer_checkpoint._write_checkpoint_file
 
     def write_then_rename(state_dict: dict[str, Any], filename: str) -> None:
@@ -312,7 +315,8 @@ def _monolithic_writes_by_rename() -> Iterator[None]:
             Path(partial).unlink(missing_ok=True)
             raise
         os.replace(partial, filename)
-        _fsync(os.path.dirname(filename) or ".")
+        with contextlib.suppress(OSError):  # the rename itself, on file systems that sync folders
+            _fsync(os.path.dirname(filename) or ".")
 
     composer_checkpoint._write_checkpoint_file = write_then_rename
     try:
