@@ -189,6 +189,15 @@ def test_sharded_restart_skips_damaged_folders_and_a_missing_latest(references, 
     assert os.readlink(folder / "latest-sharded-rank0") == "ep0-ba6"
 
 
+def test_a_folder_copied_through_its_links_gets_its_latest_link_back(reference, tmp_path):
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(reference[1], folder, symlinks=False)  # `cp -rL`: latest-rank0.pt is a copy of ba6
+    assert not (folder / "latest-rank0.pt").is_symlink()
+    chosen = checkpoints.newest_complete_checkpoint(folder, sharded=False, latest_link="latest-rank0.pt")
+    assert chosen == folder / name(6) and os.readlink(folder / "latest-rank0.pt") == name(6)
+    assert (folder / "latest-rank0.pt.not-a-link").is_file()
+
+
 def test_no_complete_checkpoint_stops_before_the_model_listing_what_it_found(
     reference, data_root, tmp_path, monkeypatch, capsys
 ):

@@ -178,6 +178,12 @@ def _point_latest_at(link: Path, checkpoint: Path) -> None:
     target = os.path.relpath(checkpoint, link.parent)
     if link.is_symlink() and os.readlink(link) == target:
         return
+    if link.exists() and not link.is_symlink():  # a copy that followed the link (cp -L): keep it, out of the way
+        aside = link.with_name(link.name + ".not-a-link")
+        if aside.exists():
+            _delete(aside)
+        link.rename(aside)
+        log.warning("%s is a copy, not a link; renamed to %s", link, aside.name)
     before = f"{os.readlink(link)}{'' if link.exists() else ', missing'}" if link.is_symlink() else "no link"
     temporary = link.with_name(link.name + ".new")
     temporary.unlink(missing_ok=True)
@@ -190,8 +196,8 @@ def newest_complete_checkpoint(folder: Path, *, sharded: bool, latest_link: str)
     """Rank 0's work before an autoresumed run: clean `folder`, choose and link its newest complete checkpoint.
 
     Unfinished saves are removed; checkpoints are checked newest first, and the damaged ones newer than the chosen
-    one are renamed to `<name>.damaged`. Raises ConfigError, changing nothing, when checkpoints exist and none is
-    complete. None when the folder holds no checkpoint (a fresh run).
+    one are renamed to `<name>.damaged`. Raises ConfigError, leaving the checkpoints as they are, when checkpoints
+    exist and none is complete. None when the folder holds no checkpoint (a fresh run).
     """
     if not folder.is_dir():
         return None
@@ -239,14 +245,17 @@ def _rank_zero_plan(
 ) -> str:
     folder = _local_save_folder(save_folder, run_name)
     if folder is not None and folder.is_dir():
-        if autoresume:
-            latest = (LATEST_SHARDED if sharded else LATEST_MONOLITHIC).format(rank=0)
-            chosen = newest_complete_checkpoint(folder, sharded=sharded, latest_link=latest)
-            if chosen is not None:
-                ignored = f" (load_path {load_path} is used only when save_folder has none)" if load_path else ""
-                return f"autoresume: continuing from {chosen}{ignored}"
-        else:
-            _remove_unfinished_saves(folder, sharded=sharded)
+        try:
+            if autoresume:
+                latest = (LATEST_SHARDED if sharded else LATEST_MONOLITHIC).format(rank=0)
+                chosen = newest_complete_checkpoint(folder, sharded=sharded, latest_link=latest)
+                if chosen is not None:
+                    ignored = f" (load_path {load_path} is used only when save_folder has none)" if load_path else ""
+                    return f"autoresume: continuing from {chosen}{ignored}"
+            else:
+                _remove_unfinished_saves(folder, sharded=sharded)
+        except OSError as exc:  # e.g. a folder this user may read but not change
+            raise ConfigError(f"save_folder: {folder}: {_error_text(exc)}") from exc
     if load_path and not _is_remote(load_path):
         if not Path(load_path).exists():
             raise ConfigError(f"load_path: file not found: {load_path}")
@@ -266,17 +275,22 @@ def prepare_checkpoints(
     starts.
     """
     verdict: list[Any] = [None]
+    failure = None
     if dist.get_global_rank() == 0:
         try:
             verdict = [("ok", _rank_zero_plan(save_folder, run_name=run_name, autoresume=autoresume,
                                               load_path=load_path, sharded=sharded))]  # fmt: skip
         except ConfigError as exc:
             verdict = [("error", str(exc))]
+        except Exception as exc:  # the other ranks must not wait on the broadcast for ever
+            verdict, failure = [("failed", _error_text(exc))], exc
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(verdict, src=0)
     outcome, text = verdict[0]
     if outcome == "error":
         raise ConfigError(text)
+    if outcome == "failed":
+        raise failure or RuntimeError(f"rank 0 failed while checking the checkpoints: {text}")
     return text
 
 
