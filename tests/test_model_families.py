@@ -16,7 +16,7 @@ from flamingo_composer.models import (
     tiny_model_config,
 )
 from flamingo_composer.models.embeddings import add_flamingo_tokens, resize_and_splice
-from flamingo_composer.models.factory import build_lm, build_tokenizer, build_vision
+from flamingo_composer.models.factory import LMConfig, build_lm, build_tokenizer, build_vision
 from flamingo_composer.models.lm_adapter import decoder_layers_path, find_decoder_layers, lm_hidden_size
 from flamingo_composer.models.reference_checkpoint import load_reference_state_dict, released_state_dict
 from flamingo_composer.models.tiny import TINY_LM_CONFIGS
@@ -28,6 +28,7 @@ LAYERS_PATH = {"gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks", "opt"
 # What each family's forward does to the head's logits, or to the looked-up embedding rows.
 LOGIT_STEPS = {"gemma2": (("softcap", 30.0),), "granite": (("div", 4.0),), "cohere": (("mul", 0.25),)}
 SCALED_EMBEDDING = {"gemma3_text", "gemma3"}
+HYBRID = {"zamba2"}
 
 
 def build_with_bare_lm(family: str, **overrides):
@@ -64,8 +65,10 @@ def test_layers_wrapped_with_blocks_every_n(family):
     model, bare, _ = build_with_bare_lm(family, cross_attn_every_n_layers=2)
     layers = get_decoder_layers(model.lang_encoder)
     assert all(isinstance(layer, FlamingoLayer) for layer in layers)
-    assert [layer.gated_cross_attn_layer is not None for layer in layers] == [False, True]  # 2 layers, n = 2
-    assert model.decoder_layer_classes == (type(layers[0].decoder_layer),)
+    assert [layer.gated_cross_attn_layer is not None for layer in layers] == [False, True] * (len(layers) // 2)
+    # One class per kind of layer, in order (a hybrid stack, Zamba2: Mamba, then hybrid): each an FSDP unit.
+    assert model.decoder_layer_classes == tuple(dict.fromkeys(type(layer.decoder_layer) for layer in layers))
+    assert len(model.decoder_layer_classes) == (2 if family in HYBRID else 1)
     assert model.decoder_layer_classes[0].__module__.startswith("transformers.models.")
     path = LAYERS_PATH.get(family, "model.layers")
     assert decoder_layers_path(model.lang_encoder) == path
@@ -252,3 +255,15 @@ def test_an_explicit_decoder_layers_path_is_used_and_checked():
     cfg.lm.decoder_layers = "model.norm"
     with pytest.raises(ValueError, match=r"LlamaForCausalLM\.model\.norm is a LlamaRMSNorm, expected an nn.ModuleList"):
         build_flamingo(cfg)
+
+
+def test_an_lm_that_treats_wrapped_layers_differently_is_refused_at_build():
+    """Jamba picks each layer's mask by the layer's class (Mamba or attention): wrapped, its Mamba layers would get
+    the attention mask. The build runs the LM with closed gates against its own logits and refuses it, named."""
+    jamba = {"model_type": "jamba", "vocab_size": 102, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "num_experts": 2,
+             "num_experts_per_tok": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 2,
+             "attn_layer_offset": 1, "mamba_d_state": 8, "mamba_dt_rank": 8, "use_mamba_kernels": False,
+             "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None}  # fmt: skip
+    with pytest.raises(ValueError, match="JambaForCausalLM: its forward fails once Flamingo wraps its decoder layers"):
+        build_flamingo(tiny_model_config("llama", lm=LMConfig(config=jamba)))

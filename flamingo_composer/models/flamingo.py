@@ -15,7 +15,7 @@ from flamingo_composer.models.lm_adapter import (
     insert_cross_attention,
     lm_decoder,
 )
-from flamingo_composer.models.logits import check_training_logits, logit_transform_of
+from flamingo_composer.models.logits import LogitProbe, check_training_logits, logit_transform_of
 from flamingo_composer.models.perceiver import PerceiverResampler
 from flamingo_composer.models.vision import measure_tower, patch_tokens, prepare_vision, vision_block_classes
 from flamingo_composer.special_tokens import SPECIAL_TOKEN_KEYS
@@ -71,9 +71,10 @@ class Flamingo(nn.Module):
         lang_encoder.requires_grad_(False)
         self.loss_from_logits = loss_from_logits
         self.logit_transform = logit_transform_of(lang_encoder)
-        head = lang_encoder.get_output_embeddings()
-        if not (loss_from_logits or _head_in_forward(lang_encoder) or head.weight.is_meta):
-            check_training_logits(lang_encoder, head, self.logit_transform)  # before the blocks: the bare LM
+        # The bare LM's own logits, to check the loss path and the wrapped layers against (real weights only).
+        probe = None if lang_encoder.get_input_embeddings().weight.is_meta else LogitProbe.of(lang_encoder)
+        if probe is not None and not (loss_from_logits or _head_in_forward(lang_encoder)):
+            check_training_logits(lang_encoder, lang_encoder.get_output_embeddings(), self.logit_transform, probe)
         self.media_context = MediaContext()
         self.decoder_layer_classes = insert_cross_attention(
             lang_encoder,
@@ -88,6 +89,33 @@ class Flamingo(nn.Module):
         self.lang_encoder = lang_encoder
         self.cross_attn_every_n_layers = cross_attn_every_n_layers
         self.gradient_checkpointing = gradient_checkpointing
+        if probe is not None:
+            self._check_closed_gates_give_the_bare_lm(probe)
+
+    @torch.no_grad()
+    def _check_closed_gates_give_the_bare_lm(self, probe: LogitProbe) -> None:
+        """With the gates at 0 (as built) the LM must give its own logits: refuse an LM whose forward treats its
+        layers differently once they are wrapped (Jamba picks each layer's mask by the layer's class)."""
+        lm = self.lang_encoder
+        text_time = torch.zeros_like(probe.ids)  # (1, T): no image before any token
+        media = torch.zeros(1, 1, self.perceiver.latents.shape[0], self.vis_dim, device=probe.ids.device)
+        was_training = lm.training
+        lm.eval()
+        try:
+            with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
+                logits = lm(input_ids=probe.ids, use_cache=False).logits  # (1, T, V)
+        except Exception as exc:
+            raise ValueError(
+                f"{type(lm).__name__}: its forward fails once Flamingo wraps its decoder layers ({type(exc).__name__}: "
+                f"{exc}); it treats them differently from its own layers (e.g. by their class): not supported"
+            ) from exc
+        finally:
+            lm.train(was_training)
+        if not probe.matches(logits):
+            raise ValueError(
+                f"{type(lm).__name__}: with closed gates its logits differ from the bare LM's (max difference "
+                f"{probe.max_difference(logits)}) once Flamingo wraps its decoder layers: not supported"
+            )
 
     def train(self, mode: bool = True) -> Flamingo:
         """The frozen vision tower stays in eval mode whatever the rest does."""

@@ -112,6 +112,8 @@ def find_decoder_layers(lm: nn.Module, path: str | None = None) -> tuple[str, nn
     with contextlib.suppress(ValueError):
         decoder = lm_decoder(lm)
         candidates = _layer_lists(decoder, count, direct=True) or _layer_lists(decoder, count, direct=False)
+        if not candidates:  # the decoder's own single list (Bart-style configs count the encoder's layers)
+            candidates = _layer_lists(decoder, None, direct=True)
     if len(candidates) != 1 and count is not None:
         candidates = _layer_lists(lm, count, direct=False)
     if len(candidates) == 1:
@@ -160,12 +162,11 @@ def _set_input_embedding_at(lm: nn.Module, path: str, value: nn.Module) -> None:
 
 
 def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
-    """Give `lm` get/set_input_embeddings at its family's embedding path when its class lacks them; returns `lm`.
+    """Give `lm` get/set_input_embeddings at its token embedding's path when its class lacks them; returns `lm`.
 
     Some revisions of MosaicGPT (the released 3B's LM) do not define them, so transformers' resize (and our
     splicing) cannot find the embedding; the reference patches the instance the same way (`EmbeddingFnMixin`).
-    The embedding is found by its row count (`_token_embedding`).
-    The accessors are instance attributes holding `functools.partial`s, so copies and pickles of `lm` keep them.
+    The embedding is found by its row count (`_token_embedding`). The accessors are instance attributes holding `functools.partial`s, so copies and pickles of `lm` keep them.
     """
     try:
         lm.get_input_embeddings()

@@ -4,13 +4,16 @@ The training loss projects the decoder's final hidden states with the output hea
 no (B, L, V) logits tensor). Some LMs change the head's logits inside their forward: Gemma-2/3 soft-cap them
 (`final_logit_softcapping`), Granite divides them (`logits_scaling`), Cohere multiplies them (`logit_scale`),
 Falcon-H1 too (`lm_head_multiplier`). `LogitTransform` holds those steps, read from the text config, and
-`check_training_logits` proves at build, on a short probe sequence, that head + transform give the LM's own
-logits: an LM that does anything else is refused with its class named, instead of silently training another
-objective than the one it is evaluated on.
+`check_training_logits` proves at build, on a short probe sequence (`LogitProbe`), that head + transform give the
+LM's own logits: an LM that does anything else is refused with its class named, instead of silently training
+another objective than the one it is evaluated on. The same probe checks that the LM with Flamingo's layers and
+closed gates still gives its own logits (flamingo.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,31 +83,53 @@ def logit_transform_of(lm: nn.Module) -> LogitTransform:
     return LogitTransform(tuple(steps))
 
 
-@torch.no_grad()
-def check_training_logits(lm: nn.Module, head: nn.Module, transform: LogitTransform) -> None:
-    """Raise ValueError naming `lm`'s class unless transform(head(decoder hidden states)) equals its own logits.
+@dataclass(frozen=True)
+class LogitProbe:
+    """The bare LM's own logits (1, T, V) on a few token ids (1, T), taken once at build to check against."""
 
-    Runs the LM once on a few token ids (in eval mode, so dropout cannot differ). Call on real weights only.
-    """
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, lm: nn.Module) -> LogitProbe:
+        """Run the LM once (in eval mode, so dropout cannot differ). Call on real weights only."""
+        vocab = lm.get_input_embeddings().weight.shape[0]
+        device = lm.get_input_embeddings().weight.device
+        ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % vocab)[None]  # (1, T): spread over the vocab
+        with _eval_mode(lm):
+            return cls(ids, lm(input_ids=ids, use_cache=False).logits)
+
+    def matches(self, logits: torch.Tensor) -> bool:
+        scale = max(1.0, float(self.logits.abs().max()))
+        return logits.shape == self.logits.shape and torch.allclose(logits, self.logits, rtol=1e-4, atol=1e-4 * scale)
+
+    def max_difference(self, logits: torch.Tensor) -> float | str:
+        return (logits - self.logits).abs().max().item() if logits.shape == self.logits.shape else "shape"
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@torch.no_grad()
+def check_training_logits(lm: nn.Module, head: nn.Module, transform: LogitTransform, probe: LogitProbe) -> None:
+    """Raise ValueError naming `lm`'s class unless transform(head(decoder hidden states)) equals its own logits."""
     from flamingo_composer.models.lm_adapter import lm_decoder
 
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else PROBE_TOKENS
-    device = next(lm.parameters()).device
-    ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % vocab)[None]  # (1, T): spread over the vocabulary
-    was_training = lm.training
-    lm.eval()
-    try:
-        expected = lm(input_ids=ids, use_cache=False).logits  # (1, T, V)
-        hidden = lm_decoder(lm)(input_ids=ids, use_cache=False).last_hidden_state  # (1, T, D)
+    with _eval_mode(lm):
+        hidden = lm_decoder(lm)(input_ids=probe.ids, use_cache=False).last_hidden_state  # (1, T, D)
         ours = transform.apply(head(hidden))  # (1, T, V)
-    finally:
-        lm.train(was_training)
-    scale = max(1.0, float(expected.abs().max()))
-    if ours.shape != expected.shape or not torch.allclose(ours, expected, rtol=1e-4, atol=1e-4 * scale):
-        diff = (ours - expected).abs().max().item() if ours.shape == expected.shape else "shape"
+    if not probe.matches(ours):
         raise ValueError(
             f"{type(lm).__name__}: its forward computes logits that the output head on the final hidden states, "
-            f"with the logit steps {list(transform.steps)}, does not reproduce (max difference {diff}): the fused "
-            f"training loss would train another objective. Set {LOSS_FROM_LOGITS_KEY}: true to train on the LM's "
-            "own logits (slower, more memory)"
+            f"with the logit steps {list(transform.steps)}, does not reproduce (max difference "
+            f"{probe.max_difference(ours)}): the fused training loss would train another objective. Set "
+            f"{LOSS_FROM_LOGITS_KEY}: true to train on the LM's own logits (slower, more memory)"
         )

@@ -123,6 +123,11 @@ TINY_LM_CONFIGS.update({
     "cohere": {"model_type": "cohere", **_SMALL, "logit_scale": 0.25, "tie_word_embeddings": True},
     "llama4_text": {"model_type": "llama4_text", **_SMALL, "head_dim": 16, "num_local_experts": 4,
                     "num_experts_per_tok": 1, "intermediate_size_mlp": 128, "interleave_moe_layer_step": 2},
+    # a hybrid stack: Mamba layers and hybrid (shared attention block + Mamba) layers, two layer classes
+    "zamba2": {"model_type": "zamba2", **_SMALL, "num_key_value_heads": 4,
+               "layers_block_type": ["mamba", "hybrid"], "hybrid_layer_ids": [1],
+               "mamba_d_state": 8, "mamba_headdim": 16, "n_mamba_heads": 8, "attention_head_dim": 16,
+               "num_mem_blocks": 1, "adapter_rank": 8, "use_mem_rope": False, "chunk_size": 16},
 })  # fmt: skip
 
 # Perceiver and cross-attention sizes of the tiny model (the released models use depth 6, 8 heads x 64, 64 latents).
