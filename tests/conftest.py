@@ -19,7 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # `make test` runs the suite on 2 pytest-xdist workers, one test module per worker at a time (--dist loadfile), in
 # collection order: the longest modules go first so that neither worker is left with one at the end.
-LONGEST_MODULES_FIRST = ("test_eval_learning.py", "test_fsdp2.py", "test_learning.py", "test_eval_integration.py")
+LONGEST_MODULES_FIRST = (
+    "test_eval_learning.py", "test_fsdp2.py", "test_learning.py", "test_eval_integration.py",
+    "test_checkpoint_recovery_dist.py",
+)  # fmt: skip
 THREADS_PER_TEST = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2  # the 2 workers share the 2 cores
 
 
