@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,9 @@ def latest_target_deleted(folder: Path) -> None:
 
 
 SCENARIOS = {  # damage, the batch the run resumes from, {file: what its warning line says}
-    "killed_while_saving": (killed_while_saving_5, 4, {name(5): "skipped: unreadable, truncated",
+    "killed_while_saving": (killed_while_saving_5, 4, {name(5): "skipped: truncated or not a torch checkpoint",
                                                        "ep0-ba6-rank0.partial.pt": "removed, an unfinished"}),
-    "latest_truncated": (latest_truncated, 5, {name(6): "skipped: unreadable, truncated"}),
+    "latest_truncated": (latest_truncated, 5, {name(6): "skipped: truncated or not a torch checkpoint"}),
     "latest_target_deleted": (latest_target_deleted, 5, {"latest-rank0.pt": f"now points at {name(5)}"}),
 }  # fmt: skip
 
@@ -213,7 +214,8 @@ def test_no_complete_checkpoint_stops_before_the_model_listing_what_it_found(
 
     error = capsys.readouterr().err
     assert f"config error: autoresume: no complete checkpoint in {folder}" in error
-    assert f"{name(4)}: unreadable, truncated" in error and f"{name(2)}: unreadable, truncated" in error
+    assert f"{name(4)}: truncated or not a torch checkpoint" in error
+    assert f"{name(2)}: truncated or not a torch checkpoint" in error
     assert sorted(p.name for p in folder.iterdir()) == sorted([name(2), name(4), "latest-rank0.pt"])  # untouched
 
 
@@ -221,7 +223,7 @@ def _must_not_build(*args, **kwargs):
     raise AssertionError("the model was built before the checkpoint was checked")
 
 
-@pytest.mark.parametrize("kind", ["missing", "random_bytes", "truncated", "not_this_trainer"])
+@pytest.mark.parametrize("kind", ["missing", "random_bytes", "truncated", "a_zip_not_torch", "not_this_trainer"])
 def test_a_bad_load_path_is_a_config_error_before_the_model_is_built(
     reference, data_root, tmp_path, monkeypatch, capsys, kind
 ):
@@ -231,6 +233,9 @@ def test_a_bad_load_path_is_a_config_error_before_the_model_is_built(
     elif kind == "truncated":
         shutil.copy(reference[1] / name(2), path)
         truncate(path)
+    elif kind == "a_zip_not_torch":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "not a checkpoint")
     elif kind == "not_this_trainer":
         torch.save({"state": {"model": {"encoder.weight": torch.zeros(2)}, "timestamp": {}}}, path)
     monkeypatch.setattr("flamingo_composer.training.run.build_flamingo", _must_not_build)
@@ -240,8 +245,9 @@ def test_a_bad_load_path_is_a_config_error_before_the_model_is_built(
 
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("config error: load_path: ") and str(path) in error[0], error
-    expected = {"missing": "file not found", "random_bytes": "not a torch archive", "truncated": "truncated",
-                "not_this_trainer": "not a checkpoint of this trainer"}[kind]  # fmt: skip
+    expected = {"missing": "file not found", "random_bytes": "not a torch checkpoint", "truncated": "truncated",
+                "a_zip_not_torch": "unreadable (RuntimeError", "not_this_trainer": "not a checkpoint of this trainer",
+                }[kind]  # fmt: skip
     assert expected in error[0]
 
 

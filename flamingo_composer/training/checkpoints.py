@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,11 @@ def _monolithic_problem(path: Path) -> str | None:
     import torch
 
     try:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is its last part
+            return f"truncated or not a torch checkpoint (no zip directory at the end of its {path.stat().st_size} bytes)"
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:  # a cut archive, random bytes, an unreadable file: all the same to the caller
-        return f"unreadable, truncated or not a torch archive ({_error_text(exc)})"
+    except Exception as exc:  # damaged inside, unreadable: all the same to the caller
+        return f"unreadable ({_error_text(exc)})"
     state = saved.get("state") if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "timestamp" not in state:
         if isinstance(saved, dict) and "perceiver.latents" in saved:
