@@ -374,18 +374,21 @@ def test_the_chunked_loss_never_holds_more_than_one_chunk_of_logits():
 
 
 def _frozen_heads(dim: int, vocab: int, dtype) -> dict:
-    """The frozen-head kinds of `LinearCrossEntropySum`: untied Linear (with and without bias), a tied head."""
+    """The frozen-head kinds of `LinearCrossEntropySum`: untied Linear (with and without bias), a tied head (with a
+    frozen bias of its own, as CTRL's)."""
     from flamingo_composer.models.embeddings import SplicedEmbedding, SplicedLMHead
 
     linear = torch.nn.Linear(dim, vocab, dtype=dtype).requires_grad_(False)
     no_bias = torch.nn.Linear(dim, vocab, bias=False, dtype=dtype).requires_grad_(False)
     tied = SplicedEmbedding(torch.randn(vocab, dim, dtype=dtype), new_token_ids=[3, vocab - 1])
     tied.weight.requires_grad_(False)
-    return {"linear": linear, "linear_no_bias": no_bias, "tied": SplicedLMHead(tied)}
+    bias = torch.nn.Parameter(torch.randn(vocab, dtype=dtype), requires_grad=False)
+    return {"linear": linear, "linear_no_bias": no_bias, "tied": SplicedLMHead(tied),
+            "tied_bias": SplicedLMHead(tied, bias)}  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "tied"])
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "tied", "tied_bias"])
 @pytest.mark.parametrize("chunk_tokens", [None, 1, 7])
 def test_frozen_head_cross_entropy_takes_its_gradient_in_forward_and_equals_cross_entropy(kind, chunk_tokens, dtype):
     """The fused path (a frozen head, the default case): value and gradients of hidden and of the trained
@@ -398,7 +401,7 @@ def test_frozen_head_cross_entropy_takes_its_gradient_in_forward_and_equals_cros
     labels[0] = -100  # a row with no supervised token
     labels[1, :5] = -100
     labels[2, 4] = 3  # a new token as target: its column comes from the trained rows
-    trained = [head._embedding.new_token_rows] if kind == "tied" else []
+    trained = [head._embedding.new_token_rows] if kind.startswith("tied") else []
     expected = 0.5 * torch.nn.functional.cross_entropy(
         head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )  # a scale, so backward's use of the incoming gradient is checked too
@@ -411,6 +414,40 @@ def test_frozen_head_cross_entropy_takes_its_gradient_in_forward_and_equals_cros
         torch.testing.assert_close(a, b, **tolerance)
     none = head_cross_entropy_sum(hidden, torch.full_like(labels, -100), head, chunk_tokens)
     assert none.item() == 0.0 and none.requires_grad
+
+
+LOGIT_STEPS = {  # the LMs' own logit steps (models/logits.py)
+    "gemma2_softcap": (("softcap", 3.0),),
+    "granite_scaling": (("div", 4.0),),
+    "cohere_scale": (("mul", 0.25),),
+    "scale_then_softcap": (("div", 2.0), ("mul", 3.0), ("softcap", 5.0)),
+}
+
+
+@pytest.mark.parametrize("steps", list(LOGIT_STEPS))
+@pytest.mark.parametrize("kind", ["linear", "tied_bias"])
+def test_the_fused_cross_entropy_applies_the_lm_logit_steps_in_value_and_gradient(kind, steps):
+    """Value and gradients equal autograd's through the LM's own logits = steps(head(hidden)), in float64."""
+    from flamingo_composer.models.logits import LogitTransform
+
+    torch.manual_seed(1)
+    transform = LogitTransform(LOGIT_STEPS[steps])
+    head = _frozen_heads(16, 50, torch.float64)[kind]
+    hidden = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True) * 3  # logits beyond the soft-cap
+    labels = torch.randint(0, 50, (3, 9))
+    labels[2, 4] = 3  # a new token's column
+    trained = [head._embedding.new_token_rows] if kind.startswith("tied") else []
+    logits = transform.apply(head(hidden))  # (B, L, V)
+    targets = labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), targets, reduction="sum")
+    want = torch.autograd.grad(expected, [hidden, *trained])
+    total = head_cross_entropy_sum(hidden, labels, head, 7, transform)
+    got = torch.autograd.grad(total, [hidden, *trained])
+    torch.testing.assert_close(total, expected, atol=1e-12, rtol=1e-10)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    plain = head_cross_entropy_sum(hidden, labels, head, 7)
+    assert (plain - total).abs() > 1e-3  # the steps matter on this input
 
 
 def test_a_trainable_head_is_not_fused():

@@ -120,21 +120,24 @@ def check_same_lookup(original: nn.Module, spliced: SplicedEmbedding, lm_name: s
 
 
 class SplicedLMHead(nn.Module):
-    """Output head of a tied LM: logits = hidden @ spliced_weight.T, sharing `SplicedEmbedding`'s parameters.
+    """Output head of a tied LM: logits = hidden @ spliced_weight.T (+ the head's own frozen `bias`, CTRL's), sharing
+    `SplicedEmbedding`'s parameters.
 
     The embedding is referenced, not registered as a child, so its parameters appear once in the model.
     """
 
-    def __init__(self, embedding: SplicedEmbedding):
+    def __init__(self, embedding: SplicedEmbedding, bias: nn.Parameter | None = None):
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)
+        self.bias = bias  # (V,) or None; a Parameter keeps its `lm_head.bias` name
 
     @property
     def weight(self) -> torch.Tensor:
         return self._embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self._embedding.project(hidden_states)  # (..., V)
+        logits = self._embedding.project(hidden_states)  # (..., V)
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
 
 class _RouteTiedLogits(TorchFunctionMode):
@@ -216,14 +219,12 @@ def splice_new_token_rows(lm: nn.Module, new_token_ids: list[int]) -> SplicedEmb
     old_output = lm.get_output_embeddings()
     head_in_forward = old_output is None or old_output is old_input
     tied = not head_in_forward and old_output.weight is old_input.weight
-    if tied and getattr(old_output, "bias", None) is not None:
-        raise ValueError(f"{type(lm).__name__}: tied output head with a bias is not supported")
     embedding = SplicedEmbedding(old_input.weight, new_token_ids, lookup_scale(old_input))
     if not old_input.weight.is_meta:
         check_same_lookup(old_input, embedding, type(lm).__name__)
     lm.set_input_embeddings(embedding)
     if tied:
-        lm.set_output_embeddings(SplicedLMHead(embedding))
+        lm.set_output_embeddings(SplicedLMHead(embedding, getattr(old_output, "bias", None)))
         # The head now reads the spliced matrix explicitly; HF must not re-tie a `.weight` onto it.
         lm.config.tie_word_embeddings = False
     elif head_in_forward:

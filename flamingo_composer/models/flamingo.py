@@ -14,6 +14,7 @@ from flamingo_composer.models.lm_adapter import (
     MediaContext,
     insert_cross_attention,
     lm_decoder,
+    no_cache,
 )
 from flamingo_composer.models.logits import LogitProbe, check_training_logits, logit_transform_of
 from flamingo_composer.models.perceiver import PerceiverResampler
@@ -103,11 +104,12 @@ class Flamingo(nn.Module):
         lm.eval()
         try:
             with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
-                logits = lm(input_ids=probe.ids, use_cache=False).logits  # (1, T, V)
+                logits = lm(input_ids=probe.ids, **no_cache(lm)).logits  # (1, T, V)
         except Exception as exc:
             raise ValueError(
                 f"{type(lm).__name__}: its forward fails once Flamingo wraps its decoder layers ({type(exc).__name__}: "
-                f"{exc}); it treats them differently from its own layers (e.g. by their class): not supported"
+                f"{exc}): it treats them unlike its own (Jamba picks each layer's inputs by its class) or passes them "
+                "hidden states that are not (B, L, D) (Gemma-3n's AltUp): not supported"
             ) from exc
         finally:
             lm.train(was_training)
@@ -167,7 +169,6 @@ class Flamingo(nn.Module):
             )
         media = self.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
         text_time = media_text_time(input_ids, self.media_token_id)  # (B, L)
-        lm_kwargs.setdefault("use_cache", False)
         with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
             if final_hidden_states:
                 if self.output_head is None:
@@ -175,8 +176,9 @@ class Flamingo(nn.Module):
                         f"{type(self.lang_encoder).__name__} trains on its own logits: no hidden-state path"
                     )
                 decoder = lm_decoder(self.lang_encoder)
-                output = decoder(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
-                return output.last_hidden_state  # (B, L, D)
+                kwargs = {**no_cache(decoder), **lm_kwargs}
+                return decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            lm_kwargs = {**no_cache(self.lang_encoder), **lm_kwargs}
             return self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
     @property

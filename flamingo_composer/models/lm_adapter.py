@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -73,6 +74,13 @@ def lm_decoder(lm: nn.Module) -> nn.Module:
     raise ValueError(
         f"{type(lm).__name__}: neither get_decoder() nor base_model gives a decoder module apart from the LM itself"
     )
+
+
+def no_cache(module: nn.Module) -> dict[str, bool]:
+    """`{"use_cache": False}` when `module`'s forward takes `use_cache` (most LMs), else nothing (GPT-1 does not)."""
+    parameters = inspect.signature(module.forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
 
 
 def _resolve(root: nn.Module, path: str, what: str) -> nn.Module:

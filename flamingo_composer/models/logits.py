@@ -2,7 +2,7 @@
 
 The training loss projects the decoder's final hidden states with the output head itself (composer_model.py,
 no (B, L, V) logits tensor). Some LMs change the head's logits inside their forward: Gemma-2/3 soft-cap them
-(`final_logit_softcapping`), Granite divides them (`logits_scaling`), Cohere multiplies them (`logit_scale`),
+(`final_logit_softcapping`; RecurrentGemma `logits_soft_cap`), Granite divides them (`logits_scaling`), Cohere multiplies them (`logit_scale`),
 Falcon-H1 too (`lm_head_multiplier`). `LogitTransform` holds those steps, read from the text config, and
 `check_training_logits` proves at build, on a short probe sequence (`LogitProbe`), that head + transform give the
 LM's own logits: an LM that does anything else is refused with its class named, instead of silently training
@@ -78,8 +78,9 @@ def logit_transform_of(lm: nn.Module) -> LogitTransform:
     for key in ("logit_scale", "lm_head_multiplier"):  # Cohere 1/2; Falcon-H1
         if getattr(config, key, None) is not None:
             steps.append(("mul", float(getattr(config, key))))
-    if getattr(config, "final_logit_softcapping", None):  # Gemma-2, Gemma-3
-        steps.append(("softcap", float(config.final_logit_softcapping)))
+    for key in ("final_logit_softcapping", "logits_soft_cap"):  # Gemma-2, Gemma-3; RecurrentGemma
+        if getattr(config, key, None):
+            steps.append(("softcap", float(getattr(config, key))))
     return LogitTransform(tuple(steps))
 
 
@@ -94,11 +95,19 @@ class LogitProbe:
     @torch.no_grad()
     def of(cls, lm: nn.Module) -> LogitProbe:
         """Run the LM once (in eval mode, so dropout cannot differ). Call on real weights only."""
+        from flamingo_composer.models.lm_adapter import no_cache
+
         vocab = lm.get_input_embeddings().weight.shape[0]
         device = lm.get_input_embeddings().weight.device
         ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % vocab)[None]  # (1, T): spread over the vocab
-        with _eval_mode(lm):
-            return cls(ids, lm(input_ids=ids, use_cache=False).logits)
+        try:
+            with _eval_mode(lm):
+                return cls(ids, lm(input_ids=ids, **no_cache(lm)).logits)
+        except Exception as exc:  # e.g. CPM-Ant, whose forward shifts the ids past the resized vocabulary
+            raise ValueError(
+                f"{type(lm).__name__}: the LM fails on token ids of its resized vocabulary ({type(exc).__name__}: "
+                f"{exc}): not supported"
+            ) from exc
 
     def matches(self, logits: torch.Tensor) -> bool:
         scale = max(1.0, float(self.logits.abs().max()))
@@ -121,11 +130,18 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def check_training_logits(lm: nn.Module, head: nn.Module, transform: LogitTransform, probe: LogitProbe) -> None:
     """Raise ValueError naming `lm`'s class unless transform(head(decoder hidden states)) equals its own logits."""
-    from flamingo_composer.models.lm_adapter import lm_decoder
+    from flamingo_composer.models.lm_adapter import lm_decoder, no_cache
 
-    with _eval_mode(lm):
-        hidden = lm_decoder(lm)(input_ids=probe.ids, use_cache=False).last_hidden_state  # (1, T, D)
-        ours = transform.apply(head(hidden))  # (1, T, V)
+    decoder = lm_decoder(lm)
+    try:
+        with _eval_mode(lm):
+            hidden = decoder(input_ids=probe.ids, **no_cache(decoder)).last_hidden_state  # (1, T, D)
+            ours = transform.apply(head(hidden))  # (1, T, V)
+    except Exception as exc:  # e.g. a head that expects another width (RemBERT's output_embedding_size)
+        raise ValueError(
+            f"{type(lm).__name__}: its output head cannot project its decoder's final hidden states "
+            f"({type(exc).__name__}: {exc}). Set {LOSS_FROM_LOGITS_KEY}: true to train on the LM's own logits"
+        ) from exc
     if not probe.matches(ours):
         raise ValueError(
             f"{type(lm).__name__}: its forward computes logits that the output head on the final hidden states, "

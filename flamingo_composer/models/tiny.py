@@ -123,6 +123,8 @@ TINY_LM_CONFIGS.update({
     "cohere": {"model_type": "cohere", **_SMALL, "logit_scale": 0.25, "tie_word_embeddings": True},
     "llama4_text": {"model_type": "llama4_text", **_SMALL, "head_dim": 16, "num_local_experts": 4,
                     "num_experts_per_tok": 1, "intermediate_size_mlp": 128, "interleave_moe_layer_step": 2},
+    "ctrl": {"model_type": "ctrl", "vocab_size": TINY_VOCAB_SIZE, "n_embd": 64, "n_layer": 2, "n_head": 4, "dff": 128,
+             "n_positions": 512, **_COMMON},  # a tied head with a bias of its own
     # a hybrid stack: Mamba layers and hybrid (shared attention block + Mamba) layers, two layer classes
     "zamba2": {"model_type": "zamba2", **_SMALL, "num_key_value_heads": 4,
                "layers_block_type": ["mamba", "hybrid"], "hybrid_layer_ids": [1],

@@ -99,7 +99,7 @@ class FrozenHead(NamedTuple):
             embedding = head._embedding
             if embedding.weight.requires_grad:
                 return None
-            return cls(embedding.weight, None, embedding.trainable_rows(), embedding.new_token_ids)
+            return cls(embedding.weight, head.bias, embedding.trainable_rows(), embedding.new_token_ids)
         plain_linear = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
         if plain_linear and not any(p.requires_grad for p in head.parameters()):
             return cls(head.weight, head.bias, None, None)
@@ -121,7 +121,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, hidden, targets, weight, bias, new_rows, new_ids, transform):  # hidden (n, D), targets (n,)
         logits = F.linear(hidden, weight, bias)  # (n, V)
         if new_rows is not None:
-            new_logits = F.linear(hidden, new_rows.to(hidden.dtype))  # (n, K)
+            new_bias = None if bias is None else bias[new_ids]  # (K,): a tied head's bias covers every column
+            new_logits = F.linear(hidden, new_rows.to(hidden.dtype), new_bias)  # (n, K)
             logits.index_copy_(-1, new_ids, new_logits.to(logits.dtype))
         logits_dtype = logits.dtype
         logits = transform.apply(logits)  # (n, V): as the LM's forward gives them
