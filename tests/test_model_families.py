@@ -267,3 +267,21 @@ def test_an_lm_that_treats_wrapped_layers_differently_is_refused_at_build():
              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None}  # fmt: skip
     with pytest.raises(ValueError, match="JambaForCausalLM: its forward fails once Flamingo wraps its decoder layers"):
         build_flamingo(tiny_model_config("llama", lm=LMConfig(config=jamba)))
+
+
+def test_a_head_the_fused_loss_cannot_reproduce_is_refused_unless_training_on_the_lm_logits():
+    """BERT used as a decoder: its LM head transforms the hidden states before the projection. The build-time
+    probe refuses it, naming the class and the key; with `loss_from_logits` the loss is the LM's own."""
+    bert = {"model_type": "bert", "vocab_size": 102, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "intermediate_size": 128, "is_decoder": True, "max_position_embeddings": 512}
+    with pytest.raises(ValueError, match=r"BertLMHeadModel: .* does not reproduce .* model\.lm\.loss_from_logits"):
+        build_flamingo(tiny_model_config("llama", lm=LMConfig(config=bert)))
+    bundle = build_flamingo(tiny_model_config("llama", lm=LMConfig(config=bert, loss_from_logits=True)))
+    model = bundle.model.eval()
+    assert model.output_head is None  # the training forward returns the LM's logits
+    sub = dual_batch(bundle.tokenizer)["laion"]
+    composer_model = FlamingoComposerModel(model).train()
+    model.eval()  # no dropout, to compare with the LM's own loss
+    loss = composer_model.loss(composer_model({"laion": sub}), {"laion": sub})["laion"]
+    own = model(sub["vision_x"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]).loss
+    torch.testing.assert_close(loss, own)
