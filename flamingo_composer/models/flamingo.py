@@ -16,7 +16,7 @@ from flamingo_composer.models.lm_adapter import (
     lm_decoder,
     no_cache,
 )
-from flamingo_composer.models.logits import LogitProbe, check_training_logits, logit_transform_of
+from flamingo_composer.models.logits import LogitProbe, check_training_logits, eval_mode, logit_transform_of
 from flamingo_composer.models.perceiver import PerceiverResampler
 from flamingo_composer.models.vision import measure_tower, patch_tokens, prepare_vision, vision_block_classes
 from flamingo_composer.special_tokens import SPECIAL_TOKEN_KEYS
@@ -100,10 +100,8 @@ class Flamingo(nn.Module):
         lm = self.lang_encoder
         text_time = torch.zeros_like(probe.ids)  # (1, T): no image before any token
         media = torch.zeros(1, 1, self.perceiver.latents.shape[0], self.vis_dim, device=probe.ids.device)
-        was_training = lm.training
-        lm.eval()
         try:
-            with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
+            with eval_mode(lm), self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
                 logits = lm(input_ids=probe.ids, **no_cache(lm)).logits  # (1, T, V)
         except Exception as exc:
             raise ValueError(
@@ -111,8 +109,6 @@ class Flamingo(nn.Module):
                 f"{exc}): it treats them unlike its own (Jamba picks each layer's inputs by its class) or passes them "
                 "hidden states that are not (B, L, D) (Gemma-3n's AltUp): not supported"
             ) from exc
-        finally:
-            lm.train(was_training)
         if not probe.matches(logits):
             raise ValueError(
                 f"{type(lm).__name__}: with closed gates its logits differ from the bare LM's (max difference "

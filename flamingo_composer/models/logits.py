@@ -101,7 +101,7 @@ class LogitProbe:
         device = lm.get_input_embeddings().weight.device
         ids = (torch.arange(PROBE_TOKENS, device=device) * 7919 % vocab)[None]  # (1, T): spread over the vocab
         try:
-            with _eval_mode(lm):
+            with eval_mode(lm):
                 return cls(ids, lm(input_ids=ids, **no_cache(lm)).logits)
         except Exception as exc:  # e.g. CPM-Ant, whose forward shifts the ids past the resized vocabulary
             raise ValueError(
@@ -118,7 +118,8 @@ class LogitProbe:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode (no dropout) inside, its own mode after."""
     was_training = module.training
     module.eval()
     try:
@@ -134,7 +135,7 @@ def check_training_logits(lm: nn.Module, head: nn.Module, transform: LogitTransf
 
     decoder = lm_decoder(lm)
     try:
-        with _eval_mode(lm):
+        with eval_mode(lm):
             hidden = decoder(input_ids=probe.ids, **no_cache(decoder)).last_hidden_state  # (1, T, D)
             ours = transform.apply(head(hidden))  # (1, T, V)
     except Exception as exc:  # e.g. a head that expects another width (RemBERT's output_embedding_size)

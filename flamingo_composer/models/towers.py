@@ -51,7 +51,8 @@ class VisionConfig:
         if foreign:
             raise ValueError(f"{foreign[0]}: does not apply to source {self.source!r} (it takes {sorted(allowed)})")
         if len(given) != 1:
-            raise ValueError(f"source: {self.source!r} needs exactly one of {sorted(allowed)}, got {sorted(given) or 'none'}")
+            got = sorted(given) or "none"
+            raise ValueError(f"source: {self.source!r} needs exactly one of {sorted(allowed)}, got {got}")
         if self.pretrained is not None and (self.source != "open_clip" or self.name is None):
             raise ValueError("pretrained: only applies with source open_clip and a name (custom configs are random)")
         for key in ("revision", "torch_dtype"):
@@ -169,7 +170,8 @@ def _build_transformers_vision(vision: VisionConfig, on_meta: bool) -> tuple[nn.
         model_class, vision_config = _vision_model_class(AutoConfig.for_model(model_type, **config))
         model = model_class._from_config(vision_config)
     else:
-        model_class, vision_config = _vision_model_class(AutoConfig.from_pretrained(vision.name, revision=vision.revision))
+        config = AutoConfig.from_pretrained(vision.name, revision=vision.revision)
+        model_class, vision_config = _vision_model_class(config)
         if on_meta:
             model = model_class._from_config(vision_config)
         else:
