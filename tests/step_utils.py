@@ -84,9 +84,7 @@ def tiny_bundle(seed: int = 0, gate: float = 0.5, **overrides):
 
 
 def reference_batch() -> dict:
-    """The fixture's batch in our schema (`lang_x` -> `input_ids`, image masks, supervised-token counts)."""
-    from flamingo_composer.data.masking import count_supervised_tokens
-
+    """The fixture's batch in our schema (`lang_x` -> `input_ids`, image masks)."""
     raw = torch.load(REFERENCE_FIXTURE / "batch.pt", weights_only=True)
     batch = {}
     for name in ("laion", "mmc4"):
@@ -98,7 +96,6 @@ def reference_batch() -> dict:
             "input_ids": sub["lang_x"],
             "attention_mask": sub["attention_mask"],
             "labels": sub["labels"],
-            "num_supervised_tokens": count_supervised_tokens(sub["labels"]),
             "skipped": {},
         }
     return batch
@@ -155,7 +152,7 @@ def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len:
 def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
     """The MMC4 part of `batch` alone, with `rows` turned into text-only documents: every `<image>` replaced by a
     word, no image in any slot (their labels are then all ignored, as SPEC 2's masking says)."""
-    from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
+    from flamingo_composer.data.masking import mmc4_labels
     from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -165,14 +162,11 @@ def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
     sub["vision_x"][rows] = 0.0
     sub["image_mask"][rows] = False
     sub["labels"] = mmc4_labels(sub["input_ids"], special, sub["attention_mask"])
-    sub["num_supervised_tokens"] = count_supervised_tokens(sub["labels"])
     return {"mmc4": sub}
 
 
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
-    """Rank `rank`'s share of a global batch (contiguous rows), with its own supervised-token counts."""
-    from flamingo_composer.data.masking import count_supervised_tokens
-
+    """Rank `rank`'s share of a global batch (contiguous rows)."""
     out = {}
     for name, sub in batch.items():
         part = {}
@@ -181,12 +175,21 @@ def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
                 part[key] = value.tensor_split(world_size)[rank]
             else:
                 part[key] = value
-        part["num_supervised_tokens"] = count_supervised_tokens(part["labels"])
         out[name] = part
     return out
 
 
 # --------------------------------------------------------------------------------------------------- trainers
+
+
+def step_losses(model, batch: dict) -> dict:
+    """`model.loss` of `batch` taken as one whole optimizer step: its global supervised-token counts installed
+    first (what the StepTokenCounts callback does in a Trainer), then forward and loss."""
+    from flamingo_composer.training.loss import install_global_counts
+
+    install_global_counts(batch)
+    return model.loss(model(batch), batch)
+
 
 
 class GradCapture(Callback):
@@ -236,13 +239,15 @@ def dual_dataspec(batches: list[dict]) -> DataSpec:
 
 def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,
                      lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), multipliers=(0.2, 1.0),
-                     algorithms=None, parallelism_config=None) -> Trainer:
+                     algorithms=None, parallelism_config=None, z_loss_weight: float = 0.0) -> Trainer:
     """A real Composer Trainer for one optimizer step of `flamingo` on `batch` (fp32, CPU), as run.py builds it."""
     from flamingo_composer.training.builders import build_optimizer
-    from flamingo_composer.training.composer_model import REQUIRED_TRAINER_KWARGS, FlamingoComposerModel
+    from flamingo_composer.training.composer_model import FlamingoComposerModel
     from flamingo_composer.training.config import OptimizerConfig
+    from flamingo_composer.training.loss import REQUIRED_TRAINER_KWARGS, StepTokenCounts
 
-    model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1])
+    model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1],
+                                  z_loss_weight=z_loss_weight)  # fmt: skip
     if parallelism_config is not None:
         from flamingo_composer.training.fsdp import install_fsdp_policies
 
@@ -258,7 +263,7 @@ def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = Non
         max_duration="1ba",
         optimizers=optimizer,
         algorithms=algorithms,
-        callbacks=list(callbacks),
+        callbacks=[StepTokenCounts(), *callbacks],
         loggers=[InMemoryLogger()],
         device="cpu",
         precision="fp32",
@@ -294,7 +299,8 @@ def peak_cpu_memory(fn) -> int:
 def _two_rank_main(out_path: str, scenario: str) -> None:
     """`torchrun ... tests/step_utils.py OUT.pt SCENARIO`: one step on each rank's share of the global batch.
 
-    'halves': the dual batch, microbatches of 1. 'zero_image': MMC4 only, rank 1's documents hold no image, under
+    'halves': the dual batch, microbatches of 1, then again with a z-loss weight of Z_LOSS_WEIGHT (its record under
+    'z_loss'). 'zero_image': MMC4 only, rank 1's documents hold no image, under
     FSDP2 (where a rank that skipped a module's forward would leave the others waiting in its all-gather), and
     each rank records how often its vision encoder and perceiver ran.
     """
@@ -321,9 +327,15 @@ def _two_rank_main(out_path: str, scenario: str) -> None:
     grads, losses = run_one_step(bundle.model, batch, clip=None, **kwargs)
     grads = {n.replace("_checkpoint_wrapped_module.", ""): (g.full_tensor() if hasattr(g, "full_tensor") else g)
              for n, g in grads.items()}  # fmt: skip
-    everyone = dist.all_gather_object(calls)
+    record = {"grads": grads, "losses": losses, "world_size": world, "calls": dist.all_gather_object(calls)}
+    if scenario == "halves":
+        z_grads, z_losses = run_one_step(tiny_bundle().model, batch, clip=None, z_loss_weight=Z_LOSS_WEIGHT, **kwargs)
+        record["z_loss"] = {"grads": z_grads, "losses": z_losses}
     if rank == 0:
-        torch.save({"grads": grads, "losses": losses, "world_size": world, "calls": everyone}, out_path)
+        torch.save(record, out_path)
+
+
+Z_LOSS_WEIGHT = 0.05
 
 
 def zero_image_batch(tokenizer) -> dict:

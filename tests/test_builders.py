@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from composer.algorithms import EMA, GradientClipping
+from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Time, Timestamp, TimeUnit
 from composer.loggers import FileLogger, InMemoryLogger, WandBLogger
@@ -24,6 +24,7 @@ from flamingo_composer.training.builders import (
 )
 from flamingo_composer.training.callbacks import DataPositionCallback, DataSkipLogger
 from flamingo_composer.training.config import OptimizerConfig, SchedulerConfig
+from flamingo_composer.training.ema import FlamingoEMA
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_components_built_from_names(tmp_path):
         }
     )
     assert isinstance(algorithms[0], GradientClipping) and algorithms[0].clipping_threshold == 1.0
-    assert isinstance(algorithms[1], EMA)
+    assert isinstance(algorithms[1], FlamingoEMA)  # the allowlist's ema (training/ema.py)
     wandb, file_logger, memory = build_loggers(
         {
             "wandb": {"project": "p", "offline": True, "dir": str(tmp_path)},

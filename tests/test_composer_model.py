@@ -16,6 +16,7 @@ from step_utils import (
     reference_batch,
     reference_bundle,
     set_gates,
+    step_losses,
     tiny_bundle,
 )
 
@@ -23,15 +24,17 @@ from flamingo_composer.flop_formulas import flop_counter
 from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.models.lm_adapter import get_decoder_layers
 from flamingo_composer.models.tiny import tiny_model_config
-from flamingo_composer.training.composer_model import (
+from flamingo_composer.training.composer_model import FlamingoComposerModel
+from flamingo_composer.training.flops import flamingo_flops_per_batch
+from flamingo_composer.training.loss import (
     REQUIRED_TRAINER_KWARGS,
     FinalHidden,
-    FlamingoComposerModel,
     FrozenHead,
+    StepTokenCounts,
     head_cross_entropy_sum,
+    install_global_counts,
     token_cross_entropy_sum,
 )
-from flamingo_composer.training.flops import flamingo_flops_per_batch
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,9 @@ def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
     for name in outputs:  # training: the LM's last hidden states; the loss projects only the supervised positions
         b, length = batch[name]["input_ids"].shape
         assert isinstance(outputs[name], FinalHidden) and outputs[name].hidden.shape == (b, length, 64)
+    install_global_counts(batch)
     losses = model.loss(outputs, batch)
-    assert set(losses) == {"total", "laion", "mmc4"}
+    assert set(losses) == {"total", "laion", "mmc4", "z_loss/laion", "z_loss/mmc4"}
     laion, mmc4 = _hf_loss(bundle.model, batch["laion"]), _hf_loss(bundle.model, batch["mmc4"])
     assert losses["laion"].item() == pytest.approx(laion, rel=1e-6)
     assert losses["mmc4"].item() == pytest.approx(mmc4, rel=1e-6)
@@ -74,18 +78,15 @@ def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
 def test_an_absent_dataset_has_no_loss_key(bundle, batch):
     model = FlamingoComposerModel(bundle.model)
     only_mmc4 = {"mmc4": batch["mmc4"]}
-    outputs = model(only_mmc4)
-    assert list(outputs) == ["mmc4"]
-    losses = model.loss(outputs, only_mmc4)
-    assert set(losses) == {"total", "mmc4"}
+    losses = step_losses(model, only_mmc4)
+    assert set(losses) == {"total", "mmc4", "z_loss/mmc4"}
     assert losses["total"].item() == pytest.approx(_hf_loss(bundle.model, batch["mmc4"]), rel=1e-6)
 
 
 def test_a_dataset_without_supervised_tokens_contributes_exactly_zero(bundle, batch):
     model = FlamingoComposerModel(bundle.model)
     batch["laion"]["labels"] = torch.full_like(batch["laion"]["labels"], -100)
-    batch["laion"]["num_supervised_tokens"] = torch.tensor(0)
-    losses = model.loss(model(batch), batch)
+    losses = step_losses(model, batch)
     assert losses["laion"].item() == 0.0
     assert losses["total"].item() == pytest.approx(_hf_loss(bundle.model, batch["mmc4"]), rel=1e-6)
     losses["total"].backward()
@@ -104,9 +105,8 @@ def test_bad_batches_fail_with_the_key_named(bundle, batch):
     with pytest.raises(KeyError, match="input_ids"):
         model(no_ids)
     outputs = model(batch)
-    del batch["mmc4"]["num_supervised_tokens"]
-    with pytest.raises(KeyError, match="num_supervised_tokens"):
-        model.loss(outputs, batch)
+    with pytest.raises(KeyError, match="global_supervised_tokens.*StepTokenCounts"):
+        model.loss(outputs, batch)  # no step counts: a Trainer without the callback
 
 
 def test_the_model_is_the_single_child():
@@ -191,7 +191,7 @@ def test_frozen_aware_flops_match_the_flops_a_step_executes(which):
     for name in ("laion", "mmc4"):
         sub = {name: batch[name]}
         with flop_counter() as counter:
-            model.loss(model(sub), sub)["total"].backward()
+            step_losses(model, sub)["total"].backward()
         assert estimate[name] == pytest.approx(counter.get_total_flops(), rel=1e-3), name
     assert model.flops_per_batch(batch) == pytest.approx(sum(estimate.values()))
 
@@ -215,7 +215,7 @@ def test_speed_monitor_reports_flops(bundle):
         train_dataloader=dual_dataspec(batches),
         max_duration="3ba",
         loggers=[logger],
-        callbacks=[SpeedMonitor(window_size=1)],
+        callbacks=[StepTokenCounts(), SpeedMonitor(window_size=1)],
         device="cpu",
         precision="fp32",
         progress_bar=False,
@@ -517,12 +517,14 @@ def test_per_dataset_backward_peaks_below_one_backward_over_both_datasets(bundle
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
 
+    install_global_counts(batch)  # the step's counts, as the Trainer's callback puts them before the split
+
     def one_backward():
         model.loss(model(batch), batch)["total"].backward()
 
     def per_dataset_backward():
         parts = split_batch(batch, microbatch_size=8)  # MMC4's 4 rows, then LAION's 8 (one dataset each)
-        assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["mmc4"], ["laion"]]
+        assert [sorted(p) for p in parts] == [["mmc4"], ["laion"]]
         for part in parts:
             model.loss(model(part), part)["total"].backward()
 
@@ -549,8 +551,9 @@ def test_the_larger_dataset_runs_first_while_no_gradient_exists(bundle):
     set_gates(bundle.model, 0.5)
     # Long documents, short captions: MMC4's activations are several times the gradients (as at every real size).
     batch = dual_batch(bundle.tokenizer, laion_rows=2, mmc4_rows=8, laion_len=16, mmc4_len=256)
+    install_global_counts(batch)
     parts = split_batch(batch, microbatch_size=2)
-    assert [sorted(n for n, sub in p.items() if sub["input_ids"].shape[0]) for p in parts] == [["mmc4"], ["laion"]]
+    assert [sorted(p) for p in parts] == [["mmc4"], ["laion"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(order):

@@ -39,8 +39,6 @@ def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special:
     assert torch.equal(sub["image_mask"], filled)
     assert torch.equal(sub["image_mask"].sum(1), (sub["input_ids"] == special.media).sum(1))
     supervised = sub["labels"][:, 1:] != -100
-    assert sub["num_supervised_tokens"].dim() == 0
-    assert int(sub["num_supervised_tokens"]) == int(supervised.sum())
     assert supervised.any(1).all(), "a row with every label -100 reached the batch"
     assert isinstance(sub["skipped"], dict) and isinstance(sub["position"], int)
 

@@ -17,6 +17,7 @@ from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import SkipCounter, SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
+from flamingo_composer.data.masking import count_supervised_tokens
 from flamingo_composer.data.mds import (
     LAION_MDS_COLUMNS,
     MMC4_MDS_COLUMNS,
@@ -558,7 +559,7 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
     assert model_vision_x(batch, transform).shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 8)
     # per row: a, <color>, circle, <|endofchunk|>, eos supervised -> 5 targets each
-    assert batch["num_supervised_tokens"].dim() == 0 and int(batch["num_supervised_tokens"]) == 10
+    assert int(count_supervised_tokens(batch["labels"])) == 10 and "num_supervised_tokens" not in batch
     assert batch["skipped"] == {"corrupt_image": 2}
 
     docs = [
@@ -578,7 +579,7 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
     ]
     for row_labels, words in zip(labels, expected):
         assert tok.convert_ids_to_tokens(row_labels[row_labels != -100].tolist()) == words
-    assert int(batch["num_supervised_tokens"]) == 15 and batch["skipped"] == {}
+    assert int(count_supervised_tokens(batch["labels"])) == 15 and batch["skipped"] == {}
 
 
 def test_collate_rejects_mismatched_samples(tok, special, transform):

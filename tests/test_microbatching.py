@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_utils import REPO_ROOT, dual_batch, run_one_step, tiny_bundle, zero_image_batch
+from step_utils import REPO_ROOT, Z_LOSS_WEIGHT, dual_batch, run_one_step, tiny_bundle, zero_image_batch
 from train_helpers import rank_launcher, subprocess_env
 
 
@@ -81,10 +81,8 @@ def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
 
     chunks = split_batch(batch, 2)  # 2 MMC4 microbatches, then 2 LAION microbatches
     for chunk in chunks:
-        for name, mult in (("laion", 0.2), ("mmc4", 1.0)):
-            sub = chunk[name]
-            if sub["input_ids"].shape[0] == 0:
-                continue
+        for name, sub in chunk.items():
+            mult = {"laion": 0.2, "mmc4": 1.0}[name]
             out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"],
                            attention_mask=sub["attention_mask"], labels=sub["labels"], image_mask=sub["image_mask"])
             (mult * out.loss / 2).backward()  # mean of the dataset's two microbatch means
@@ -139,8 +137,9 @@ def test_gradient_clipping_runs_once_per_step_on_the_global_norm(batch, full_bat
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Path):
-    """2 ranks (DDP over gloo), each rank half the batch in microbatches of 1 = one rank, whole batch."""
+def test_two_ranks_give_the_gradients_of_one_rank(batch, full_batch_step, tmp_path: Path):
+    """2 ranks (DDP over gloo), each rank half the batch in microbatches of 1 = one rank, whole batch; without
+    and with a z-loss weight."""
     out = tmp_path / "rank0.pt"
     result = subprocess.run(
         [*rank_launcher(2), str(REPO_ROOT / "tests" / "step_utils.py"), str(out), "halves"],
@@ -153,6 +152,11 @@ def test_two_ranks_give_the_gradients_of_one_rank(full_batch_step, tmp_path: Pat
     _assert_grads_close(two_ranks["grads"], full_grads)
     for key in ("loss/train/laion", "loss/train/mmc4", "loss/train/total"):
         assert two_ranks["losses"][key] == pytest.approx(full_losses[key], rel=1e-6)
+    z_grads, z_losses = run_one_step(tiny_bundle().model, batch, microbatch_size=4, clip=None,
+                                     z_loss_weight=Z_LOSS_WEIGHT)  # fmt: skip
+    _assert_grads_close(two_ranks["z_loss"]["grads"], z_grads)
+    for key in ("loss/train/total", "loss/train/z_loss/laion", "loss/train/z_loss/mmc4"):
+        assert two_ranks["z_loss"]["losses"][key] == pytest.approx(z_losses[key], rel=1e-6), key
 
 
 @pytest.mark.slow

@@ -6,7 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from step_utils import assert_cached_steps_equal_full_forwards, dual_batch, greedy_steps, set_gates
+from step_utils import (
+    assert_cached_steps_equal_full_forwards,
+    dual_batch,
+    greedy_steps,
+    set_gates,
+    step_losses,
+)
 
 from flamingo_composer.models import (
     Flamingo,
@@ -20,7 +26,8 @@ from flamingo_composer.models.factory import LMConfig, build_lm, build_tokenizer
 from flamingo_composer.models.lm_adapter import decoder_layers_path, find_decoder_layers, lm_hidden_size
 from flamingo_composer.models.reference_checkpoint import load_reference_state_dict, released_state_dict
 from flamingo_composer.models.tiny import TINY_LM_CONFIGS
-from flamingo_composer.training.composer_model import FlamingoComposerModel, head_cross_entropy_sum
+from flamingo_composer.training.composer_model import FlamingoComposerModel
+from flamingo_composer.training.loss import head_cross_entropy_sum
 
 FAMILIES = list(TINY_LM_CONFIGS)
 LAYERS_PATH = {"gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks", "opt": "model.decoder.layers",
@@ -130,7 +137,7 @@ def test_a_training_step_with_images_trains_only_the_trainable_parts(family):
     set_gates(bundle.model, 0.5)
     composer_model = FlamingoComposerModel(bundle.model)
     batch = dual_batch(bundle.tokenizer)
-    losses = composer_model.loss(composer_model(batch), batch)
+    losses = step_losses(composer_model, batch)
     assert torch.isfinite(losses["total"]) and losses["total"] > 0
     losses["total"].backward()
     for name, param in bundle.model.named_parameters():
@@ -282,6 +289,6 @@ def test_a_head_the_fused_loss_cannot_reproduce_is_refused_unless_training_on_th
     sub = dual_batch(bundle.tokenizer)["laion"]
     composer_model = FlamingoComposerModel(model).train()
     model.eval()  # no dropout, to compare with the LM's own loss
-    loss = composer_model.loss(composer_model({"laion": sub}), {"laion": sub})["laion"]
+    loss = step_losses(composer_model, {"laion": sub})["laion"]
     own = model(sub["vision_x"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]).loss
     torch.testing.assert_close(loss, own)

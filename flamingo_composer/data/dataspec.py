@@ -17,6 +17,7 @@ import torch
 from composer.core import DataSpec
 
 from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.training.loss import count_supervised_tokens
 
 PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
 
@@ -53,7 +54,7 @@ def _rows(sub: Mapping[str, Any]) -> int:
 
 
 def _is_row_tensor(field: str, value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and field not in ("num_supervised_tokens", "images")
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and field != "images"
 
 
 def _image_span(sub: Mapping[str, Any], rows: slice) -> slice:
@@ -68,8 +69,9 @@ def _image_span(sub: Mapping[str, Any], rows: slice) -> slice:
 
 
 def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
-    """The rows `rows` of a sub-batch (and their images), with its whole-batch values; per-batch bookkeeping
-    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
+    """The rows `rows` of a sub-batch (and their images), with its whole-batch values (the step's global
+    supervised-token counts, training/loss.py); per-batch bookkeeping (`skipped`, `position`, `keys`) stays with
+    the full batch, which the callbacks read."""
     part = {
         field: value[rows] if _is_row_tensor(field, value) else value
         for field, value in sub.items()
@@ -113,11 +115,11 @@ def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[
     """One dataset per microbatch: the MMC4 chunks, then the LAION chunks (Composer passes the SIZE).
 
     Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
-    auto-microbatching halves it). Each microbatch holds its dataset's rows and a zero-row entry of every other
-    dataset, whose `num_supervised_tokens` (the whole per-rank count, copied into every chunk) the model needs to
-    normalise the loss; a zero-row part has no forward. So every microbatch gets its own forward and backward:
-    only one dataset's activations are alive at a time (as in the reference's training loop), and each FSDP unit
-    runs one forward per backward. `MICROBATCH_ORDER` says why MMC4 goes first.
+    auto-microbatching halves it). Each microbatch holds one dataset's rows only, so every microbatch gets its
+    own forward and backward: only one dataset's activations are alive at a time (as in the reference's training
+    loop), and each FSDP unit runs one forward per backward. The loss's normalisation needs nothing from the
+    other datasets' rows: the step's global counts travel in every sub-batch (training/loss.py).
+    `MICROBATCH_ORDER` says why MMC4 goes first.
     """
     microbatch_size = max(1, int(microbatch_size))
     num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
@@ -125,10 +127,7 @@ def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[
     for name in sorted(batch, key=MICROBATCH_ORDER.index):
         sub = batch[name]
         bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
-        for rows in (slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)):
-            chunks.append({
-                other: _model_part(part, rows if other == name else slice(0, 0)) for other, part in batch.items()
-            })
+        chunks += [{name: _model_part(sub, slice(int(b[0]), int(b[-1]) + 1))} for b in bounds if len(b)]
     return chunks
 
 
@@ -140,7 +139,7 @@ def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
 def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
     """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
     total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
-    supervised = sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
+    supervised = sum(int(count_supervised_tokens(sub["labels"])) for sub in batch.values())
     return {"total": total, "loss_generating": supervised}
 
 

@@ -46,7 +46,7 @@ from flamingo_composer.data.items import (
     send_by_value,
 )
 from flamingo_composer.data.laion import LaionProcessor
-from flamingo_composer.data.masking import count_supervised_tokens, laion_labels, mmc4_labels
+from flamingo_composer.data.masking import laion_labels, mmc4_labels
 from flamingo_composer.data.mds import MDSItems, open_mds
 from flamingo_composer.data.mmc4 import MMC4Processor
 from flamingo_composer.data.wds import WebDatasetItems, count_local_samples, split_plan
@@ -104,7 +104,6 @@ def _collate(samples, special: SpecialTokens, dataset: str, skipped, pin_memory:
             batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
         else:
             batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
-    batch["num_supervised_tokens"] = count_supervised_tokens(labels)  # 0-d long
     if pin_memory:
         batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
     batch["skipped"] = dict(skipped or {})
@@ -119,7 +118,7 @@ def collate_laion(
     Samples from `preprocess_laion` give `images` (N, 3, H, W) uint8, the real images only, row by row, with
     `image_mask` (B, T_img) (the DataSpec makes the model's float `vision_x` from them on the device); samples
     built by hand in the model's form (`vision_x`, no labels) give `vision_x` and get their labels here. Plus
-    input_ids, attention_mask, labels (B, L), num_supervised_tokens (0-d), skipped. `pin_memory`: every tensor
+    input_ids, attention_mask, labels (B, L), skipped. `pin_memory`: every tensor
     in pinned memory, for asynchronous copies to the GPU.
     """
     return _collate(samples, special, "laion", skipped, pin_memory)

@@ -1,4 +1,5 @@
-"""Label masking (SPEC 2): which tokens each dataset's loss supervises. -100 = ignored.
+"""Label masking (SPEC 2): which tokens each dataset's loss supervises. -100 = ignored (`IGNORE_INDEX`; the loss
+contract, training/loss.py, defines it and the one function that counts supervised targets).
 
 Vectorized over the whole (B, L) batch with cumulative sums/maxima instead of the reference's per-token loops.
 """
@@ -8,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from flamingo_composer.special_tokens import SpecialTokens
+from flamingo_composer.training.loss import IGNORE_INDEX, count_supervised_tokens
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "count_supervised_tokens", "laion_labels", "mmc4_labels"]
 
 
 def _mask_padding(labels: torch.Tensor, input_ids: torch.Tensor, special: SpecialTokens, attention_mask):
@@ -75,7 +77,3 @@ def mmc4_labels(
     labels[is_media] = IGNORE_INDEX  # (d)
     return labels
 
-
-def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """0-d long count of the shifted targets `labels[:, 1:] != -100` (what the CE averages over)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum().long()

@@ -13,6 +13,7 @@ from composer.core import Algorithm
 from composer.loggers import LoggerDestination
 from torch import nn
 
+from flamingo_composer.training.algorithms import check_algorithm
 from flamingo_composer.training.registry import COMPONENT_REGISTRIES, OPTIMIZERS, SCHEDULERS, lookup
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ def _build_all(section: str, entries: dict[str, dict[str, Any]]) -> list:
 
 
 def build_algorithms(entries: dict[str, dict[str, Any]]) -> list[Algorithm]:
-    return _build_all("algorithms", entries)
+    """The allowlist's algorithms (training/algorithms.py); a refused or unknown name raises with its reason."""
+    return [check_algorithm(name, kwargs) for name, kwargs in entries.items()]
 
 
 def build_loggers(entries: dict[str, dict[str, Any]]) -> list[LoggerDestination]:

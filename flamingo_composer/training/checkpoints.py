@@ -401,3 +401,19 @@ def build_checkpoint_saver(
         num_checkpoints_to_keep=keep,
         ignore_keys=ignore_keys,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# For messages: the newest checkpoint a run has written.
+
+
+def last_checkpoint_of_run(state) -> Path | None:
+    """The newest checkpoint in the save folder of the run's CheckpointSaver (a local folder), or None."""
+    for saver in (cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)):
+        folder = _local_save_folder(saver.folder, state.run_name)
+        if folder is None:
+            continue
+        found = list_checkpoints(folder, sharded=True) + list_checkpoints(folder, sharded=False)
+        if found:
+            return max(found, key=lambda f: f.batch).path
+    return None

@@ -87,7 +87,23 @@ def as_batches(value: int | str, key: str) -> str:
     return f"{time.value}ba"
 
 
+@dataclass
+class LossConfig:
+    """Extra terms of the training loss (training/loss.py). `z_loss_weight`: w in `w * logsumexp(logits)^2` per
+    supervised token, normalised like the CE and added to each dataset's CE before its multiplier; the term is
+    logged per dataset (`loss/train/z_loss/<dataset>`) whatever its weight, 0 included."""
+
+    z_loss_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.z_loss_weight < 0:
+            raise ValueError(f"z_loss_weight: must be >= 0, got {self.z_loss_weight}")
+
+
 DEFAULT_ALGORITHMS = {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}
+# Component maps where `NAME: null` removes an entry (one a base recipe set): a recipe or an override switches
+# it off, e.g. `algorithms.gradient_clipping=null`.
+COMPONENT_SECTIONS = ("algorithms", "callbacks", "loggers")
 
 
 @dataclass
@@ -103,8 +119,9 @@ class TrainConfig:
     loss_multiplier_laion: float = 0.2
     loss_multiplier_mmc4: float = 1.0
     # Supervised positions per chunk of the training CE (a chunk's (n, V) logits live only inside its forward, see
-    # composer_model.LinearCrossEntropySum); null: one chunk. LMs that compute their logits inside forward (remote MosaicGPT/MPT code) use the full logits instead.
+    # loss.LinearCrossEntropySum); null: one chunk. LMs that compute their logits inside forward (remote MosaicGPT/MPT code) use the full logits instead.
     loss_chunk_tokens: int | None = 1024
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     algorithms: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ALGORITHMS))
@@ -173,9 +190,18 @@ def load_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None
     return config_from_dict(raw)
 
 
+def drop_removed_components(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without the component entries set to null (`algorithms.NAME: null` removes what a base set)."""
+    out = dict(raw)
+    for section in COMPONENT_SECTIONS:
+        if isinstance(out.get(section), dict):
+            out[section] = {name: kwargs for name, kwargs in out[section].items() if kwargs is not None}
+    return out
+
+
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Validate plain data (already interpolated) into a `TrainConfig`, including cross-field checks."""
-    cfg = from_dict(TrainConfig, raw)
+    cfg = from_dict(TrainConfig, drop_removed_components(raw))
     check_consistency(cfg)
     return cfg
 

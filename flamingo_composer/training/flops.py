@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flamingo_composer.models.cross_attention import image_segments, media_text_time
+from flamingo_composer.training.loss import count_supervised_tokens
 
 FORWARD = 2  # FLOPs per weight per token, forward
 ACTIVATION_GRAD = 2  # backward, gradient w.r.t. the input
@@ -218,7 +219,7 @@ class FlamingoFlops:
             lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents, runs) * b
             labels = sub.get("labels")
             if self.head_on_supervised_only and labels is not None:  # what the loss projects (recompute not counted)
-                head = self.head(int((torch.as_tensor(labels)[:, 1:] != -100).sum()))
+                head = self.head(int(count_supervised_tokens(torch.as_tensor(labels))))
             else:
                 head = self.head(text_tokens * b)
             flops[name] = float(vision + perceiver + lm + head)

@@ -24,8 +24,10 @@ from composer.optim import (
     LinearWithWarmupScheduler,
 )
 
+from flamingo_composer.training.algorithms import SUPPORTED, check_algorithm
 from flamingo_composer.training.callbacks import DataSkipLogger
 from flamingo_composer.training.file_logger import AppendingFileLogger
+from flamingo_composer.training.monitors import LossSpikeMonitor, NonFiniteMonitor, XAttnGateLogger
 
 if TYPE_CHECKING:
     from flamingo_composer.training.config import OptimizerConfig, TrainConfig
@@ -91,18 +93,8 @@ SCHEDULERS: dict[str, Callable] = {
 # Algorithms, loggers, callbacks.
 
 
-def _composer_algorithms() -> dict[str, type[Algorithm]]:
-    """Every Algorithm class in `composer.algorithms`, named by its subpackage (as llm-foundry names them)."""
-    import composer.algorithms as algorithms
-
-    registry = {}
-    for cls in (getattr(algorithms, n) for n in algorithms.__all__):
-        if isinstance(cls, type) and issubclass(cls, Algorithm):
-            registry[cls.__module__.split(".")[2]] = cls
-    return registry
-
-
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = _composer_algorithms()
+# The supported ones of the allowlist (training/algorithms.py); the others are refused there, with a reason.
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {name: entry.build for name, entry in SUPPORTED.items()}
 
 
 class RunWandBLogger(WandBLogger):
@@ -156,6 +148,9 @@ CALLBACKS: dict[str, Callable[..., Any]] = {
     "runtime_estimator": RuntimeEstimator,
     "optimizer_monitor": OptimizerMonitor,
     "data_skips": DataSkipLogger,
+    "nan_monitor": NonFiniteMonitor,
+    "loss_spike": LossSpikeMonitor,
+    "xattn_gates": XAttnGateLogger,
 }
 
 COMPONENT_REGISTRIES = {"algorithms": ALGORITHMS, "loggers": LOGGERS, "callbacks": CALLBACKS}
@@ -188,7 +183,9 @@ def validate_components(cfg: TrainConfig) -> None:
     """Names and keyword arguments of every registry-built component (called when the config loads)."""
     lookup(OPTIMIZERS, cfg.optimizer.name, "optimizer.name")
     lookup(SCHEDULERS, cfg.scheduler.name, "scheduler.name")
-    for section, registry in COMPONENT_REGISTRIES.items():
+    for name, kwargs in cfg.algorithms.items():  # refused ones with their reason; the algorithm's own checks
+        check_algorithm(name, kwargs, cfg.fsdp_config)
+    for section in ("loggers", "callbacks"):
         for name, kwargs in getattr(cfg, section).items():
-            ctor = lookup(registry, name, f"{section}.{name}")
+            ctor = lookup(COMPONENT_REGISTRIES[section], name, f"{section}.{name}")
             check_kwargs(ctor, kwargs or {}, f"{section}.{name}")

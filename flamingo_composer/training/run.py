@@ -7,6 +7,7 @@ message before the model is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -16,6 +17,8 @@ from typing import Any
 from composer import Trainer
 from composer.core import Evaluator, Time
 from composer.utils import dist, get_device, reproducibility
+from torch import nn
+from torch.distributed.fsdp._common_utils import clean_tensor_name
 
 from flamingo_composer.data.dataspec import build_dataspec
 from flamingo_composer.data.dual_loader import build_dual_loader
@@ -40,36 +43,43 @@ from flamingo_composer.training.checkpoints import (
     build_checkpoint_saver,
     prepare_checkpoints,
 )
-from flamingo_composer.training.composer_model import (
-    REQUIRED_TRAINER_KWARGS,
-    FlamingoComposerModel,
-    heldout_metric_names,
-)
+from flamingo_composer.training.composer_model import FlamingoComposerModel, heldout_metric_names
 from flamingo_composer.training.config import ConfigError, TrainConfig, config_to_dict, load_config
 from flamingo_composer.training.fsdp import install_fsdp_policies
+from flamingo_composer.training.loss import REQUIRED_TRAINER_KWARGS, StepTokenCounts
+from flamingo_composer.training.monitors import TrainingStopped
 from flamingo_composer.training.summary import run_summary
 
-__all__ = ["ConfigError", "load_config", "main", "train_from_config", "trainable_only_filter"]
+__all__ = ["ConfigError", "load_config", "main", "train_from_config", "trainable_only_filter",
+           "trainable_parameter_names"]
 
 log = logging.getLogger(__name__)
 
 
-def trainable_only_filter(trainable_names: set[str]) -> Callable[[dict], None]:
+def trainable_parameter_names(model: nn.Module) -> set[str]:
+    """Names of `model`'s trainable parameters as its state dict names them (wrapper prefixes such as activation
+    checkpointing's removed)."""
+    return {clean_tensor_name(name) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_only_filter(trainable_names: set[str] | Callable[[], set[str]]) -> Callable[[dict], None]:
     """A `save_ignore_keys` / `load_ignore_keys` callable dropping every model tensor that is not a trainable
     parameter.
 
     Checkpoints then hold the perceiver, cross-attention blocks and new-token rows (plus optimizer, scheduler,
-    RNG, timestamp, callbacks); the frozen CLIP and LM weights are rebuilt from the recipe on load
+    RNG, timestamp, callbacks, algorithms); the frozen CLIP and LM weights are rebuilt from the recipe on load
     (`load_strict_model_weights=False`). On load it trims what Composer asks a sharded checkpoint for to what was
     saved (`torch.distributed.checkpoint` fails on any requested key it lacks). `trainable_names` are names in
-    the ComposerModel (`model.perceiver...`).
+    the ComposerModel (`model.perceiver...`), or a function giving them at each save and load: the model as the
+    Trainer holds it, with whatever an algorithm added at INIT.
     """
 
     def drop_frozen(checkpoint: dict) -> None:
         model_state = checkpoint.get("state", {}).get("model")
         if model_state is None:
             return
-        for key in [k for k in model_state if k not in trainable_names]:
+        keep = trainable_names() if callable(trainable_names) else trainable_names
+        for key in [k for k in model_state if k not in keep]:
             del model_state[key]
 
     return drop_frozen
@@ -122,8 +132,12 @@ def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
     ]
 
 
-def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), fit: bool = True) -> Trainer:
-    """Build everything from a validated config and train; returns the Trainer (tests inspect it)."""
+def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), extra_algorithms: Sequence[Any] = (),
+                      fit: bool = True) -> Trainer:  # fmt: skip
+    """Build everything from a validated config and train; returns the Trainer (tests inspect it).
+
+    `extra_algorithms`: Algorithm objects added after the config's (tests: algorithms outside the allowlist).
+    """
     device = get_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
@@ -142,7 +156,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         log.info("reference checkpoint: %s", report.summary())
     losses = {
         "loss_multiplier_laion": cfg.loss_multiplier_laion, "loss_multiplier_mmc4": cfg.loss_multiplier_mmc4,
-        "loss_chunk_tokens": cfg.loss_chunk_tokens,
+        "loss_chunk_tokens": cfg.loss_chunk_tokens, "z_loss_weight": cfg.loss.z_loss_weight,
     }
     if cfg.evaluators:  # few-shot evaluators: the model also answers generation batches
         composer_model = FewShotComposerModel(bundle.model, bundle.tokenizer, **losses)
@@ -152,7 +166,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         compile_trainable_modules(bundle.model)
     if cfg.fsdp_config is not None:
         install_fsdp_policies(composer_model)
-    trainable = {name for name, p in composer_model.named_parameters() if p.requires_grad}
+    # At each save and load, from the model as the Trainer holds it (an algorithm may add parameters at INIT).
+    trainable = functools.partial(trainable_parameter_names, composer_model)
 
     train_loader = build_data_loader(cfg.data, "data", bundle)
     evaluators = _evaluators(cfg, bundle) + build_fewshot_evaluators(
@@ -165,8 +180,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         ignore_keys=trainable_only_filter(trainable),
     )  # fmt: skip
     callbacks = [
-        *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader), TrainableOnlyModelState(),
-        FSDP2AfterWrap(), *extra_callbacks, *([saver] if saver else []),
+        StepTokenCounts(), *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader),
+        TrainableOnlyModelState(), FSDP2AfterWrap(), *extra_callbacks, *([saver] if saver else []),
     ]
 
     trainer = Trainer(
@@ -177,7 +192,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         optimizers=optimizer,
         schedulers=build_scheduler(cfg.scheduler),
         step_schedulers_every_batch=True,
-        algorithms=build_algorithms(cfg.algorithms),
+        algorithms=[*build_algorithms(cfg.algorithms), *extra_algorithms],
         callbacks=callbacks,
         loggers=build_loggers(cfg.loggers),
         run_name=cfg.run_name,
@@ -255,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # a monitor stopped the run (training/monitors.py)
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 1
     if dist.get_global_rank() == 0:
         print(run_summary(trainer, cfg, recipe=argv[0]), flush=True)
     return 0

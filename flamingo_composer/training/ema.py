@@ -1,0 +1,190 @@
+"""An exponential moving average of the trainable weights: the `ema` algorithm of the allowlist.
+
+Why not Composer 0.32.1's EMA: it averages every buffer in float and copies it back (the integer buffer
+`new_token_ids` drifts, and a tied head then writes the new tokens' logits into other vocabulary columns), it
+swaps the averaged weights into the model for checkpoints (so the model state of a checkpoint is not the trained
+one), and its copies of FSDP2 shards do not survive a sharded resume (a shape error on rank 1).
+
+This one:
+- averages the trainable floating-point parameters only, never a buffer or a frozen weight: the copy is
+  trainable-sized (under FSDP2 each rank holds its own shards' copy, DTensors like the parameters);
+- never touches the training weights except to swap the average in for evaluation (EVAL_START) and back
+  (EVAL_END), by exact copies: training is bit for bit that of a run without it;
+- is checkpointed as algorithm state beside the raw weights (`state.algorithms`: ('FlamingoEMA', {'ema':
+  {name: tensor}, ...})): DTensors in sharded checkpoints, which torch.distributed.checkpoint reshards on load
+  (N -> M ranks, as the model's own), full tensors in monolithic ones. tools/evaluate.py and
+  tools/export_openflamingo.py read it (`--weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.fsdp._common_utils import clean_tensor_name
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMA_STATE_NAME", "FlamingoEMA", "ema_weights_of"]
+
+EMA_STATE_NAME = "FlamingoEMA"  # how a checkpoint's `state.algorithms` names this algorithm's entry
+
+
+def _batches(value: str | None, key: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        time = Time.from_timestring(str(value))
+    except ValueError as exc:
+        raise ValueError(f"{key}: {value!r} is not a length such as '100ba'") from exc
+    if time.unit != TimeUnit.BATCH:
+        raise ValueError(f"{key}: {value!r} must be counted in batches (optimizer steps), e.g. '100ba'")
+    if time.value < minimum:
+        raise ValueError(f"{key}: must be at least {minimum}ba, got {value!r}")
+    return int(time.value)
+
+
+def _unwrapped(state: State) -> torch.nn.Module:
+    """The ComposerModel (DDP wraps it after loading)."""
+    model = state.model
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself under no_grad, so in-place ops reach the DTensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class FlamingoEMA(Algorithm):
+    """`ema_t = s * ema_{t-1} + (1 - s) * w_t` every `update_interval` optimizer steps from `ema_start` on, with
+    `s = 2 ** (-update_interval / half_life)` (or `smoothing` given directly); held-out and few-shot evaluation
+    run on the average once it has started. Lengths in batches ('100ba'), as Composer's EMA takes them."""
+
+    def __init__(self, half_life: str | None = "1000ba", smoothing: float | None = None,
+                 update_interval: str | None = None, ema_start: str = "0ba"):  # fmt: skip
+        if (half_life is None) == (smoothing is None):
+            raise ValueError("give exactly one of half_life (e.g. '1000ba') or smoothing (a float in (0, 1))")
+        self.half_life = _batches(half_life, "half_life", 1)
+        self.update_interval = _batches(update_interval or "1ba", "update_interval", 1)
+        self.ema_start = _batches(ema_start, "ema_start", 0)
+        if smoothing is not None and not 0.0 < smoothing < 1.0:
+            raise ValueError(f"smoothing: must be in (0, 1), got {smoothing}")
+        self.smoothing = smoothing if smoothing is not None else 2.0 ** (-self.update_interval / self.half_life)
+        self.started = False
+        self.updates = 0
+        self._ema: dict[str, torch.Tensor] = {}  # canonical parameter name -> its average (DTensor under FSDP2)
+        self._sharded = False  # the checkpoint is torch.distributed.checkpoint's sharded one
+        self._active = False  # the average is in the model (between EVAL_START and EVAL_END)
+
+    def __repr__(self) -> str:
+        return (f"FlamingoEMA(smoothing={self.smoothing:.6g}, update_interval={self.update_interval}ba, "
+                f"ema_start={self.ema_start}ba)")  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _trainable(self, state: State) -> dict[str, torch.nn.Parameter]:
+        return {
+            clean_tensor_name(name): param
+            for name, param in _unwrapped(state).named_parameters()
+            if param.requires_grad and param.is_floating_point()
+        }
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.BEFORE_LOAD, Event.BATCH_END, Event.EVAL_START, Event.EVAL_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BEFORE_LOAD:  # the model is wrapped (FSDP2: sharded) and no checkpoint is loaded yet
+            self._sharded = bool(state.fsdp_sharded_state_dict_enabled)
+            with torch.no_grad():
+                self._ema = {name: p.detach().clone() for name, p in self._trainable(state).items()}
+            logger.log_hyperparameters({"ema": repr(self), "eval_weights": "ema (once started)"})
+        elif event == Event.BATCH_END:
+            self._update(state)
+        elif event == Event.EVAL_START:
+            self._swap_in(state, logger)
+        elif event == Event.EVAL_END and self._active:
+            self._swap(state)
+            self._active = False
+
+    @torch.no_grad()
+    def _update(self, state: State) -> None:
+        step = int(state.timestamp.batch)
+        if step < self.ema_start or step % self.update_interval:
+            return
+        params = self._trainable(state)
+        ema = [_local(self._ema[name]) for name in params]
+        weights = [_local(p.detach()) for p in params.values()]
+        if self.started:
+            torch._foreach_lerp_(ema, weights, 1.0 - self.smoothing)
+        else:  # the average starts at the weights of its first update
+            torch._foreach_copy_(ema, weights)
+            self.started = True
+        self.updates += 1
+
+    def _swap_in(self, state: State, logger: Logger) -> None:
+        if not self.started:
+            logger.log_metrics({"eval/on_ema_weights": 0.0})
+            if dist.get_global_rank() == 0:
+                log.info("evaluation on the raw weights: the EMA starts at batch %d", self.ema_start)
+            return
+        if not self._active:
+            self._swap(state)
+            self._active = True
+        logger.log_metrics({"eval/on_ema_weights": 1.0})
+        if dist.get_global_rank() == 0:
+            log.info("evaluation on the EMA weights (%s, %d updates)", repr(self), self.updates)
+
+    @torch.no_grad()
+    def _swap(self, state: State) -> None:
+        """Exchange the weights and their average in place, one tensor-sized temporary at a time (exact)."""
+        for name, param in self._trainable(state).items():
+            weights, average = _local(param.detach()), _local(self._ema[name])
+            held = weights.clone()
+            weights.copy_(average)
+            average.copy_(held)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average beside the model's raw weights: DTensors for a sharded checkpoint (resharded on load),
+        full tensors for a monolithic one (gathered: called on every rank while saving)."""
+        if self._active:
+            raise RuntimeError("FlamingoEMA: a checkpoint was asked for during evaluation, with the average swapped in")
+        if self._sharded:
+            ema = dict(self._ema)
+        else:
+            ema = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for name, t in self._ema.items()}
+        return {**super().state_dict(), "started": self.started, "updates": self.updates, "ema": ema}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
+        self.started, self.updates = bool(state["started"]), int(state["updates"])
+        saved = state["ema"]
+        unknown = sorted(set(saved) - set(self._ema))
+        if unknown:
+            raise KeyError(f"FlamingoEMA: the checkpoint averages parameters this model has not: {unknown[:5]}")
+        missing = sorted(set(self._ema) - set(saved))
+        if missing:
+            log.warning("FlamingoEMA: the checkpoint has no average of %s; they start from the weights", missing[:5])
+        for name, tensor in saved.items():
+            mine = self._ema[name]
+            if tensor is mine:  # a sharded load filled our own tensors in place
+                continue
+            if isinstance(mine, DTensor) and not isinstance(tensor, DTensor):  # a full tensor: this rank's shard
+                tensor = distribute_tensor(tensor.to(mine.device), mine.device_mesh, mine.placements, src_data_rank=None)
+            mine.copy_(tensor)
+
+
+def ema_weights_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A monolithic checkpoint's averaged weights under the ComposerModel's names (`model.perceiver...`), or None
+    when it holds no average (the run had no `ema`, or it had not started)."""
+    algorithms = (checkpoint.get("state") or {}).get("algorithms") or []
+    for name, entry in algorithms:
+        if name == EMA_STATE_NAME and isinstance(entry, dict) and entry.get("started"):
+            return dict(entry["ema"])
+    return None
