@@ -61,6 +61,22 @@ def build_with_bare_lm(family: str, **overrides):
     return model, bare, tokenizer
 
 
+@pytest.fixture(scope="module")
+def shared():
+    """family -> (model, bare LM, tokenizer), built once per module: each test sets the gates it needs and leaves
+    no gradient behind (a tiny model's build runs its checks, three LM forwards, so the matrix shares them)."""
+    built: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_with_bare_lm(family)
+        model, _, _ = built[family]
+        model.eval().zero_grad(set_to_none=True)
+        return built[family]
+
+    return get
+
+
 def encode(tokenizer, texts):
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     assert batch.input_ids.shape[0] == len(texts)
@@ -68,11 +84,11 @@ def encode(tokenizer, texts):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layers_wrapped_with_blocks_every_n(family):
-    model, bare, _ = build_with_bare_lm(family, cross_attn_every_n_layers=2)
+def test_layers_found_and_wrapped_with_a_block_each(family, shared):
+    model, bare, _ = shared(family)
     layers = get_decoder_layers(model.lang_encoder)
     assert all(isinstance(layer, FlamingoLayer) for layer in layers)
-    assert [layer.gated_cross_attn_layer is not None for layer in layers] == [False, True] * (len(layers) // 2)
+    assert all(layer.gated_cross_attn_layer is not None for layer in layers)
     # One class per kind of layer, in order (a hybrid stack, Zamba2: Mamba, then hybrid): each an FSDP unit.
     assert model.decoder_layer_classes == tuple(dict.fromkeys(type(layer.decoder_layer) for layer in layers))
     assert len(model.decoder_layer_classes) == (2 if family in HYBRID else 1)
@@ -90,9 +106,17 @@ def test_layers_wrapped_with_blocks_every_n(family):
     assert (embedding.embed_scale is not None) == (family in SCALED_EMBEDDING)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3", "zamba2"])
+def test_cross_attention_every_second_layer(family):
+    model, _, _ = build_with_bare_lm(family, cross_attn_every_n_layers=2)
+    layers = get_decoder_layers(model.lang_encoder)
+    assert [layer.gated_cross_attn_layer is not None for layer in layers] == [False, True] * (len(layers) // 2)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_zero_gates_give_the_bare_lm_logits(family):
-    model, bare, tokenizer = build_with_bare_lm(family)
+def test_zero_gates_give_the_bare_lm_logits(family, shared):
+    model, bare, tokenizer = shared(family)
+    set_gates(model, 0.0)
     ids, mask = encode(tokenizer, ["a red circle <image> the blue square <|endofchunk|> <image> two stars"])
     vision_x = torch.randn(1, 2, 1, 3, 32, 32)
     with torch.no_grad():
@@ -107,10 +131,10 @@ def test_zero_gates_give_the_bare_lm_logits(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family):
+def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family, shared):
     """The training path (final hidden states, the fused head CE with the LM's logit steps) against the LM's own
     loss from its full forward (HF's shifted token mean), on a batch with images and open gates."""
-    model, _, tokenizer = build_with_bare_lm(family)
+    model, _, tokenizer = shared(family)
     set_gates(model, 0.5)
     sub = dual_batch(tokenizer, seed=1)["mmc4"]
     inputs = dict(vision_x=sub["vision_x"], input_ids=sub["input_ids"], attention_mask=sub["attention_mask"])
@@ -132,27 +156,27 @@ def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_training_step_with_images_trains_only_the_trainable_parts(family):
-    bundle = build_flamingo(tiny_model_config(family))
-    set_gates(bundle.model, 0.5)
-    composer_model = FlamingoComposerModel(bundle.model)
-    batch = dual_batch(bundle.tokenizer)
+def test_a_training_step_with_images_trains_only_the_trainable_parts(family, shared):
+    model, _, tokenizer = shared(family)
+    set_gates(model, 0.5)
+    composer_model = FlamingoComposerModel(model).train()
+    batch = dual_batch(tokenizer)
     losses = step_losses(composer_model, batch)
     assert torch.isfinite(losses["total"]) and losses["total"] > 0
     losses["total"].backward()
-    for name, param in bundle.model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         else:
             assert param.grad is None, name
-    rows = bundle.model.lang_encoder.get_input_embeddings().new_token_rows
+    rows = model.lang_encoder.get_input_embeddings().new_token_rows
     assert rows.grad.abs().sum() > 0
     assert composer_model.flops_per_batch(batch) > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family):
-    model, _, tokenizer = build_with_bare_lm(family)
+def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family, shared):
+    model, _, tokenizer = shared(family)
     set_gates(model, 1.0)
     # The prompts end after their second <image>: generated tokens must keep attending to image 2.
     ids, mask = encode(
@@ -174,23 +198,22 @@ def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_then_import_round_trips(family):
+def test_export_then_import_round_trips(family, shared):
     """The released checkpoint.pt layout of a trained model loads into one built from the same recipe (the frozen
     weights come from it) whose trainable parameters differ, and gives the trained model's logits."""
-    bundle = build_flamingo(tiny_model_config(family, seed=1))
-    trained = bundle.model.eval()
+    model, _, tokenizer = shared(family)
+    trained, fresh = copy.deepcopy(model), copy.deepcopy(model)
     set_gates(trained, 0.7)
     with torch.no_grad():
         for param in trained.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.01)  # as training moves them
-    fresh = build_flamingo(tiny_model_config(family, seed=1)).model.eval()
     report = load_reference_state_dict(fresh, released_state_dict(trained))
     assert report.layout == "checkpoint"
     for (name, a), b in zip(trained.named_parameters(), fresh.parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name
-    ids, _ = encode(bundle.tokenizer, ["a <image> red circle <|endofchunk|> <image> two"])
+    ids, _ = encode(tokenizer, ["a <image> red circle <|endofchunk|> <image> two"])
     vision_x = torch.randn(1, 2, 1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh(vision_x, ids).logits, trained(vision_x, ids).logits)
