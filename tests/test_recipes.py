@@ -1,8 +1,9 @@
 """Recipe composition (training/recipe.py): the released recipes are one base plus small per-size files.
 
 The validated result of each per-size recipe must equal, key for key, the recipe as it was before the split
-(tests/fixtures/recipes-before-base/: the three self-contained files of commit 8e1ff9d, with one later, deliberate
-change applied to the copies as well: `fsdp_config` moved to FSDP2 with sharded state dicts, issue 8).
+(tests/fixtures/recipes-before-base/: the three self-contained files of commit 8e1ff9d, with later, deliberate
+changes applied to the copies as well: `fsdp_config` moved to FSDP2 with sharded state dicts, and the monitors
+`nan_monitor`, `loss_spike`, `xattn_gates` on by default).
 """
 
 from __future__ import annotations

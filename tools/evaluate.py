@@ -5,7 +5,8 @@
     composer -n 8 tools/evaluate.py --config RECIPE --checkpoint OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --task coco
 
 The recipe's `model:` section builds the model (frozen CLIP/LM from the recipe), `--checkpoint` is one of our
-Composer checkpoints (train.py) or a released OpenFlamingo `checkpoint.pt`. Protocol: the reference's (prompts,
+Composer checkpoints (train.py; `--weights` picks its EMA average or its trained weights) or a released
+OpenFlamingo `checkpoint.pt`. Protocol: the reference's (prompts,
 demos per trial seed, beam search 3 / length_penalty 0, post-processing). Under `composer -n N` the queries
 are split across the ranks and gathered; the score is computed once. Prints one JSON summary on stdout (per task
 and shot: trials, mean, std; the caption tokenizer used; skipped records; eval samples/s), also saved as
@@ -31,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", required=True, help="our Composer checkpoint or a released checkpoint.pt"
     )
+    parser.add_argument(
+        "--weights", choices=["auto", "ema", "raw"], default="auto",
+        help="our checkpoints: the EMA average (ema) or the trained weights (raw); default %(default)s = the EMA "
+        "average when the checkpoint holds one (a run with the `ema` algorithm), else raw",
+    )  # fmt: skip
     parser.add_argument("--task", action="append", help="evaluator name to run (repeatable; default: all)")
     parser.add_argument("--shots", type=int, nargs="+", help="override every task's shots")
     parser.add_argument(
@@ -70,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     dist.initialize_dist(device)
     reproducibility.seed_all(0)
     bundle = build_flamingo(model_cfg)
-    checkpoint = load_checkpoint(bundle.model, args.checkpoint)
+    try:
+        checkpoint = load_checkpoint(bundle.model, args.checkpoint, weights=args.weights)
+    except ValueError as exc:  # e.g. --weights ema on a checkpoint without an average
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = bundle.model.to(device._device).eval()
     tasks = [FewShotTask(cfg, bundle.tokenizer, bundle.image_transform) for cfg in evaluators]
     total = sum(

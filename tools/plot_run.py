@@ -6,8 +6,10 @@
 RUN_DIR is the run's folder (`runs/<run_name>/` after `make train`: its Composer file log `logs-rank0.txt`, one
 segment per start of the run, drawn as one run), or a W&B offline run folder (`wandb/offline-run-*`), or a folder
 holding one. Panels (those with data): train loss
-(total, LAION, MMC4); held-out cross-entropy and token accuracy per dataset (the `eval` loader); every other
-evaluator's metrics; learning rate per parameter group; throughput (samples/s and tokens/s). Prints what it drew.
+(total, LAION, MMC4); z-loss per dataset (mean logsumexp^2, logged at any weight); held-out cross-entropy and
+token accuracy per dataset (the `eval` loader); every other evaluator's metrics; the cross-attention gates,
+tanh(attn_gate) and tanh(ff_gate) per layer (the `xattn_gates` monitor); learning rate per parameter group;
+throughput (samples/s and tokens/s). Prints what it drew.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ def _is_evaluator_metric(name: str) -> bool:
 
 PANELS = [
     Panel("train loss", "cross-entropy (nats)", lambda n: n in ("loss/train/total", "loss/train/laion", "loss/train/mmc4")),
+    Panel("z-loss", "mean logsumexp(logits)^2", lambda n: n.startswith("loss/train/z_loss/")),
     Panel("held-out cross-entropy", "nats", lambda n: n.startswith("metrics/eval/") and "CrossEntropy" in n),
     Panel("held-out token accuracy", "accuracy", lambda n: n.startswith("metrics/eval/") and "Accuracy" in n),
     Panel("evaluators", "value", _is_evaluator_metric),
+    Panel("cross-attention gates: tanh(attn_gate)", "tanh(gate)", lambda n: n.startswith("xattn_gates/attn/")),
+    Panel("cross-attention gates: tanh(ff_gate)", "tanh(gate)", lambda n: n.startswith("xattn_gates/ff/")),
     Panel("learning rate", "lr", lambda n: n.startswith("lr-")),
     Panel("throughput", "per second", lambda n: n in ("throughput/samples_per_sec", "throughput/tokens_per_sec")),
 ]
@@ -73,7 +78,7 @@ def plot_metrics(metrics: dict[str, list[tuple[int, float]]], title: str = ""):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small" if len(names) <= 8 else "x-small", ncol=1 if len(names) <= 8 else 2)
         drawn[panel.title] = names
     for ax in list(axes.flat)[len(filled):]:
         ax.set_visible(False)
@@ -84,7 +89,8 @@ def plot_metrics(metrics: dict[str, list[tuple[int, float]]], title: str = ""):
 
 
 def _label(name: str) -> str:
-    for prefix in ("loss/train/", "metrics/eval/", "metrics/", "throughput/", "lr-"):
+    for prefix in ("loss/train/", "metrics/eval/", "metrics/", "throughput/", "lr-", "xattn_gates/attn/",
+                   "xattn_gates/ff/"):  # fmt: skip
         if name.startswith(prefix):
             return name[len(prefix):]
     return name

@@ -49,24 +49,34 @@ def _load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load our Composer checkpoint or a released `checkpoint.pt` into `model` (our Flamingo); returns a summary."""
-    from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
+def load_checkpoint(model: torch.nn.Module, path: str | Path, weights: str = "auto") -> dict[str, Any]:
+    """Load our Composer checkpoint or a released `checkpoint.pt` into `model` (our Flamingo); returns a summary.
 
+    `weights` (ours only): 'auto' = the EMA average when the checkpoint holds one, else the trained weights;
+    'ema' or 'raw' to choose (training/ema.py). A released checkpoint has raw weights only.
+    """
+    from flamingo_composer.models.reference_checkpoint import load_reference_state_dict
+    from flamingo_composer.training.ema import WEIGHT_CHOICES, checkpoint_weights
+
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights: must be one of {list(WEIGHT_CHOICES)}, got {weights!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     raw = _load(path)
     state = raw.get("state") if isinstance(raw, dict) else None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        weights = {
+        chosen_weights, chosen = checkpoint_weights(raw, weights)
+        tensors = {
             k[len(COMPOSER_MODEL_PREFIX) :]: v
-            for k, v in state["model"].items()
+            for k, v in chosen_weights.items()
             if k.startswith(COMPOSER_MODEL_PREFIX) and torch.is_tensor(v)
         }
-        report = load_reference_state_dict(model, weights, layout="checkpoint")
+        report = load_reference_state_dict(model, tensors, layout="checkpoint")
         kind = "composer"
     else:
+        if weights == "ema":
+            raise ValueError(f"{path} is a released checkpoint: it holds no EMA weights (use --weights raw)")
         report = load_reference_state_dict(model, raw, layout="checkpoint")
-        kind = "openflamingo"
-    return {"path": str(path), "format": kind, "tensors_loaded": len(report.loaded)}
+        kind, chosen = "openflamingo", "raw"
+    return {"path": str(path), "format": kind, "weights": chosen, "tensors_loaded": len(report.loaded)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flamingo_composer.models.perceiver import FeedForward, attention, merge_heads, split_heads
+from flamingo_composer.models.perceiver import FeedForward, attention, merge_heads, norm_heads, split_heads
 
 
 def media_text_time(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
@@ -50,10 +50,12 @@ class MaskedCrossAttention(nn.Module):
     - per image: each image's text (a contiguous run of tokens, see `image_segments`) against that image's n
       latents alone, no mask: (B*T) attentions of (S x n), T times fewer scores and no (B, L, T*n) mask.
     Measured on CPU (tools/bench.py, bench-cpu.yaml) the two take the same time (matmuls dominate); the masked
-    form's summation order is the one the parity fixture was checked with.
+    form's summation order is the one the parity fixture was checked with. `qk_norm`: a LayerNorm over each
+    head's queries and keys (`q_norm`, `k_norm`), as in the perceiver.
     """
 
-    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, per_image: bool = False):
+    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, per_image: bool = False,
+                 qk_norm: bool = False):  # fmt: skip
         super().__init__()
         self.heads = heads
         self.per_image = per_image
@@ -62,6 +64,9 @@ class MaskedCrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(dim_visual, inner_dim * 2, bias=False)
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
         """x (B, L, D_lm), media (B, T_img, n, D_vis), text_time (B, L) -> (B, L, D_lm).
@@ -74,6 +79,8 @@ class MaskedCrossAttention(nn.Module):
             raise ValueError(f"media batch {media.shape[0]} != text batch {x.shape[0]}")
         q = self.to_q(self.norm(x))  # (B, L, h*d)
         k, v = self.to_kv(media).chunk(2, dim=-1)  # 2 x (B, T, n, h*d)
+        if self.qk_norm:
+            q, k = norm_heads(q, self.q_norm, self.heads), norm_heads(k, self.k_norm, self.heads)
         attend = self._attend_per_image if self.per_image else self._attend_masked
         return self.to_out(attend(q, k, v, text_time))  # (B, L, D_lm)
 
@@ -105,10 +112,10 @@ class GatedCrossAttentionBlock(nn.Module):
     """x = xattn(x) * tanh(attn_gate) + x; x = ff(x) * tanh(ff_gate) + x. Gates start at 0 (block = identity)."""
 
     def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
-                 per_image: bool = False):  # fmt: skip
+                 per_image: bool = False, qk_norm: bool = False):  # fmt: skip
         super().__init__()
         self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads,
-                                         per_image=per_image)  # fmt: skip
+                                         per_image=per_image, qk_norm=qk_norm)  # fmt: skip
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))  # (1,) as in the reference checkpoints
         self.ff = FeedForward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))  # (1,)

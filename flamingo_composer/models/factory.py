@@ -81,6 +81,10 @@ class FlamingoModelConfig:
     # The cross-attention's exact form: every token against all images' latents behind a mask (the reference's),
     # or each image's text against its own latents only (models/cross_attention.py).
     cross_attention: Literal["masked", "per_image"] = "masked"
+    # A LayerNorm over each head's queries and keys in the perceiver and the cross-attention (IDEFICS's
+    # `qk_layer_norms`), trainable: for models trained from scratch. The released format has no such weights, so
+    # the reference loader and the exporter refuse such a model.
+    qk_norm: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FlamingoModelConfig:
@@ -223,6 +227,7 @@ def build_flamingo(cfg: FlamingoModelConfig | Mapping[str, Any], *, on_meta: boo
             per_image_cross_attention=cfg.cross_attention == "per_image",
             decoder_layers=cfg.lm.decoder_layers,
             loss_from_logits=cfg.lm.loss_from_logits,
+            qk_norm=cfg.qk_norm,
         )
     if cfg.frozen_dtype is not None:
         cast_frozen_weights(model, getattr(torch, cfg.frozen_dtype))

@@ -28,7 +28,9 @@ class Flamingo(nn.Module):
     Children mirror the reference names: `vision_encoder` (open_clip `.visual`, or another tower: vision.py),
     `perceiver`, `lang_encoder`. Trainable: perceiver, gated cross-attention blocks, the spliced new-token rows;
     everything else frozen. `decoder_layers`: the LM's layer-list path when it cannot be found by itself;
-    `loss_from_logits`: train on the LM's own logits instead of the fused head loss (see models/logits.py).
+    `loss_from_logits`: train on the LM's own logits instead of the fused head loss (see models/logits.py);
+    `qk_norm`: LayerNorms on the queries and keys of the perceiver and the cross-attention (not in the released
+    format).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Flamingo(nn.Module):
         per_image_cross_attention: bool = False,
         decoder_layers: str | None = None,
         loss_from_logits: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__()
         missing = [key for key in SPECIAL_TOKEN_KEYS if special_token_ids.get(key) is None]
@@ -67,6 +70,7 @@ class Flamingo(nn.Module):
             dim_head=perceiver_dim_head,
             heads=perceiver_heads,
             num_latents=perceiver_num_latents,
+            qk_norm=qk_norm,
         )
 
         lang_encoder.requires_grad_(False)
@@ -85,6 +89,7 @@ class Flamingo(nn.Module):
             gradient_checkpointing=gradient_checkpointing,
             per_image_cross_attention=per_image_cross_attention,
             decoder_layers=decoder_layers,
+            qk_norm=qk_norm,
         )
         lang_encoder.get_input_embeddings().new_token_rows.requires_grad_(True)
         self.lang_encoder = lang_encoder

@@ -294,6 +294,7 @@ def insert_cross_attention(
     heads: int = 8,
     per_image_cross_attention: bool = False,
     decoder_layers: str | None = None,
+    qk_norm: bool = False,
 ) -> tuple[type[nn.Module], ...]:
     """Replace every decoder layer of `lm` (in place) by a FlamingoLayer; returns the original layer classes.
 
@@ -312,6 +313,6 @@ def insert_cross_attention(
         block = None
         if (i + 1) % cross_attn_every_n_layers == 0:
             block = GatedCrossAttentionBlock(dim=dim, dim_visual=vis_dim, dim_head=dim_head, heads=heads,
-                                             per_image=per_image_cross_attention)  # fmt: skip
+                                             per_image=per_image_cross_attention, qk_norm=qk_norm)  # fmt: skip
         layers[i] = FlamingoLayer(layer, block, media_context, gradient_checkpointing)
     return layer_classes

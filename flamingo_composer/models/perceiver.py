@@ -68,6 +68,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).reshape(*lead, n, heads * d)
 
 
+def norm_heads(x: torch.Tensor, norm: nn.Module, heads: int) -> torch.Tensor:
+    """A LayerNorm over each head's slice: x (..., heads * d) -> (..., heads * d), `norm` over d (qk-norm)."""
+    return norm(x.unflatten(-1, (heads, -1))).flatten(-2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over any leading dims: q (..., h, n, d), k and v (..., h, m, d) -> (..., h, n, d).
 
@@ -82,9 +87,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to concat(media, latents); separate LayerNorms for media and latents."""
+    """Latents attend to concat(media, latents); separate LayerNorms for media and latents.
 
-    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
+    `qk_norm`: a LayerNorm over each head's queries and keys (`q_norm`, `k_norm`, as IDEFICS's
+    `qk_layer_norms`), for training from scratch; the released models have none.
+    """
+
+    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         inner_dim = dim_head * heads
@@ -93,14 +102,20 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """media (B, T, v, D), latents (B, T, n, D) -> (B, T, n, D)."""
         media = self.norm_media(media)  # (B, T, v, D)
         latents = self.norm_latents(latents)  # (B, T, n, D)
-        q = split_heads(self.to_q(latents), self.heads)  # (B, T, h, n, d)
+        q = self.to_q(latents)  # (B, T, n, h*d)
         kv_input = torch.cat((media, latents), dim=-2)  # (B, T, v + n, D)
         k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # 2 x (B, T, v + n, h*d)
+        if self.qk_norm:
+            q, k = norm_heads(q, self.q_norm, self.heads), norm_heads(k, self.k_norm, self.heads)
+        q = split_heads(q, self.heads)  # (B, T, h, n, d)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, v + n, d)
         out = attention(q, k, v)  # (B, T, h, n, d)
         return self.to_out(merge_heads(out))  # (B, T, n, D)
@@ -122,11 +137,13 @@ class PerceiverResampler(nn.Module):
         heads: int = 8,
         num_latents: int = 64,
         ff_mult: int = 4,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))  # (n, D), init std 1
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads), FeedForward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads, qk_norm=qk_norm),
+                           FeedForward(dim, ff_mult)])  # fmt: skip
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)

@@ -50,6 +50,17 @@ class ReferenceCheckpointError(ValueError):
     """A reference state dict does not fit the model; the message lists every problem found."""
 
 
+QK_NORM_REFUSAL = (
+    "the model has qk-norm (model.qk_norm: true: LayerNorms on the queries and keys of the perceiver and the "
+    "cross-attention), which the released OpenFlamingo format has no weights for"
+)
+
+
+def qk_norm_keys(model: nn.Module) -> list[str]:
+    """The model's qk-norm tensors (`...q_norm.weight`, ...), in wrapper-free names; none without qk-norm."""
+    return sorted(k for k in (_clean_key(k) for k in model.state_dict()) if re.search(r"\.[qk]_norm\.", k))
+
+
 @dataclass
 class LoadReport:
     """What a load did, so callers (and the import tool) can print or check it."""
@@ -317,6 +328,12 @@ def load_reference_state_dict(
             rows_from = src_key
 
     missing = _missing(targets, keys)
+    qk_norm = qk_norm_keys(model)
+    if qk_norm and not any(k in targets for k in qk_norm):  # a released checkpoint: it cannot have them
+        raise ReferenceCheckpointError(_format_problems(source, [
+            f"{QK_NORM_REFUSAL}: it cannot start from {source}. Set model.qk_norm: false to load a released "
+            "checkpoint, or train qk-norm models from scratch"
+        ]))  # fmt: skip
     require_all = layout == "full" if strict is None else strict
     if strict is not False:
         required = [
@@ -370,8 +387,11 @@ def released_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     GPT-NeoX's untied `embed_out`), and the LM's persistent buffers; no vision encoder, no alias keys. The input
     embedding is the whole (V, D) matrix with our trained `<|endofchunk|>` / `<image>` rows written in; a tied head
     listed under its own name (transformers' MPT: `lang_encoder.lm_head.weight`) holds that same tensor.
-    Loads back with `load_reference_state_dict` and into the reference's `Flamingo` with `strict=False`.
+    Loads back with `load_reference_state_dict` and into the reference's `Flamingo` with `strict=False`. A model
+    with qk-norm is refused (ReferenceCheckpointError): the reference would silently run without its norms.
     """
+    if qk_norm_keys(model):
+        raise ReferenceCheckpointError(f"{QK_NORM_REFUSAL}: the released format cannot hold this model")
     keys = _ModelKeys.of(model)
     out: dict[str, torch.Tensor] = {}
     for clean, tensor in keys.tensors.items():

@@ -242,6 +242,11 @@ def check_consistency(cfg: TrainConfig) -> None:
         )
     if cfg.eval_loader is not None and cfg.eval_subset_num_batches < 1:
         raise ConfigError("eval_subset_num_batches: must be >= 1 with an eval_loader (the loaders are streams)")
+    if cfg.load_reference_checkpoint and cfg.model.qk_norm:
+        raise ConfigError(
+            "load_reference_checkpoint: a released OpenFlamingo checkpoint has no qk-norm weights, and "
+            "model.qk_norm: true adds them (train qk-norm models from scratch, or set model.qk_norm: false)"
+        )
     for key in ("load_reference_checkpoint", "load_path"):
         path = getattr(cfg, key)
         if path and not _is_remote(path) and not Path(path).exists():

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA_STATE_NAME", "FlamingoEMA", "ema_weights_of"]
+__all__ = ["EMA_STATE_NAME", "WEIGHT_CHOICES", "FlamingoEMA", "checkpoint_weights", "ema_weights_of"]
 
 EMA_STATE_NAME = "FlamingoEMA"  # how a checkpoint's `state.algorithms` names this algorithm's entry
 
@@ -188,3 +188,27 @@ def ema_weights_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None
         if name == EMA_STATE_NAME and isinstance(entry, dict) and entry.get("started"):
             return dict(entry["ema"])
     return None
+
+
+WEIGHT_CHOICES = ("auto", "ema", "raw")  # the tools' --weights: auto = the average when the checkpoint holds one
+
+
+def checkpoint_weights(checkpoint: dict[str, Any], which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """(the model weights of a monolithic checkpoint under the ComposerModel's names, 'ema' or 'raw').
+
+    `which`: 'raw' = the trained weights (`state.model`); 'ema' = those with the average of every averaged
+    parameter in place (ValueError when the checkpoint holds none); 'auto' = 'ema' when it holds one, else 'raw'.
+    """
+    if which not in WEIGHT_CHOICES:
+        raise ValueError(f"weights: must be one of {list(WEIGHT_CHOICES)}, got {which!r}")
+    weights = dict(checkpoint["state"]["model"])
+    ema = ema_weights_of(checkpoint) if which != "raw" else None
+    if ema is None:
+        if which == "ema":
+            raise ValueError("the checkpoint holds no EMA weights (the run had no `ema` algorithm, or its average "
+                             "had not started): use the raw weights")  # fmt: skip
+        return weights, "raw"
+    unknown = sorted(set(ema) - set(weights))
+    if unknown:
+        raise ValueError(f"the checkpoint's EMA averages tensors its model state lacks: {unknown[:5]}")
+    return {**weights, **ema}, "ema"
