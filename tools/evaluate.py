@@ -2,6 +2,7 @@
 """Few-shot evaluation of a checkpoint on the recipe's `evaluators:` tasks (COCO CIDEr, VQAv2 accuracy, ...).
 
     python tools/evaluate.py --config yamls/eval-easyvqa.yaml --checkpoint runs/x/checkpoints/latest-rank0.pt
+    python tools/evaluate.py --suite yamls/eval/openflamingo.yaml --checkpoint OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt
     composer -n 8 tools/evaluate.py --config RECIPE --checkpoint OpenFlamingo-3B-vitl-mpt1b/checkpoint.pt --task coco
 
 The recipe's `model:` section builds the model (frozen CLIP/LM from the recipe), `--checkpoint` is one of our
@@ -28,7 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="recipe YAML with model: and evaluators: sections")
+    parser.add_argument("--config", help="recipe YAML with model: and evaluators: sections")
+    parser.add_argument(
+        "--suite", help="suite YAML (a recipe with a suite: section): every benchmark, shot and trial, resumable "
+        "from its results file, one JSON and a Markdown table (flamingo_composer/eval/suite.py)",
+    )  # fmt: skip
     parser.add_argument(
         "--checkpoint", required=True, help="our Composer checkpoint or a released checkpoint.pt"
     )
@@ -50,18 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu when CUDA is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the recipe")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.suite is None):
+        parser.error("give one of --config and --suite")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.suite is not None:
+        return run_suite(args)
     import torch
     from composer.utils import dist, get_device, reproducibility
     from tqdm import tqdm
 
     from flamingo_composer.eval.checkpoints import load_checkpoint, read_recipe
     from flamingo_composer.eval.runner import evaluate_task
-    from flamingo_composer.eval.tasks import FewShotTask
+    from flamingo_composer.eval.tasks import build_task
     from flamingo_composer.models.factory import build_flamingo
     from flamingo_composer.training.config import ConfigError
 
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = bundle.model.to(device._device).eval()
-    tasks = [FewShotTask(cfg, bundle.tokenizer, bundle.image_transform) for cfg in evaluators]
+    tasks = [build_task(cfg, bundle.tokenizer, bundle.image_transform, vision_encoder=model.vision_encoder,
+                        device=device._device) for cfg in evaluators]  # fmt: skip
     total = sum(
         len(t.rank_positions(dist.get_global_rank(), dist.get_world_size())) * len(t.cfg.shots) for t in tasks
     )
@@ -113,6 +124,46 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.json").write_text(text)
         print(text)
+    return 0
+
+
+def run_suite(args) -> int:
+    """--suite: read and check the suite (exit 2 before any model is built), then run what its results lack."""
+    from composer.utils import dist, get_device, reproducibility
+
+    from flamingo_composer.eval.checkpoints import load_checkpoint
+    from flamingo_composer.eval.suite import read_suite
+    from flamingo_composer.eval.suite import run_suite as run
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.training.config import ConfigError
+
+    try:
+        model_cfg, evaluators, suite = read_suite(args.suite, args.overrides)
+        args.config = args.suite  # named in _select's messages
+        evaluators = _select(evaluators, args)
+        if not Path(args.checkpoint).is_file():
+            raise ValueError(f"--checkpoint: file not found: {args.checkpoint}")
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    device = get_device(args.device)
+    dist.initialize_dist(device)
+    reproducibility.seed_all(0)
+
+    def build_model():
+        bundle = build_flamingo(model_cfg)
+        loaded = load_checkpoint(bundle.model, args.checkpoint)
+        return bundle.model.to(device._device).eval(), bundle.tokenizer, bundle.image_transform, loaded
+
+    try:
+        results = run(evaluators, suite, checkpoint=str(args.checkpoint), build_model=build_model,
+                      device=device._device, progress=not args.no_progress)  # fmt: skip
+    except ValueError as exc:  # a results file of another checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dist.get_global_rank() == 0:
+        print(json.dumps({"results": suite.results, "table": suite.table, "summary": results["summary"]}, indent=1))
+        print(Path(suite.table).read_text(), file=sys.stderr)
     return 0
 
 

@@ -497,3 +497,135 @@ def trainable_as_ours(pair: OraclePair, tensors: dict[str, torch.Tensor]) -> dic
     out = dict(tensors)
     out[new_token_rows_key(pair)] = out.pop(reference_embedding_key(pair))[ids]  # (2, D)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def reference_evaluate_module():
+    """The reference's open_flamingo/eval/evaluate.py, loaded script-style as it runs (its folder on sys.path for its
+    own `import utils`, `from eval_datasets import ...`), under the module name `reference_evaluate`."""
+    import importlib.util
+
+    eval_dir = Path(reference_modules().package.__file__).parent / "eval"
+    if "reference_evaluate" in sys.modules:
+        return sys.modules["reference_evaluate"]
+    if str(eval_dir) not in sys.path:
+        sys.path.insert(0, str(eval_dir))
+    spec = importlib.util.spec_from_file_location("reference_evaluate", eval_dir / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    with contextlib.redirect_stdout(io.StringIO()):
+        spec.loader.exec_module(module)
+    sys.modules["reference_evaluate"] = module
+    return module
+
+
+class ReferenceEvalModel:
+    """The reference's OpenFlamingo `EvalModel` for its evaluate.py (open_flamingo/eval/models/open_flamingo.py of
+    2.0.1, which the 2.0.1 wheel does not ship), over the pair's reference model, fp32, CPU: the prompt strings, the
+    image and text preparation (left padding, max 2,000 tokens) and `get_rank_classifications` with and without
+    its KV cache (cache_media, the prompt once, then each class name token by token with the cache; or prompt +
+    class name in one forward). Its prompt cache was a tuple under the transformers it pinned (never changed by
+    a forward); transformers 4.53 returns a DynamicCache that grows in place, so each class name gets a copy.
+    `calls` records every `get_rank_classifications` call: (batch_text, class log-likelihoods (B, C))."""
+
+    def __init__(self, pair: OraclePair):
+        self.model, self.image_processor, self.tokenizer = pair.reference.eval(), pair.image_processor, pair.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.device = "cpu"
+        self.calls: list[tuple[list[str], torch.Tensor]] = []
+
+    def get_imagenet_prompt(self, label=None) -> str:
+        return f"<image>Output:{label if label is not None else ''}{'<|endofchunk|>' if label is not None else ''}"
+
+    def get_hateful_memes_prompt(self, text, label=None) -> str:
+        return (f"<image>is an image with: '{text}' written on it. Is it hateful? Answer:"
+                f"{label if label is not None else ''}{'<|endofchunk|>' if label is not None else ''}")  # fmt: skip
+
+    def _images(self, batch) -> torch.Tensor:
+        per_example = max(len(x) for x in batch)
+        out = None
+        for i, example in enumerate(batch):
+            for j, image in enumerate(example):
+                tensor = self.image_processor(image)
+                if out is None:
+                    out = torch.zeros((len(batch), per_example, 1, *tensor.shape), dtype=tensor.dtype)
+                out[i, j, 0] = tensor
+        return out
+
+    def _text(self, batch):
+        enc = self.tokenizer(batch, padding="longest", truncation=True, return_tensors="pt", max_length=2000)
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    @torch.inference_mode()
+    def get_rank_classifications(self, batch_text, batch_images, all_class_names, use_cache, normalize_length):
+        images = self._images(batch_images)
+        ids, mask = self._text(batch_text)
+        if use_cache:
+            self.model.cache_media(input_ids=ids, vision_x=images)
+            prompt = self.model(vision_x=None, lang_x=ids, attention_mask=mask, clear_conditioned_layers=False,
+                                use_cache=True)  # fmt: skip
+        scores = []
+        for name in all_class_names:
+            tokens = self.tokenizer(name, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            tokens = tokens.repeat(len(batch_text), 1)  # (B, n)
+            n = tokens.shape[1]
+            if use_cache:
+                cache, steps = copy.deepcopy(prompt.past_key_values), []
+                for t in range(n):
+                    out = self.model(vision_x=None, lang_x=tokens[:, t : t + 1], attention_mask=None,
+                                     clear_conditioned_layers=False, past_key_values=cache, use_cache=True)  # fmt: skip
+                    cache = out.past_key_values
+                    steps.append(out.logits)
+                logits = torch.cat([prompt.logits, *steps], dim=1)
+            else:
+                logits = self.model(vision_x=images, lang_x=torch.cat([ids, tokens], dim=1),
+                                    attention_mask=torch.cat([mask, torch.ones_like(tokens).bool()], dim=1),
+                                    clear_conditioned_layers=True).logits  # fmt: skip
+            logprobs = torch.log_softmax(logits, dim=-1)[:, -n - 1 : -1, :]
+            per_token = torch.gather(logprobs, 2, tokens[:, :, None]).squeeze(-1)  # (B, n)
+            scores.append(per_token.mean(dim=1) if normalize_length else per_token.sum(dim=1))
+        self.model.uncache_media()
+        result = torch.vstack(scores).T.cpu()  # (B, C)
+        self.calls.append((list(batch_text), result.clone()))
+        return result
+
+
+def reference_classification(pair: OraclePair, dataset: str, *, shots: int, seed: int, batch_size: int,
+                             query_set_size: int, use_cache: bool, ensembling: bool, imagenet_root: str | None = None,
+                             imagenet_classnames: list[str] | None = None, hateful_memes: dict | None = None):  # fmt: skip
+    """The reference's own `evaluate_classification` (one rank) on the pair's reference model: (score, the eval
+    model with its recorded calls). ImageNet runs over `imagenet_classnames` (its module-level list replaced, so a
+    tiny tree of a few classes is ranked against a few names); hateful_memes: {'images', 'train', 'test'} paths.
+
+    Its ImageNet path builds every query prompt with `batch["ocr"]`, a key its ImageNetDataset lacks (a KeyError in
+    2.0.1): the dataset here adds `ocr: None` to each item, which the ImageNet prompt ignores; nothing else changes.
+    """
+    evaluate = reference_evaluate_module()
+
+    class ImageNetWithOcr(evaluate.ImageNetDataset):
+        def __getitem__(self, idx):
+            return {**super().__getitem__(idx), "ocr": None}
+
+    eval_model = ReferenceEvalModel(pair)
+    args = SimpleNamespace(
+        model="open_flamingo", num_samples=-1, batch_size=batch_size, query_set_size=query_set_size, rices=False,
+        rank=0, world_size=1, imagenet_root=imagenet_root,
+        hateful_memes_image_dir_path=(hateful_memes or {}).get("images"),
+        hateful_memes_train_annotations_json_path=(hateful_memes or {}).get("train"),
+        hateful_memes_test_annotations_json_path=(hateful_memes or {}).get("test"),
+    )  # fmt: skip
+    datasets = sys.modules["eval_datasets"]
+    saved = (evaluate.IMAGENET_CLASSNAMES, datasets.IMAGENET_CLASSNAMES, evaluate.ImageNetDataset)
+    evaluate.ImageNetDataset = ImageNetWithOcr
+    if imagenet_classnames is not None:
+        evaluate.IMAGENET_CLASSNAMES = datasets.IMAGENET_CLASSNAMES = list(imagenet_classnames)
+    try:
+        with single_process_group(), contextlib.redirect_stderr(io.StringIO()):
+            score = evaluate.evaluate_classification(
+                args, eval_model, seed=seed, num_shots=shots, dataset_name=dataset, no_kv_caching=not use_cache,
+                use_prompt_ensembling=ensembling,
+            )  # fmt: skip
+    finally:
+        evaluate.IMAGENET_CLASSNAMES, datasets.IMAGENET_CLASSNAMES, evaluate.ImageNetDataset = saved
+    return score, eval_model

@@ -20,10 +20,11 @@ from composer.core import DataSpec, Evaluator
 from composer.utils import dist
 from torchmetrics import Metric
 
-from flamingo_composer.eval.config import METRIC_NAMES, EvaluatorConfig
+from flamingo_composer.eval.benchmarks import METRIC_NAMES_ALL
+from flamingo_composer.eval.config import EvaluatorConfig
 from flamingo_composer.eval.generation import generate_text
 from flamingo_composer.eval.postprocess import postprocess
-from flamingo_composer.eval.tasks import FewShotTask, score_records
+from flamingo_composer.eval.tasks import FewShotTask, build_task, score_records
 from flamingo_composer.training.composer_model import FlamingoComposerModel
 
 STD_SUFFIX = "_std"
@@ -50,6 +51,7 @@ class FewShotScore(Metric):
     def update(self, batch: Mapping[str, Any], predictions: Sequence[str]) -> None:
         info = batch["fewshot"]
         self.task_info = {k: info[k] for k in ("task", "kind", "num_trials", "caption_tokenizer")}
+        self.task_info["scoring"] = info.get("scoring", {})  # classification: metric and class names
         for qid, pred, refs in zip(batch["ids"], predictions, batch["references"], strict=True):
             self.records.append((int(info["trial"]), qid, pred, tuple(refs)))
 
@@ -66,7 +68,8 @@ class FewShotScore(Metric):
             info = self.task_info
             if info is None or not records:
                 raise RuntimeError("FewShotScore.compute: no few-shot predictions were recorded on rank 0")
-            result = score_records(info["kind"], records, info["num_trials"], info["caption_tokenizer"])
+            result = score_records(info["kind"], records, info["num_trials"], info["caption_tokenizer"],
+                                   **info["scoring"])  # fmt: skip
             result["task"] = info["task"]
         if world > 1:
             box = [result]
@@ -77,9 +80,9 @@ class FewShotScore(Metric):
 
 
 def fewshot_metrics() -> dict[str, Metric]:
-    """{'CIDEr', 'CIDEr_std', 'VQAAccuracy', 'VQAAccuracy_std'}; an evaluator selects its kind's pair."""
+    """{'CIDEr', 'CIDEr_std', 'VQAAccuracy', ..., 'ROC_AUC_std'}; an evaluator selects its metric's pair."""
     metrics = {}
-    for name in METRIC_NAMES.values():
+    for name in METRIC_NAMES_ALL:
         metrics[name] = FewShotScore("mean")
         metrics[name + STD_SUFFIX] = FewShotScore("std")
     return metrics
@@ -118,7 +121,7 @@ def build_fewshot_evaluators(
     """One Evaluator per (task, shot), labelled eval/<name>_<k>shot, with its kind's metric pair."""
     evaluators = []
     for cfg in configs:
-        task = FewShotTask(cfg, tokenizer, image_transform)  # reads and checks the data now, before training
+        task = build_task(cfg, tokenizer, image_transform)  # reads and checks the data now, before training
         for shot in cfg.shots:
             evaluators.append(
                 Evaluator(
@@ -146,11 +149,15 @@ class FewShotComposerModel(FlamingoComposerModel):
         if not self.is_fewshot(batch):
             return super().eval_forward(batch, outputs)
         info = batch["fewshot"]
+        if info["kind"] == "classification":
+            from flamingo_composer.eval.classification_task import classify_batch
+
+            return classify_batch(self.model, batch)[0]
         texts = generate_text(
             self.model, self.tokenizer, vision_x=batch["vision_x"], image_mask=batch["image_mask"],
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], settings=info["settings"],
         )  # fmt: skip
-        return [postprocess(info["kind"], t) for t in texts]
+        return [postprocess(info.get("postprocess", info["kind"]), t) for t in texts]
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         metrics = super().get_metrics(is_train)

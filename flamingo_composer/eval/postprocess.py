@@ -19,9 +19,13 @@ def postprocess_vqa(text: str) -> str:
 
 
 def postprocess(kind: str, text: str) -> str:
-    """The post-processing of a task kind ('captioning' | 'vqa')."""
+    """The post-processing of a task kind ('captioning' | 'vqa'), or 'ok_vqa' (VQA's, then stemmed: ok_vqa.py)."""
     if kind == "captioning":
         return postprocess_caption(text)
     if kind == "vqa":
         return postprocess_vqa(text)
-    raise ValueError(f"unknown task kind {kind!r}")
+    if kind == "ok_vqa":
+        from flamingo_composer.eval.ok_vqa import postprocess_ok_vqa
+
+        return postprocess_ok_vqa(text)
+    raise ValueError(f"unknown post-processing {kind!r}")

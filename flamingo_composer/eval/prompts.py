@@ -1,7 +1,7 @@
 """The reference's few-shot prompt strings (open_flamingo/eval/models/open_flamingo.py and evaluate.py, v2.0.1).
 
-A demo is its image token plus the filled prompt and `<|endofchunk|>`; demos are joined by a `\n` after each one;
-the query's open prompt follows. 0-shot (as Flamingo) uses 2 text-only demonstrations: the `<image>` tokens are
+A demo is its image token plus the filled prompt and `<|endofchunk|>`; captioning and VQA demos are each followed
+by a `\n`, classification demos by nothing (the reference joins them with ""); the query's open prompt follows. 0-shot (as Flamingo) uses 2 text-only demonstrations: the `<image>` tokens are
 removed from the demo text and no demo image is passed, only the query's.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 MEDIA = "<image>"
 ENDOFCHUNK = "<|endofchunk|>"
 DEMO_SEPARATOR = "\n"
+CLASSIFICATION_DEMO_SEPARATOR = ""
 ZERO_SHOT_TEXT_DEMOS = 2
 
 
@@ -29,6 +30,17 @@ def vqa_prompt(question: str, answer: str | None = None) -> str:
     return f"{MEDIA}Question:{question} Short answer:{answer}{ENDOFCHUNK}"
 
 
+def imagenet_prompt(label: str | None = None) -> str:
+    """`<image>Output:{label}<|endofchunk|>`, or the open `<image>Output:` for the query (ImageNet)."""
+    return caption_prompt(label)
+
+
+def hateful_memes_prompt(text: str, label: str | None = None) -> str:
+    """The meme's OCR text, then `Is it hateful? Answer:{label}<|endofchunk|>`, or open for the query."""
+    prompt = f"{MEDIA}is an image with: '{text}' written on it. Is it hateful? Answer:"
+    return prompt if label is None else f"{prompt}{label}{ENDOFCHUNK}"
+
+
 def effective_num_shots(num_shots: int) -> int:
     """Demos to draw: `num_shots`, or 2 text-only ones for 0-shot (the reference's compute_effective_num_shots)."""
     if num_shots < 0:
@@ -36,12 +48,14 @@ def effective_num_shots(num_shots: int) -> int:
     return num_shots if num_shots > 0 else ZERO_SHOT_TEXT_DEMOS
 
 
-def few_shot_prompt(demo_prompts: Sequence[str], query_prompt: str, num_shots: int) -> str:
+def few_shot_prompt(
+    demo_prompts: Sequence[str], query_prompt: str, num_shots: int, separator: str = DEMO_SEPARATOR
+) -> str:
     """Demo prompts (each filled, with `<image>`) + query prompt -> the model's text, as the reference builds it.
 
     With num_shots == 0 the demos are text-only: their `<image>` tokens are removed (the query keeps its own).
     """
-    context = "".join(prompt + DEMO_SEPARATOR for prompt in demo_prompts)
+    context = "".join(prompt + separator for prompt in demo_prompts)
     if num_shots == 0:
         context = context.replace(MEDIA, "")
     return context + query_prompt

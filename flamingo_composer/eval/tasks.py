@@ -17,7 +17,7 @@ import torch
 
 from flamingo_composer.eval import prompts
 from flamingo_composer.eval.cider import cider_score
-from flamingo_composer.eval.config import DEFAULT_MAX_NEW_TOKENS, EvalSplitConfig, EvaluatorConfig
+from flamingo_composer.eval.config import EvalSplitConfig, EvaluatorConfig
 from flamingo_composer.eval.datasets import (
     CaptionExample,
     SkipLog,
@@ -38,8 +38,21 @@ from flamingo_composer.eval.vqa_accuracy import vqa_accuracy
 log = logging.getLogger(__name__)
 
 
-def load_split(cfg: EvalSplitConfig, role: str) -> tuple[list, SkipLog]:
-    """Examples of one split; `role` ('train' | 'test') picks the default Karpathy / easy-vqa split name."""
+def load_split(cfg: EvalSplitConfig, role: str, num_class_names: int = 0) -> tuple[list, SkipLog]:
+    """Examples of one split; `role` ('train' | 'test') picks the default Karpathy / easy-vqa split name;
+    `num_class_names` bounds an ImageFolder tree's class count."""
+    if cfg.format in ("vizwiz", "textvqa"):
+        from flamingo_composer.eval.native_vqa import load_textvqa, load_vizwiz
+
+        return (load_vizwiz if cfg.format == "vizwiz" else load_textvqa)(cfg.annotations, cfg.images)
+    if cfg.format == "hateful_memes":
+        from flamingo_composer.eval.class_datasets import load_hateful_memes
+
+        return load_hateful_memes(cfg.annotations, cfg.images)
+    if cfg.format == "imagefolder":
+        from flamingo_composer.eval.class_datasets import load_image_folder
+
+        return load_image_folder(cfg.images, num_class_names)
     if cfg.format == "karpathy":
         return load_karpathy(cfg.annotations, cfg.images, cfg.split or role)
     if cfg.format == "coco":
@@ -75,14 +88,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 class FewShotTask:
-    """Examples + protocol of one `EvaluatorConfig`; builds the per-rank batches of a shot count."""
+    """Examples + protocol of one `EvaluatorConfig`; builds the per-rank batches of a shot count.
 
-    def __init__(self, cfg: EvaluatorConfig, tokenizer, image_transform):
+    `vision_encoder` (the model's frozen tower) serves RICES with `rices.tower: model`; `device` is where RICES
+    computes features.
+    """
+
+    def __init__(self, cfg: EvaluatorConfig, tokenizer, image_transform, *, vision_encoder=None, device="cpu"):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.image_transform = image_transform
-        self.train, train_skips = load_split(cfg.train, "train")
-        self.test, test_skips = load_split(cfg.test, "test")
+        self.vision_encoder, self.device = vision_encoder, device
+        self._rices = None
+        self.train, train_skips = load_split(cfg.train, "train", self.num_class_names())
+        self.test, test_skips = load_split(cfg.test, "test", self.num_class_names())
         self.skipped = {"train": train_skips.as_dict(), "test": test_skips.as_dict()}
         for role, skips in (("train", train_skips), ("test", test_skips)):
             if skips.total:
@@ -95,7 +114,7 @@ class FewShotTask:
                 f"skipped: {self.skipped}"
             )
         self.settings = GenerationSettings(
-            max_new_tokens=cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[cfg.kind],
+            max_new_tokens=cfg.generation_length,
             min_new_tokens=cfg.min_new_tokens,
             num_beams=cfg.num_beams,
             length_penalty=cfg.length_penalty,
@@ -104,7 +123,32 @@ class FewShotTask:
         self._image = functools.lru_cache(maxsize=cfg.image_cache_size)(self._load_transformed)
         self._plans: dict[tuple[int, int], TrialPlan] = {}
 
+    def num_class_names(self) -> int:
+        return 0
+
+    @property
+    def postprocess_name(self) -> str:
+        """How generations are cut before scoring: the kind's, or 'ok_vqa' (stemmed answers)."""
+        spec = self.cfg.spec
+        return "ok_vqa" if spec is not None and spec.stem_answers else self.cfg.kind
+
     # ----------------------------------------------------------------------------------------------- plans
+
+    def permutations(self, shot: int) -> int:
+        """Prompt orders per query (prompt ensembling; 0 = the demos as drawn)."""
+        return 0
+
+    def rices(self):
+        """The task's RICES retriever over the train split, built on first use (features cached per its config)."""
+        if self._rices is None:
+            from flamingo_composer.eval.rices import build_rices
+
+            self._rices = build_rices(self.cfg.rices, [e.image_path for e in self.train], device=self.device,
+                                      vision_encoder=self.vision_encoder, image_transform=self.image_transform)  # fmt: skip
+        return self._rices
+
+    def _retrieve(self, queries: list[int], k: int) -> list[list[int]]:
+        return self.rices().retrieve([self.test[q].image_path for q in queries], k)
 
     def plan(self, shot: int, trial: int) -> TrialPlan:
         key = (shot, trial)
@@ -112,6 +156,8 @@ class FewShotTask:
             self._plans[key] = plan_trial(
                 len(self.test), len(self.train), num_shots=shot, seed=self.cfg.trial_seeds[trial],
                 num_samples=self.cfg.num_samples, query_set_size=self.cfg.query_set_size,
+                permutations=self.permutations(shot), batch_size=self.cfg.batch_size,
+                retrieve=self._retrieve if self.cfg.rices is not None else None,
             )  # fmt: skip
         return self._plans[key]
 
@@ -165,7 +211,7 @@ class FewShotTask:
         return {
             "fewshot": {"task": self.cfg.name, "kind": self.cfg.kind, "shot": shot, "trial": trial,
                         "num_trials": self.cfg.num_trials, "caption_tokenizer": self.cfg.caption_tokenizer,
-                        "settings": self.settings},
+                        "settings": self.settings, "postprocess": self.postprocess_name},
             "ids": ids,
             "references": refs,
             "vision_x": vision_x,
@@ -173,10 +219,11 @@ class FewShotTask:
             **tokenize_prompts(self.tokenizer, texts),
         }  # fmt: skip
 
-    def rank_positions(self, rank: int, world_size: int) -> list[tuple[int, range]]:
-        """(trial, positions) of every batch this rank runs for one shot count, all trials in order."""
+    def rank_positions(self, rank: int, world_size: int, trials: Sequence[int] | None = None) -> list[tuple[int, range]]:
+        """(trial, positions) of every batch this rank runs for one shot count, all trials (or `trials`) in order."""
         per_trial = rank_batches(self.num_queries(), self.cfg.batch_size, rank, world_size)
-        return [(trial, positions) for trial in range(self.cfg.num_trials) for positions in per_trial]
+        trials = range(self.cfg.num_trials) if trials is None else trials
+        return [(trial, positions) for trial in trials for positions in per_trial]
 
     def batches(self, shot: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
         for trial, positions in self.rank_positions(rank, world_size):
@@ -184,25 +231,56 @@ class FewShotTask:
 
     # ------------------------------------------------------------------------------------------------ score
 
-    def score_trials(self, records: Sequence[tuple[int, Any, str, Sequence[str]]]) -> dict[str, Any]:
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """What `score_records` needs beyond the kind (classification: the metric and class names)."""
+        return {}
+
+    def score_trials(self, records: Sequence[tuple[int, Any, Any, Sequence]]) -> dict[str, Any]:
         """records: (trial, id, prediction, references) from all ranks -> {'trials', 'mean', 'std', ...}."""
-        return score_records(self.cfg.kind, records, self.cfg.num_trials, self.cfg.caption_tokenizer)
+        return score_records(self.cfg.kind, records, self.cfg.num_trials, self.cfg.caption_tokenizer,
+                             **self.scoring)  # fmt: skip
 
 
-def score_records(kind: str, records, num_trials: int, caption_tokenizer: str = "auto") -> dict[str, Any]:
-    """Per-trial scores of gathered (trial, id, prediction, references) records, their mean and std."""
-    trials, details = [], {}
-    for trial in range(num_trials):
+def build_task(cfg: EvaluatorConfig, tokenizer, image_transform, **kwargs) -> FewShotTask:
+    """The task of an evaluator: a `ClassificationTask` for classification benchmarks, else a `FewShotTask`."""
+    if cfg.kind == "classification":
+        from flamingo_composer.eval.classification_task import ClassificationTask
+
+        return ClassificationTask(cfg, tokenizer, image_transform, **kwargs)
+    return FewShotTask(cfg, tokenizer, image_transform, **kwargs)
+
+
+def score_records(kind: str, records, num_trials: int, caption_tokenizer: str = "auto", *,
+                  metric: str | None = None, class_names: Sequence[str] = (),
+                  trials: Sequence[int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Per-trial scores of gathered (trial, id, prediction, references) records, their mean and std.
+
+    Classification records carry (top-k indices, greater-class probability) as the prediction and (label,) as the
+    references, scored by `metric` over `class_names` (class_metrics.py). `trials`: which trial numbers to score
+    (default: 0 .. num_trials - 1).
+    """
+    trial_ids = range(num_trials) if trials is None else trials
+    scores, details, per_trial_details = [], {}, []
+    for trial in trial_ids:
         rows = sorted((r for r in records if r[0] == trial), key=lambda r: str(r[1]))
-        predictions = {r[1]: r[2] for r in rows}
-        references = {r[1]: r[3] for r in rows}
-        score, details = score_predictions(kind, predictions, references, caption_tokenizer)
-        trials.append(score)
-    mean, std = mean_std(trials)
+        if kind == "classification":
+            from flamingo_composer.eval.class_metrics import classification_score
+
+            score, details = classification_score(metric, [r[1:] for r in rows], class_names)
+        else:
+            predictions = {r[1]: r[2] for r in rows}
+            references = {r[1]: r[3] for r in rows}
+            score, details = score_predictions(kind, predictions, references, caption_tokenizer)
+        scores.append(score)
+        per_trial_details.append(details)
+    mean, std = mean_std(scores)
+    if kind == "classification":  # per-trial extras (top-5) averaged like the score
+        details = {key: mean_std([d[key] for d in per_trial_details])[0] for key in details}
     return {
-        "trials": trials,
+        "trials": scores,
         "mean": mean,
         "std": std,
-        "num_queries": len(records) // max(num_trials, 1),
+        "num_queries": len(records) // max(len(trial_ids), 1),
         **details,
     }
