@@ -57,8 +57,10 @@ QK_NORM_REFUSAL = (
 
 
 def qk_norm_keys(model: nn.Module) -> list[str]:
-    """The model's qk-norm tensors (`...q_norm.weight`, ...), in wrapper-free names; none without qk-norm."""
-    return sorted(k for k in (_clean_key(k) for k in model.state_dict()) if re.search(r"\.[qk]_norm\.", k))
+    """The model's qk-norm tensors (`...q_norm.weight`, ...) in the perceiver and the cross-attention blocks, in
+    wrapper-free names; none without qk-norm (an LM's own q/k norms, Qwen3's or OLMo 2's, are not Flamingo's)."""
+    pattern = re.compile(r"^(perceiver\.|.*\.gated_cross_attn_layer\.).*\.[qk]_norm\.")
+    return sorted(k for k in (_clean_key(k) for k in model.state_dict()) if pattern.match(k))
 
 
 @dataclass
