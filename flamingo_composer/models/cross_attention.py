@@ -121,7 +121,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))  # (1,)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D_lm), media (B, T_img, n, D_vis), text_time (B, L) -> (B, L, D_lm)."""
+        """x (B, L, D_lm), media (B, T_img, n, D_vis), text_time (B, L) -> (B, L, D_lm), in x's dtype: the LM's
+        residual stream keeps its own dtype (bf16 frozen weights under autocast), not the fp32 gates'."""
+        residual_dtype = x.dtype
         x = self.attn(x, media, text_time) * self.attn_gate.tanh() + x  # (B, L, D_lm)
         x = self.ff(x) * self.ff_gate.tanh() + x  # (B, L, D_lm)
-        return x
+        return x.to(residual_dtype)

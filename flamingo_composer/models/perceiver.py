@@ -17,24 +17,30 @@ class _GeluLinear(torch.autograd.Function):
 
     Autograd would keep both h (for GELU's backward) and gelu(h) (for the trained W's gradient): two (..., 4D)
     tensors per feed-forward, the largest activations of a cross-attention block. The recomputation is one
-    elementwise GELU; the gradients are autograd's own ops on the same tensors.
+    elementwise GELU; the gradients are autograd's own ops on the same tensors, in the dtype the forward's matmul
+    ran in (bf16 under autocast, on any device): each input's gradient is cast back to that input's dtype, as
+    autocast's casts do.
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight):  # hidden (..., 4D), weight (D, 4D)
+        out = F.linear(F.gelu(hidden), weight)  # (..., D); under autocast both run in its dtype
         ctx.save_for_backward(hidden, weight)
-        return F.linear(F.gelu(hidden), weight)  # (..., D)
+        ctx.compute_dtype = out.dtype
+        return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # grad_out (..., D)
         hidden, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad_out, low_hidden = grad_out.to(dtype), hidden.to(dtype)
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = grad_out.flatten(0, -2).t() @ F.gelu(hidden).flatten(0, -2)  # (D, 4D)
+            grad_weight = grad_out.flatten(0, -2).t() @ F.gelu(low_hidden).flatten(0, -2)  # (D, 4D)
+            grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight, hidden)  # (..., 4D)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_out @ weight.to(dtype), low_hidden)  # (..., 4D)
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight
 
 
