@@ -130,3 +130,29 @@ def test_the_outermost_fsdp2_unit_stays_gathered_after_forward():
     assert keep_root_gathered_after_forward(wrapper)
     assert calls == [(root, False, False)]
     assert not keep_root_gathered_after_forward(nn.Sequential(nn.Linear(2, 2)))  # no FSDP2: nothing to set
+
+
+@pytest.mark.parametrize(("backend", "fixed"), [("gloo", 2), ("nccl", 0), ("cpu:gloo,cuda:nccl", 0)])
+def test_the_gradient_mean_fix_applies_to_gloo_only(monkeypatch, backend, fixed):
+    """gloo computes FSDP2's ReduceOp.AVG as a SUM, so each unit's reduced gradient is divided by the world size;
+    NCCL averages by itself, and dividing there would shrink every gradient (stand-in process group and units)."""
+    import torch.distributed as torch_dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from flamingo_composer.training.fsdp import average_fsdp2_gradients_on_gloo
+
+    hooks = []
+
+    class FSDPLinear(FSDPModule, nn.Linear):  # as fully_shard swaps a module's class for FSDP<Module>
+        def set_all_reduce_hook(self, hook, *, stream=None):
+            hooks.append(hook)
+
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch_dist, "get_world_size", lambda group=None: 4)
+    root, inner = nn.Linear(2, 2), nn.Linear(2, 2)
+    root.inner = inner
+    root.__class__ = inner.__class__ = FSDPLinear
+    assert average_fsdp2_gradients_on_gloo(nn.Sequential(root)) == fixed == len(hooks)
+    for hook in hooks:
+        assert torch.equal(hook(torch.full((3,), 8.0)), torch.full((3,), 2.0))  # the sum of 4 ranks -> their mean
