@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # collection order: the longest modules go first so that neither worker is left with one at the end.
 LONGEST_MODULES_FIRST = (
     "test_eval_learning.py", "test_fsdp2.py", "test_learning.py", "test_eval_integration.py",
-    "test_checkpoint_recovery_dist.py",
+    "test_checkpoint_recovery_dist.py", "test_algorithms.py",
 )  # fmt: skip
 THREADS_PER_TEST = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2  # the 2 workers share the 2 cores
 

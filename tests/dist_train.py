@@ -5,7 +5,8 @@ distributed tests compare.
 Rank 0 writes OUT.pt after every step (so a killed run leaves its steps) and at the end: per-step logged losses, the global gradient norm before clipping (from the accumulated
 gradients after the last microbatch's backward), the trainable parameters at the end (full tensors, gathered from
 FSDP2 shards), each trainable parameter's DTensor placements, whether any frozen parameter got a gradient, FLOPs
-per batch as the model counts them, and the world size. `--kill-at K` SIGKILLs every rank at the start of step
+per batch as the model counts them, the world size, and with the `ema` algorithm its average (full tensors) when
+training starts (after a resume: what the checkpoint held) and at the end. `--kill-at K` SIGKILLs every rank at the start of step
 K + 1, after step K's checkpoint is written: a crashed job, not a finished one. `--slow-save S` writes each
 checkpoint file in two halves S seconds apart, as a large model's long write: a kill in between meets a partial
 file.
@@ -45,6 +46,12 @@ def _flamingo(state: State) -> torch.nn.Module:
     return _composer_model(state).model
 
 
+def ema_average(state: State) -> dict[str, torch.Tensor] | None:
+    """The `ema` algorithm's average as full tensors (gathered from FSDP2 shards), or None without it."""
+    found = [c for c in state.callbacks if type(c).__name__ == "FlamingoEMA"]
+    return {name: _full(t) for name, t in found[0]._ema.items()} if found else None
+
+
 class Recorder(Callback):
     def __init__(self, out: str, kill_at: int | None):
         self.out, self.kill_at = out, kill_at
@@ -52,7 +59,11 @@ class Recorder(Callback):
         self.grad_norms: dict[int, float] = {}
         self.flops: dict[int, float] = {}
         self.frozen_with_grad: set[str] = set()
+        self.ema_at_start = None
         self._last_norm = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.ema_at_start = ema_average(state)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         if self.kill_at is not None and int(state.timestamp.batch) == self.kill_at:
@@ -79,7 +90,8 @@ class Recorder(Callback):
 
         if dist.get_global_rank() == 0:
             record = {"losses": self.losses, "grad_norms": self.grad_norms, "flops": self.flops,
-                      "frozen_with_grad": sorted(self.frozen_with_grad), "world_size": dist.get_world_size()}
+                      "frozen_with_grad": sorted(self.frozen_with_grad), "world_size": dist.get_world_size(),
+                      "ema_at_start": self.ema_at_start}
             torch.save({**record, **extra}, self.out)  # fmt: skip
 
 
@@ -120,8 +132,9 @@ def main(argv: list[str]) -> None:
     flamingo = _flamingo(trainer.state)
     trainable = {_name(n): _full(p) for n, p in flamingo.named_parameters() if p.requires_grad}
     placements = {_name(n): str(getattr(p, "placements", None)) for n, p in flamingo.named_parameters()}
+    ema = ema_average(trainer.state)
     trainer.close()
-    recorder.save(trainable=trainable, placements=placements)
+    recorder.save(trainable=trainable, placements=placements, ema=ema)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ def test_only_trainable_float_parameters_are_averaged_and_no_buffer_changes(half
     ema = FlamingoEMA(half_life=half_life)
     trainer = Trainer(
         model=model, train_dataloader=dual_dataspec(batches), max_duration="3ba",
-        optimizers=build_optimizer(OptimizerConfig(lr=1e-2), bundle.model), algorithms=[ema],
+        optimizers=build_optimizer(OptimizerConfig(lr=1e-2), bundle.model),
         eval_dataloader=Evaluator(label="eval", dataloader=dual_dataspec(batches[:1]),
                                   metric_names=heldout_metric_names(["laion", "mmc4"]), device_eval_microbatch_size=4),
-        eval_interval="1ba", callbacks=[StepTokenCounts()], device="cpu", precision="fp32", progress_bar=False,
+        eval_interval="1ba", callbacks=[StepTokenCounts(), ema], device="cpu", precision="fp32", progress_bar=False,
         **REQUIRED_TRAINER_KWARGS,
     )  # fmt: skip
     trainer.fit()

@@ -6,6 +6,9 @@
 - Killed after step 3 (SIGKILL, not a clean end) and autoresumed in a new process, DDP, FSDP2 sharded and FSDP2
   full (with activation checkpointing) repeat the uninterrupted DDP run; checkpoints hold no frozen weight.
 - A sharded checkpoint written by 2 ranks resumes on 1.
+- Every run has the `ema` algorithm and evaluates (held-out) every 3 steps, on the average: under FSDP2 each rank
+  averages its own shards, the sharded checkpoints hold them (resharded 2 -> 1 exactly), the monolithic ones
+  full tensors; the averages after a kill and a resume equal the uninterrupted DDP run's.
 - The released 3B model's shape of LM: remote-code MPT with a tied head and a 50,280-token vocabulary, trains
   under FSDP2 with activation checkpointing (its spliced head works with the embedding sharded), and resumes.
 """
@@ -31,8 +34,9 @@ def _overrides(data_root: Path, save_folder: Path, steps: int = STEPS) -> list[s
         f"variables.data_root={data_root}", f"max_duration={steps}", "run_name=dist",
         "data.laion.batch_size=4", "data.laion.num_workers=0", "data.mmc4.batch_size=2", "data.mmc4.num_workers=0",
         "data.mmc4.preprocess.max_tokens=64", f"data.mmc4.preprocess.min_image_bytes={SYNTHETIC_MIN_IMAGE_BYTES}",
-        "eval_loader=null", "scheduler.t_warmup=1", "callbacks={}", "loggers={}", "save_interval=1",
-        "autoresume=true", "log_to_console=false", f"save_folder={save_folder}",
+        "eval_loader.laion.batch_size=4", "eval_loader.mmc4.batch_size=4", "eval_interval=3",
+        "eval_subset_num_batches=1", "algorithms.ema={half_life: 2ba}", "scheduler.t_warmup=1", "callbacks={}",
+        "loggers={}", "save_interval=1", "autoresume=true", "log_to_console=false", f"save_folder={save_folder}",
     ]  # fmt: skip
 
 
@@ -73,6 +77,9 @@ def assert_same_run(run: dict, reference: dict, steps) -> None:
     # (Gradient scale is checked by the pre-clip norms, which Adam alone would hide.)
     for name, value in reference["trainable"].items():
         torch.testing.assert_close(run["trainable"][name], value, rtol=0, atol=LR / 20, msg=name)
+    assert run["ema"].keys() == reference["ema"].keys() == {f"model.{name}" for name in reference["trainable"]}
+    for name, value in reference["ema"].items():  # the average of those weights: the same tolerance
+        torch.testing.assert_close(run["ema"][name], value, rtol=0, atol=LR / 20, msg=name)
 
 
 def checkpoint_model_keys(path: Path) -> set[str]:
@@ -83,6 +90,17 @@ def checkpoint_model_keys(path: Path) -> set[str]:
         keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         return {k.removeprefix("state.model.") for k in keys if k.startswith("state.model.")}
     return set(torch.load(path, weights_only=False)["state"]["model"])
+
+
+def checkpoint_ema_keys(folder: Path) -> set[str]:
+    """The averaged tensors a sharded checkpoint holds as sharded tensors (not pickled objects)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    prefix = "state.callbacks.FlamingoEMA.ema."
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {k.removeprefix(prefix) for k, v in keys.items() if k.startswith(prefix) and isinstance(v,
+                                                                                               TensorStorageMetadata)}
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +127,13 @@ def test_fsdp2_sharded_equals_ddp_resumes_after_a_kill_and_on_fewer_ranks(data_r
     # The sharded checkpoint holds the trainable tensors only.
     latest = tmp_path / "ckpt" / f"ep0-ba{STEPS}"
     assert checkpoint_model_keys(latest) == {f"model.{name}" for name in ddp["trainable"]}
+    assert checkpoint_ema_keys(latest) == {f"model.{name}" for name in ddp["trainable"]}  # one shard per rank
     # 2 ranks' shards resume on 1 rank (torch.distributed.checkpoint reshards): one more step runs.
     one_rank = launch(tmp_path / "one.pt", [*_overrides(data_root, tmp_path / "ckpt", STEPS + 1), FSDP2_SHARDED],
                       ranks=1)  # fmt: skip
     assert sorted(one_rank["losses"]) == [STEPS + 1] and one_rank["world_size"] == 1
+    for name, value in resumed["ema"].items():  # the 2 ranks' shards of the average, exactly, on 1 rank
+        assert torch.equal(one_rank["ema_at_start"][name], value), name
 
 
 def test_ddp_resumes_after_a_kill(data_root, ddp, tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from composer.algorithms import GradientClipping
-from composer.core import Algorithm
+from composer.core import Algorithm, Callback
 
 from flamingo_composer.training.ema import FlamingoEMA
 
@@ -45,9 +45,10 @@ def _check_ema(kwargs: Mapping[str, Any], fsdp: Any) -> None:
 
 @dataclass(frozen=True)
 class Supported:
-    """A supported algorithm: its constructor, what it is for here, and its config-time checks."""
+    """A supported algorithm: its constructor (an Algorithm, or a Callback where the algorithm runs as one, as
+    `ema` does: training/ema.py says why), what it is for here, and its config-time checks."""
 
-    build: Callable[..., Algorithm]
+    build: Callable[..., Algorithm | Callback]
     use: str
     check: Callable[[Mapping[str, Any], Any], None]
 
@@ -122,7 +123,7 @@ def unclassified() -> list[str]:
     return sorted(set(composer_algorithm_names()) - set(SUPPORTED) - set(REFUSED))
 
 
-def check_algorithm(name: str, kwargs: Mapping[str, Any] | None, fsdp: Any = None) -> Algorithm:
+def check_algorithm(name: str, kwargs: Mapping[str, Any] | None, fsdp: Any = None) -> Algorithm | Callback:
     """The algorithm `name` built from `kwargs` (its own argument checks run), or ValueError `algorithms.NAME: why`
     for a refused, unknown or badly configured one. `fsdp`: the run's FSDPSettings (None: no FSDP). Cheap:
     nothing touches a model."""

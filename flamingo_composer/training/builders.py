@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from composer.core import Algorithm
+from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from torch import nn
 
@@ -87,9 +87,15 @@ def _build_all(section: str, entries: dict[str, dict[str, Any]]) -> list:
     return [lookup(registry, name, f"{section}.{name}")(**(kwargs or {})) for name, kwargs in entries.items()]
 
 
-def build_algorithms(entries: dict[str, dict[str, Any]]) -> list[Algorithm]:
-    """The allowlist's algorithms (training/algorithms.py); a refused or unknown name raises with its reason."""
+def build_algorithms(entries: dict[str, dict[str, Any]]) -> list[Algorithm | Callback]:
+    """The allowlist's algorithms (training/algorithms.py); a refused or unknown name raises with its reason.
+    Some run as Callbacks (`ema`): the Trainer takes those among its callbacks (`split_algorithms`)."""
     return [check_algorithm(name, kwargs) for name, kwargs in entries.items()]
+
+
+def split_algorithms(built: list[Algorithm | Callback]) -> tuple[list[Algorithm], list[Callback]]:
+    """(the Trainer's `algorithms`, the algorithms that go among its `callbacks`)."""
+    return [a for a in built if isinstance(a, Algorithm)], [c for c in built if not isinstance(c, Algorithm)]
 
 
 def build_loggers(entries: dict[str, dict[str, Any]]) -> list[LoggerDestination]:

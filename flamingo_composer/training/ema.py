@@ -10,10 +10,14 @@ This one:
   trainable-sized (under FSDP2 each rank holds its own shards' copy, DTensors like the parameters);
 - never touches the training weights except to swap the average in for evaluation (EVAL_START) and back
   (EVAL_END), by exact copies: training is bit for bit that of a run without it;
-- is checkpointed as algorithm state beside the raw weights (`state.algorithms`: ('FlamingoEMA', {'ema':
-  {name: tensor}, ...})): DTensors in sharded checkpoints, which torch.distributed.checkpoint reshards on load
-  (N -> M ranks, as the model's own), full tensors in monolithic ones. tools/evaluate.py and
-  tools/export_openflamingo.py read it (`--weights`).
+- is checkpointed beside the raw weights (`state.callbacks['FlamingoEMA']['ema']`: {name: tensor}): DTensors
+  in sharded checkpoints, which torch.distributed.checkpoint reshards on load (N -> M ranks, as the model's
+  own), full tensors in monolithic ones. tools/evaluate.py and tools/export_openflamingo.py read it (`--weights`).
+
+It is configured as the algorithm `ema` (training/algorithms.py) but runs as a Callback: Composer 0.32.1 writes
+the algorithms' state into a sharded checkpoint as one pickled list, rank 0's (so every rank would load rank 0's
+shards), while the callbacks' state is a dict whose tensors torch.distributed.checkpoint saves per rank and
+reshards.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import logging
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -32,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EMA_STATE_NAME", "WEIGHT_CHOICES", "FlamingoEMA", "checkpoint_weights", "ema_weights_of"]
 
-EMA_STATE_NAME = "FlamingoEMA"  # how a checkpoint's `state.algorithms` names this algorithm's entry
+EMA_STATE_NAME = "FlamingoEMA"  # how a checkpoint's `state.callbacks` names this callback's entry
 
 
 def _batches(value: str | None, key: str, minimum: int) -> int | None:
@@ -60,7 +65,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-class FlamingoEMA(Algorithm):
+class FlamingoEMA(Callback):
     """`ema_t = s * ema_{t-1} + (1 - s) * w_t` every `update_interval` optimizer steps from `ema_start` on, with
     `s = 2 ** (-update_interval / half_life)` (or `smoothing` given directly); held-out and few-shot evaluation
     run on the average once it has started. Lengths in batches ('100ba'), as Composer's EMA takes them."""
@@ -94,20 +99,21 @@ class FlamingoEMA(Algorithm):
             if param.requires_grad and param.is_floating_point()
         }
 
-    def match(self, event: Event, state: State) -> bool:
-        return event in (Event.BEFORE_LOAD, Event.BATCH_END, Event.EVAL_START, Event.EVAL_END)
+    def before_load(self, state: State, logger: Logger) -> None:
+        """The model is wrapped (FSDP2: sharded) and no checkpoint is loaded yet: the copies a load fills."""
+        self._sharded = bool(state.fsdp_sharded_state_dict_enabled)
+        with torch.no_grad():
+            self._ema = {name: p.detach().clone() for name, p in self._trainable(state).items()}
+        logger.log_hyperparameters({"ema": repr(self), "eval_weights": "ema (once started)"})
 
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.BEFORE_LOAD:  # the model is wrapped (FSDP2: sharded) and no checkpoint is loaded yet
-            self._sharded = bool(state.fsdp_sharded_state_dict_enabled)
-            with torch.no_grad():
-                self._ema = {name: p.detach().clone() for name, p in self._trainable(state).items()}
-            logger.log_hyperparameters({"ema": repr(self), "eval_weights": "ema (once started)"})
-        elif event == Event.BATCH_END:
-            self._update(state)
-        elif event == Event.EVAL_START:
-            self._swap_in(state, logger)
-        elif event == Event.EVAL_END and self._active:
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._update(state)
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        self._swap_in(state, logger)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        if self._active:
             self._swap(state)
             self._active = False
 
@@ -141,7 +147,14 @@ class FlamingoEMA(Algorithm):
 
     @torch.no_grad()
     def _swap(self, state: State) -> None:
-        """Exchange the weights and their average in place, one tensor-sized temporary at a time (exact)."""
+        """Exchange the weights and their average in place, one tensor-sized temporary at a time (exact).
+
+        Under FSDP2 every unit is resharded first: an evaluation forward leaves the root unit gathered (torch 2.7
+        reshards it only after a backward), and its gathered copy would go on serving the swapped-out weights.
+        """
+        for module in _unwrapped(state).modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         for name, param in self._trainable(state).items():
             weights, average = _local(param.detach()), _local(self._ema[name])
             held = weights.clone()
@@ -159,7 +172,7 @@ class FlamingoEMA(Algorithm):
             ema = dict(self._ema)
         else:
             ema = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for name, t in self._ema.items()}
-        return {**super().state_dict(), "started": self.started, "updates": self.updates, "ema": ema}
+        return {"repr": repr(self), "started": self.started, "updates": self.updates, "ema": ema}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], strict: bool = False) -> None:
@@ -183,11 +196,8 @@ class FlamingoEMA(Algorithm):
 def ema_weights_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """A monolithic checkpoint's averaged weights under the ComposerModel's names (`model.perceiver...`), or None
     when it holds no average (the run had no `ema`, or it had not started)."""
-    algorithms = (checkpoint.get("state") or {}).get("algorithms") or []
-    for name, entry in algorithms:
-        if name == EMA_STATE_NAME and isinstance(entry, dict) and entry.get("started"):
-            return dict(entry["ema"])
-    return None
+    entry = ((checkpoint.get("state") or {}).get("callbacks") or {}).get(EMA_STATE_NAME)
+    return dict(entry["ema"]) if isinstance(entry, dict) and entry.get("started") else None
 
 
 WEIGHT_CHOICES = ("auto", "ema", "raw")  # the tools' --weights: auto = the average when the checkpoint holds one

@@ -31,6 +31,7 @@ from flamingo_composer.training.builders import (
     build_loggers,
     build_optimizer,
     build_scheduler,
+    split_algorithms,
 )
 from flamingo_composer.training.callbacks import (
     DataPositionCallback,
@@ -179,8 +180,9 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         keep=cfg.save_num_checkpoints_to_keep, overwrite=cfg.save_overwrite,
         ignore_keys=trainable_only_filter(trainable),
     )  # fmt: skip
+    algorithms, algorithm_callbacks = split_algorithms(build_algorithms(cfg.algorithms))
     callbacks = [
-        StepTokenCounts(), *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader),
+        StepTokenCounts(), *algorithm_callbacks, *build_callbacks(cfg.callbacks), DataPositionCallback(train_loader),
         TrainableOnlyModelState(), FSDP2AfterWrap(), *extra_callbacks, *([saver] if saver else []),
     ]
 
@@ -192,7 +194,7 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         optimizers=optimizer,
         schedulers=build_scheduler(cfg.scheduler),
         step_schedulers_every_batch=True,
-        algorithms=[*build_algorithms(cfg.algorithms), *extra_algorithms],
+        algorithms=[*algorithms, *extra_algorithms],
         callbacks=callbacks,
         loggers=build_loggers(cfg.loggers),
         run_name=cfg.run_name,
