@@ -165,3 +165,13 @@ def test_a_parameter_an_algorithm_adds_is_saved_and_resumed(data_root, tmp_path)
     resumed = train_from_config(cfg, extra_algorithms=[AddsAParameter()], fit=False)
     assert torch.equal(resumed.state.model.model.perceiver.extra_scale.detach(), trained)  # not re-initialised
     resumed.close()
+
+
+def test_the_readme_table_lists_every_algorithm_with_its_status():
+    import re
+
+    from train_helpers import REPO_ROOT
+
+    rows = re.findall(r"^\| (`[^|]+`) \| (supported|refused) \|", (REPO_ROOT / "README.md").read_text(), re.M)
+    listed = {name.strip(" `"): status for names, status in rows for name in names.split(",")}
+    assert listed == {**{n: "supported" for n in allowlist.SUPPORTED}, **{n: "refused" for n in allowlist.REFUSED}}
