@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from composer.algorithms import GradientClipping
-from composer.core import Algorithm, Event
+from composer.core import Algorithm, Callback, Event
 from step_utils import LossRecorder
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
@@ -98,11 +98,22 @@ def test_null_removes_an_inherited_algorithm_as_an_override_and_in_a_recipe(data
     assert load_config(RUN_YAML, _overrides(data_root, tmp_path, "algorithms={}")).algorithms  # {} merges: kept
 
 
-def _run(cfg, duration: str | None = None, algorithms=()):
+def _run(cfg, algorithms=(), callbacks=()):
     recorder = LossRecorder()
-    trainer = train_from_config(cfg, extra_callbacks=[recorder], extra_algorithms=algorithms, fit=False)
-    trainer.fit(duration=duration) if duration else trainer.fit()
+    trainer = train_from_config(cfg, extra_callbacks=[recorder, *callbacks], extra_algorithms=algorithms, fit=False)
+    trainer.fit()
     return trainer, dict(recorder.losses)
+
+
+class Crash(Callback):
+    """The process dies at the start of step `step` (after the previous step's checkpoint), as a killed job."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def batch_start(self, state, logger):
+        if int(state.timestamp.batch) + 1 == self.step:
+            raise KeyboardInterrupt(f"killed at the start of step {self.step}")
 
 
 def _ema(trainer) -> dict[str, torch.Tensor]:
@@ -113,15 +124,18 @@ def _ema(trainer) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name,kwargs", [("gradient_clipping", "{clipping_type: norm, clipping_threshold: 0.01}"),
                                          ("ema", "{half_life: 2ba}")])  # fmt: skip
 def test_a_supported_algorithm_trains_checkpoints_and_resumes_exactly(name, kwargs, data_root, tmp_path):
-    """3 steps straight against 2 steps, then a new Trainer autoresuming from the checkpoint for the third."""
+    """3 steps straight against a run killed at the start of step 3 (its checkpoint of step 2 written), then a new
+    Trainer autoresuming from that checkpoint for the third."""
     extra = [*(f"algorithms.{other}=null" for other in allowlist.SUPPORTED if other != name), f"algorithms.{name}={kwargs}"]
     straight, straight_losses = _run(load_config(RUN_YAML, _overrides(data_root, tmp_path / "straight", *extra)))
     supported = allowlist.SUPPORTED[name].build  # ema runs as a callback (training/ema.py)
     assert [type(a) for a in [*straight.state.algorithms, *straight.state.callbacks] if type(a) in
             (GradientClipping, FlamingoEMA)] == [supported]  # fmt: skip
     cfg = load_config(RUN_YAML, _overrides(data_root, tmp_path / "stopped", *extra))
-    first, first_losses = _run(cfg, duration="2ba")
-    first.close()
+    recorder = LossRecorder()
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(cfg, extra_callbacks=[recorder, Crash(step=3)])
+    first_losses = dict(recorder.losses)
     resumed, resumed_losses = _run(cfg)
     assert sorted(first_losses) == [1, 2] and sorted(resumed_losses) == [3]
     assert {**first_losses, **resumed_losses} == straight_losses  # exactly: same machine, same arithmetic

@@ -138,3 +138,11 @@ def test_the_tools_state_their_default_in_help(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "--weights {auto,ema,raw}" in text and "default auto = the EMA average when" in text, tool
 
+
+
+def test_the_run_summary_says_which_weights_were_evaluated(runs):
+    from flamingo_composer.training.summary import run_summary
+
+    for name, (trainer, _, _, cfg) in runs.items():
+        line = next(x for x in run_summary(trainer, cfg, str(RUN_YAML)).splitlines() if "held-out" in x)
+        assert ("last evaluation, EMA weights" in line) == (name == "ema"), line

@@ -38,6 +38,12 @@ def _fmt(values: dict[str, float], names: dict[str, str]) -> str:
     return ", ".join(f"{label} {float(values[key]):.4g}" for key, label in names.items() if key in values)
 
 
+def _ema_callbacks(state) -> list:
+    from flamingo_composer.training.ema import FlamingoEMA
+
+    return [c for c in state.callbacks if isinstance(c, FlamingoEMA)]
+
+
 def run_summary(trainer: Trainer, cfg: TrainConfig, recipe: str) -> str:
     """Summary of a finished `train_from_config` run (rank 0 prints it); `recipe` = the YAML it was started with."""
     state = trainer.state
@@ -55,7 +61,9 @@ def run_summary(trainer: Trainer, cfg: TrainConfig, recipe: str) -> str:
         }
         shown = _fmt(held_out, names)
         others = {k: v for k, v in held_out.items() if k not in names}
-        lines.append(f"  held-out (last evaluation): {shown}" + (f"; {_fmt(others, {k: k for k in others})}" if others else ""))
+        weights = ", EMA weights" if any(getattr(c, "started", False) for c in _ema_callbacks(state)) else ""
+        lines.append(f"  held-out (last evaluation{weights}): {shown}"
+                     + (f"; {_fmt(others, {k: k for k in others})}" if others else ""))  # fmt: skip
     checkpoint, log = _latest_checkpoint(cfg, run_name), _file_log(cfg, run_name)
     lines.append(f"  checkpoint: {checkpoint or 'none saved (save_folder is null)'}")
     if log:
