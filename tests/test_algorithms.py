@@ -189,3 +189,22 @@ def test_the_readme_table_lists_every_algorithm_with_its_status():
     rows = re.findall(r"^\| (`[^|]+`) \| (supported|refused) \|", (REPO_ROOT / "README.md").read_text(), re.M)
     listed = {name.strip(" `"): status for names, status in rows for name in names.split(",")}
     assert listed == {**{n: "supported" for n in allowlist.SUPPORTED}, **{n: "refused" for n in allowlist.REFUSED}}
+
+
+def test_the_algorithm_recipes_compose_on_top_of_a_recipe(data_root, tmp_path):
+    from train_helpers import REPO_ROOT
+
+    yamls = REPO_ROOT / "yamls"
+    released = load_config(yamls / "openflamingo-3b.yaml")  # openflamingo-base composes algorithms/reference.yaml
+    assert released.algorithms == {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}
+    assert {"nan_monitor", "loss_spike", "xattn_gates"} <= set(released.callbacks)  # monitors on by default
+    for recipe, qk_norm in (("stable.yaml", False), ("stable-scratch.yaml", True)):
+        top = tmp_path / f"top-{recipe}"
+        top.write_text(f"base: [{yamls / 'openflamingo-3b.yaml'}, {yamls / 'algorithms' / recipe}]\n")
+        cfg = load_config(top)
+        assert cfg.algorithms == {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0},
+                                  "ema": {"half_life": "1000ba", "update_interval": "1ba"}}  # fmt: skip
+        assert cfg.loss.z_loss_weight == 1e-4 and cfg.save_interval == "1000ba" and cfg.model.qk_norm == qk_norm
+        assert cfg.callbacks["loss_spike"]["stop"] is False and cfg.run_name == released.run_name
+    run_yaml = load_config(RUN_YAML, _overrides(data_root, tmp_path))
+    assert {"nan_monitor", "loss_spike", "xattn_gates"} <= set(run_yaml.callbacks)
