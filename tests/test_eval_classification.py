@@ -85,8 +85,8 @@ def assert_same_batches(setup, our_batches, reference_calls, permutations: int):
 
 @pytest.mark.parametrize(
     "batch_size, ensembling, use_cache",
-    [(1, True, True), (3, False, False)],
-    ids=["cached-ensembled", "uncached-padded"],
+    [(1, True, True), (3, False, False), (3, True, False)],
+    ids=["cached-ensembled", "uncached-padded", "uncached-padded-ensembled"],  # ensembles drawn per batch of 3
 )
 def test_imagenet_scores_equal_the_reference(setup, batch_size, ensembling, use_cache):
     score, batches = ours(setup, "imagenet", batch_size=batch_size, ensembling=ensembling, use_cache=use_cache)

@@ -166,9 +166,11 @@ def run_suite(evaluators: Sequence, suite: SuiteConfig, *, checkpoint: str, buil
         model, tokenizer, transform, loaded = build_model()
         results["loaded"] = loaded
         tasks = {}
-        for cfg in dict.fromkeys(cfg for cfg, _, _ in todo):  # the data of evaluators with work left only
-            tasks[cfg.name] = build_task(cfg, tokenizer, transform, vision_encoder=model.vision_encoder, device=device)
-            results.setdefault("skipped", {})[cfg.name] = tasks[cfg.name].skipped
+        for cfg in evaluators:  # the data of evaluators with work left only
+            if any(c is cfg for c, _, _ in todo):
+                tasks[cfg.name] = build_task(cfg, tokenizer, transform, vision_encoder=model.vision_encoder,
+                                             device=device)  # fmt: skip
+                results.setdefault("skipped", {})[cfg.name] = tasks[cfg.name].skipped
         rank, world = dist.get_global_rank(), dist.get_world_size()
         total = sum(len(tasks[c.name].rank_positions(rank, world, [t])) for c, _, t in todo)
         bar = tqdm(total=total, desc=f"suite ({len(units)} units done before)", unit="batch", file=sys.stderr,
