@@ -17,6 +17,9 @@ from tool_modules import load_tool
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "openflamingo-tiny-gptneox"
 evaluate = load_tool("evaluate")
+FIXTURE_MODEL = {"vision": {"config_path": str(FIXTURE / "vision" / "of-tiny-vit-small.json")},
+                 "lm": {"name": str(FIXTURE / "lm")}, "tokenizer": {"name": str(FIXTURE / "lm")},
+                 "cross_attn_every_n_layers": 2, "seed": 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,7 @@ def write_suite(root: Path, *, hm_annotations: str | None = None, class_names: s
         evaluators.append({"name": "imagenet", "benchmark": "imagenet", "train": split, "test": split,
                            "class_names": class_names, **common})  # fmt: skip
     suite = {
-        "model": {"vision": {"config_path": str(FIXTURE / "vision" / "of-tiny-vit-small.json")},
-                  "lm": {"name": str(FIXTURE / "lm")}, "tokenizer": {"name": str(FIXTURE / "lm")},
-                  "cross_attn_every_n_layers": 2, "seed": 0},
+        "model": FIXTURE_MODEL,
         "suite": {"results": str(root / "out" / "suite.json"), "predictions": str(root / "out" / "predictions")},
         "evaluators": evaluators,
     }  # fmt: skip
@@ -150,3 +151,20 @@ def test_the_shipped_suite_file_reads_with_its_documented_layout(tmp_path, tiny_
     assert model.lm.name == "anas-awadalla/mpt-1b-redpajama-200b" and suite.table.endswith("suite.md")
     with pytest.raises(ValueError, match=r"file not found: .*dataset_coco\.json"):
         read_suite(REPO_ROOT / "yamls" / "eval" / "openflamingo.yaml", [f"variables.eval_root={tmp_path}/elsewhere"])
+
+
+def test_bench_eval_prints_the_speed_of_each_path(tmp_path, capsys):
+    """tools/bench_eval.py on the fixture's tiny model: every figure printed, cached and uncached scores agree."""
+    bench = load_tool("bench_eval")
+    recipe = tmp_path / "recipe.yaml"
+    OmegaConf.save(OmegaConf.create({"model": FIXTURE_MODEL}), recipe)
+    assert bench.main(["--config", str(recipe), "--batch-size", "2",
+                       "--shots", "2", "--batches", "1", "--classes", "12", "--rows", "8", "--caption-tokens", "2",
+                       "--vqa-tokens", "1",
+                       "--cached-queries", "2", "--uncached-queries", "1"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    for task in ("captioning", "vqa", "classification_cached", "classification_uncached"):
+        assert result[f"{task}_queries_per_s"] > 0
+    assert result["cached_equals_uncached_max_abs_diff"] < 1e-4
+    memory = result["memory_per_query_batch_3b_bf16_bytes"]
+    assert memory["total"] == memory["prompt_cache"] + memory["expanded_cache"] + memory["class_logits"]

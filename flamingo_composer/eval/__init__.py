@@ -6,4 +6,7 @@ Modules: `prompts` (prompt strings), `postprocess` (cutting generations), `cider
 `protocol` (eval samples, query set and demos per trial seed), `generation` (batched prompts -> model.generate ->
 text), `tasks` (a configured task: batches per rank, scoring), `config` (the `evaluators:` YAML section),
 `composer_eval` (Evaluators, metrics and the ComposerModel dispatch), `checkpoints` (loading checkpoints for tools).
+The reference's whole suite: `benchmarks` (the eight benchmarks, defined once), `native_vqa`, `ok_vqa`,
+`class_datasets`, `imagenet_classnames`, `classification` (class-name log-likelihoods with a reused KV cache),
+`class_metrics`, `classification_task`, `rices` (retrieved demonstrations), `suite` (resumable runs, the table).
 """
