@@ -134,3 +134,21 @@ def test_cached_equals_uncached_on_padded_batches(setup):
     assert {len(t) for t in task.class_tokens} == {1, 2, 5}
     torch.testing.assert_close(cached4, uncached, rtol=0, atol=1e-5 * uncached.abs().max().item())
     torch.testing.assert_close(cached64, uncached, rtol=0, atol=1e-5 * uncached.abs().max().item())
+
+
+def test_a_training_evaluator_scores_classification_through_the_composer_model(setup):
+    """The `evaluators:` path of a training run: the Evaluator's batches through FewShotComposerModel.eval_forward
+    and its ROC_AUC metric give the standalone task's score."""
+    from flamingo_composer.eval.composer_eval import FewShotComposerModel, build_fewshot_evaluators
+
+    pair, data = setup["pair"], setup["data"]
+    cfg = EvaluatorConfig(name="hm", benchmark="hateful_memes", train=EvalSplitConfig(**data["hm_train"]),
+                          test=EvalSplitConfig(**data["hm_test"]), shots=[2], batch_size=2, query_set_size=6)  # fmt: skip
+    [evaluator] = build_fewshot_evaluators([cfg], pair.ours.tokenizer, pair.ours.image_transform)
+    assert evaluator.label == "eval/hm_2shot" and evaluator.metric_names == ["^ROC_AUC"]
+    composer_model = FewShotComposerModel(pair.ours.model.eval(), pair.ours.tokenizer)
+    metric = composer_model.get_metrics(is_train=False)["ROC_AUC"]
+    for batch in evaluator.dataloader.dataloader:
+        composer_model.update_metric(batch, composer_model.eval_forward(batch), metric)
+    want, _ = ours(setup, "hateful_memes", batch_size=2, ensembling=False, use_cache=True)
+    assert metric.compute().item() == pytest.approx(want["mean"])
