@@ -287,3 +287,34 @@ def test_frozen_tower_pooled_features_are_clip_image_embeddings():
     assert tower.output_tokens and pooled.shape == (3, 32)
     tower.output_tokens = False
     torch.testing.assert_close(pooled, tower(images), rtol=0, atol=0)
+
+
+def test_a_task_with_rices_takes_the_nearest_train_images_as_demos(tmp_path):
+    """An evaluator with `rices: {tower: model}`: each query's demos are its nearest train images by the frozen
+    tower's pooled features (most similar last), the pool's features land in the cache file; without the tower
+    (a training evaluator) it is refused at construction."""
+    from flamingo_composer.eval.config import RicesConfig
+    from flamingo_composer.eval.rices import nearest, normalized, pooled_features
+    from flamingo_composer.eval.tasks import build_task
+    from flamingo_composer.models.factory import build_flamingo
+    from flamingo_composer.models.tiny import tiny_model_config
+
+    bundle = build_flamingo(tiny_model_config("gpt_neox"))
+    train, test = vizwiz(tmp_path, "train", 6, seed=30), vizwiz(tmp_path, "val", 3, seed=40)
+    cache = tmp_path / "vizwiz-train-features.pt"
+    cfg = EvaluatorConfig(name="vizwiz", benchmark="vizwiz", train=EvalSplitConfig(**train), test=EvalSplitConfig(**test),
+                          shots=[2], rices=RicesConfig(tower="model", cache=str(cache)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"rices.tower 'model' needs the model's tower"):
+        build_task(cfg, bundle.tokenizer, bundle.image_transform)
+    task = build_task(cfg, bundle.tokenizer, bundle.image_transform, vision_encoder=bundle.model.vision_encoder)
+    plan = task.plan(2, 0)
+    assert cache.is_file()
+
+    def features(examples):
+        from flamingo_composer.eval.generation import load_image
+
+        images = torch.stack([bundle.image_transform(load_image(e.image_path)) for e in examples])
+        return normalized(pooled_features(bundle.model.vision_encoder, images))
+
+    want = nearest(features([task.test[q] for q in plan.queries]), features(task.train), 2)
+    assert plan.demos == want and all(len(set(d)) == 2 for d in plan.demos)

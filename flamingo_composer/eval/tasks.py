@@ -100,6 +100,9 @@ class FewShotTask:
         self.image_transform = image_transform
         self.vision_encoder, self.device = vision_encoder, device
         self._rices = None
+        if cfg.rices is not None and cfg.rices.tower == "model" and vision_encoder is None:
+            raise ValueError(f"evaluator {cfg.name}: rices.tower 'model' needs the model's tower (tools/evaluate.py); "
+                             "a training evaluator takes tower: open_clip")  # fmt: skip
         self.train, train_skips = load_split(cfg.train, "train", self.num_class_names())
         self.test, test_skips = load_split(cfg.test, "test", self.num_class_names())
         self.skipped = {"train": train_skips.as_dict(), "test": test_skips.as_dict()}
