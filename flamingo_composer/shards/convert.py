@@ -1,5 +1,5 @@
-"""Shard conversion behind tools/convert_*.py: read webdataset tars, raw MMC4 jsonl (plain, .gz or zipped) with
-its downloaded images, or img2dataset output; write MDS (mosaicml-streaming) or webdataset shards; count every
+"""Shard conversion behind tools/convert_*.py: read webdataset tars or raw MMC4 jsonl (plain, .gz or zipped) with
+its downloaded images; write MDS (mosaicml-streaming) or webdataset shards; count every
 sample, image or shard left out, by reason.
 
 Converters copy bytes: images keep their original encoding (no lossy re-encode) and text is kept as it is, so
@@ -178,26 +178,6 @@ def iter_tar_samples(shard: str, report: ConversionReport) -> Iterator[dict[str,
         )
     for exc in member_errors:
         report.skip("duplicate_member", f"{shard}: {_first_arg(exc)}")
-
-
-def iter_loose_file_samples(folder: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """img2dataset `files` output (`00000/000000000.jpg` + `.txt` + `.json`) grouped into webdataset-style samples.
-
-    Groups with neither an image nor a caption (e.g. `00000_stats.json`, parquet metadata) are not samples.
-    """
-    wanted = set(LAION_IMAGE_FIELDS) | {"txt", "json"}
-    for directory, subdirs, names in os.walk(folder):
-        subdirs.sort()
-        groups: dict[str, dict[str, Any]] = {}
-        for name in sorted(names):
-            stem, ext = tariterators.base_plus_ext(name)
-            if stem is None or ext.lower() not in wanted:
-                continue
-            with open(os.path.join(directory, name), "rb") as handle:
-                groups.setdefault(stem, {"__key__": stem})[ext.lower()] = handle.read()
-        for sample in groups.values():
-            if "txt" in sample or any(ext in sample for ext in LAION_IMAGE_FIELDS):
-                yield sample
 
 
 def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
@@ -526,29 +506,6 @@ def convert_wds_to_mds(
     samples = ((shard, iter_tar_samples(shard, report)) for shard in shards)
     to_record = laion_record if layout == "laion" else mmc4_record
     return _write_webdataset_samples(samples, to_record, sink, report, progress, f"{layout} wds -> mds")
-
-
-def convert_img2dataset_to_mds(
-    folder: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    compression: str | None = None,
-    size_limit: str | int = "64mb",
-    progress: bool = True,
-) -> ConversionReport:
-    """img2dataset output folder (`webdataset` form: tars of KEY.jpg/KEY.txt/KEY.json; or `files` form:
-    subfolders of those files) -> LAION MDS. Tars are read when present, loose files otherwise."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"img2dataset output folder {str(folder)!r} does not exist")
-    tars = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.endswith((".tar", ".tar.gz")))
-    report = ConversionReport()
-    if tars:
-        samples: Iterable = ((shard, iter_tar_samples(shard, report)) for shard in tars)
-    else:
-        samples = [(str(folder), iter_loose_file_samples(folder))]
-    sink = MdsSink(Path(out), LAION_MDS_COLUMNS, compression=compression, size_limit=size_limit)
-    return _write_webdataset_samples(samples, laion_record, sink, report, progress, "img2dataset -> mds")
 
 
 def convert_raw_mmc4(
