@@ -30,6 +30,19 @@ class ImagePair:
         return {"key": self.key, "jpg": self.image, "txt": self.caption}
 
 
+def captions_of(value: object) -> list[tuple[int | None, str]]:
+    """The captions a source's caption field holds: [(None, text)] for a string, [(i, text_i), ...] for a list of
+    strings (one pair each, e.g. COCO's five); blank and non-string entries left out, so [] means none."""
+    if isinstance(value, list):
+        return [(i, text) for i, text in enumerate(value) if isinstance(text, str) and text.strip()]
+    return [(None, value)] if isinstance(value, str) and value.strip() else []
+
+
+def pair_key(stem: str, record: int, caption_index: int | None) -> str:
+    """`<file stem>-<record>`, plus `-<i>` for the i-th caption of a list: unique per (file, record, caption)."""
+    return f"{stem}-{record:07d}" + (f"-{caption_index}" if caption_index is not None else "")
+
+
 def write_pairs_mds(
     pairs: Iterable[ImagePair],
     out: str | os.PathLike,
