@@ -47,6 +47,9 @@ KNOWN_REASONS = (
     "empty_caption",  # nothing left of the caption after cleaning
     "bad_utf8",  # text bytes that are not UTF-8
     "no_supervised_tokens",  # the row's labels would be all -100
+    "misaligned_lists",  # a natural-order document whose texts/images lists do not give one item per position
+    "consecutive_images",  # a natural-order document with three or more images in a row (no text between)
+    "trailing_images",  # a natural-order document ending in two or more images (no text after them)
     SHARD_ERROR,
     EMPTY_SHARDS,
 )

@@ -4,7 +4,9 @@ write), the MMC4 document <-> MDS sample mapping, and the reader, with exact per
 Layouts: MMC4 images are stored as their original bytes (no lossy re-encode, base64 decoded once at conversion):
 all of a document's images are concatenated in `image_bytes`, and each `image_info` entry holds
 `image_bytes_range` [start, end) into it instead of `image_base64`. An empty range marks a missing image, or one
-whose base64 was invalid; preprocessing then drops that image like any other unusable one.
+whose base64 was invalid; preprocessing then drops that image like any other unusable one. Natural-order documents
+(`DOCUMENT_MDS_COLUMNS`, see `data.documents`) store their images the same way: each image entry of `document`
+holds its `image_bytes_range`.
 
 Reader: the `StreamingDataset` is used as what it is best at: shard download/caching, hash checks and random
 access to raw MDS rows (`get_item`). The sample ORDER is ours, built from streaming's own shuffle (`py1e`,
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 LAION_MDS_COLUMNS = {"key": "str", "jpg": "bytes", "txt": "str"}
 MMC4_MDS_COLUMNS = {"key": "str", "doc": "json", "image_bytes": "bytes"}
+DOCUMENT_MDS_COLUMNS = {"key": "str", "document": "json", "image_bytes": "bytes"}  # natural-order documents
 
 BYTES_RANGE_FIELD = "image_bytes_range"
 
@@ -100,19 +103,25 @@ def mmc4_doc_from_mds(sample: dict[str, Any]) -> tuple[dict, list[bytes | None]]
         raise SkipSample("malformed_json", f"MDS sample {key!r}: column 'doc' has no 'image_info' list")
     if not isinstance(blob, bytes | bytearray):
         raise SkipSample("malformed_json", f"MDS sample {key!r}: column 'image_bytes' is not bytes")
+    return doc, bytes_in_ranges(doc["image_info"], blob, where=f"MDS sample {key!r}: image_info")
+
+
+def bytes_in_ranges(entries: list, blob: bytes, *, where: str) -> list[bytes | None]:
+    """Each entry's `image_bytes_range` slice of `blob`: None for an entry without a range (or not a dict) and for an
+    empty range; a range that does not fit the blob raises SkipSample('malformed_json') naming `where[i]`."""
     images: list[bytes | None] = []
-    for i, info in enumerate(doc["image_info"]):
-        span = info.get(BYTES_RANGE_FIELD) if isinstance(info, dict) else None
+    for i, entry in enumerate(entries):
+        span = entry.get(BYTES_RANGE_FIELD) if isinstance(entry, dict) else None
         if span is None:
             images.append(None)
             continue
         if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0] <= span[1] <= len(blob)):
             raise SkipSample(
                 "malformed_json",
-                f"MDS sample {key!r}: image_info[{i}].{BYTES_RANGE_FIELD} = {span!r} is not a range into {len(blob)} bytes",
+                f"{where}[{i}].{BYTES_RANGE_FIELD} = {span!r} is not a range into {len(blob)} bytes",
             )
         images.append(bytes(blob[span[0] : span[1]]) or None)
-    return doc, images
+    return images
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,10 +35,20 @@ from flamingo_composer.data.mds import mmc4_doc_from_mds
 from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
 from flamingo_composer.special_tokens import ENDOFCHUNK_TOKEN, MEDIA_TOKEN, SpecialTokens
 
+# Tokens per row when `max_tokens` is not set: MMC4's matched documents are short; natural-order documents
+# (~800 tokens, 2.5-4 images) need a longer window to hold a few images with their text.
+DEFAULT_MAX_TOKENS = {"matched": 256, "natural": 1024}
+# Keys only the matched layout uses; setting one with `layout: natural` is a config error, never silently ignored.
+MATCHED_ONLY_KEYS = ("sim_threshold", "single_image_drop_prob")
+
 
 @dataclass
 class MMC4PreprocessConfig:
-    max_tokens: int = 256
+    """Interleaved documents: `layout` matched (MMC4: sentences, images and their similarity matrix; this module) or
+    natural (OBELICS, MINT-1T-HTML, OmniCorpus-CC: text and images in page order; `data.documents`)."""
+
+    layout: Literal["matched", "natural"] = "matched"
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS[layout]
     sim_threshold: float = 0.24  # FIX: the reference's CLI default (30) rejects every pair
     min_num_images: int = 1
     max_num_images: int = 6
@@ -47,7 +57,20 @@ class MMC4PreprocessConfig:
     random_flip: bool = False
 
     def __post_init__(self) -> None:
-        """Reject knob values that would silently drop every document."""
+        """Resolve `max_tokens` by layout; reject knob values that would silently drop every document, and keys
+        the layout does not use."""
+        if self.layout not in DEFAULT_MAX_TOKENS:
+            raise ValueError(f"layout: must be one of {list(DEFAULT_MAX_TOKENS)}, got {self.layout!r}")
+        if self.layout == "natural":
+            defaults = {f.name: f.default for f in fields(MMC4PreprocessConfig)}
+            for key in MATCHED_ONLY_KEYS:
+                if getattr(self, key) != defaults[key]:
+                    raise ValueError(
+                        f"{key}: applies to layout 'matched' only (MMC4's image-sentence matching), but this "
+                        "dataset reads layout 'natural', whose images stay where the page put them; remove it"
+                    )
+        if self.max_tokens is None:
+            self.max_tokens = DEFAULT_MAX_TOKENS[self.layout]
         if self.max_tokens < 2:
             raise ValueError(f"mmc4.max_tokens must be >= 2, got {self.max_tokens}")
         if self.max_num_images < 1 or not 0 <= self.min_num_images <= self.max_num_images:
@@ -134,7 +157,7 @@ def _image_candidates(image_info: list[dict], image_bytes: list[bytes | None] | 
     return candidates, failures
 
 
-def _no_usable_image(failures: list[SkipSample], key: str) -> SkipSample:
+def no_usable_image(failures: list[SkipSample], key: str) -> SkipSample:
     """Every image failed: the common reason if there is one, else `no_usable_image`."""
     reasons = {skip.reason for skip in failures}
     reason = reasons.pop() if len(reasons) == 1 else "no_usable_image"
@@ -230,7 +253,7 @@ def preprocess_mmc4(
     decoded = {}  # image index -> RGB image, for the kept images only
     while True:
         if not candidates:
-            raise _no_usable_image(failures, key)
+            raise no_usable_image(failures, key)
         kept, input_ids, attention_mask, labels = _row_of(
             sorted(candidates), sentences, sim, tokenizer=tokenizer, cfg=cfg, special=special,
             drop_coin=drop_coin, key=key,
