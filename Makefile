@@ -7,21 +7,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/synthetic
 
-.PHONY: train test test-fast lint clean gpu-wheels
+.PHONY: train test test-fast lint clean
 
 # Re-install only when pyproject.toml (or the install steps here) change.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# The reference OpenFlamingo, a test-only oracle (tools/reference_oracle.py); it pins torch==2.0.1, hence --no-deps.
+	# The reference OpenFlamingo, a test-only oracle (tests/reference_oracle.py); it pins torch==2.0.1, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps open-flamingo==2.0.1 einops-exts==0.0.4
 	touch $(STAMP)
 
 # Regenerated (from scratch) only when the generator changes; a re-install alone keeps the data.
-$(DATA)/.complete: tools/make_synthetic_data.py flamingo_composer/shards/synthetic.py flamingo_composer/vocab.py | $(STAMP)
+$(DATA)/.complete: flamingo_composer/cli/make_synthetic_data.py flamingo_composer/shards/synthetic.py flamingo_composer/vocab.py | $(STAMP)
 	rm -rf $(DATA)
-	$(BIN)/python tools/make_synthetic_data.py --out $(DATA) --format both
+	$(BIN)/flamingo-make-synthetic-data --out $(DATA) --format both
 	touch $@
 
 train: $(STAMP) $(DATA)/.complete
@@ -31,7 +31,9 @@ train: $(STAMP) $(DATA)/.complete
 # (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
+# Lint first (seconds): a style error fails CI before the suite runs.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(XDIST)
 
 # Everything but the multi-process and learning tests, for local iteration (CI runs `make test`).
@@ -44,10 +46,3 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DATA)
-
-# Wheels for the lent GPU machine (Python 3.12, its own torch), carried as .whl/ to run tools/gpu_check.py there.
-gpu-wheels:
-	rm -rf .whl
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl -r tools/gpu_wheels.txt

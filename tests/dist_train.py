@@ -1,15 +1,16 @@
-"""`torchrun --standalone --nproc_per_node 2 tests/dist_train.py OUT.pt [--kill-at K] [--slow-save S] [key=value ...]`:
-a real multi-rank run of `train_from_config` on yamls/run.yaml with the given overrides, recording what the
-distributed tests compare.
+"""A real multi-rank run of `train_from_config` on yamls/run.yaml with the given overrides, recording what the
+distributed tests compare:
 
-Rank 0 writes OUT.pt after every step (so a killed run leaves its steps) and at the end: per-step logged losses, the global gradient norm before clipping (from the accumulated
-gradients after the last microbatch's backward), the trainable parameters at the end (full tensors, gathered from
-FSDP2 shards), each trainable parameter's DTensor placements, whether any frozen parameter got a gradient, FLOPs
-per batch as the model counts them, the world size, and with the `ema` algorithm its average (full tensors) when
-training starts (after a resume: what the checkpoint held) and at the end. `--kill-at K` SIGKILLs every rank at the start of step
-K + 1, after step K's checkpoint is written: a crashed job, not a finished one. `--slow-save S` writes each
-checkpoint file in two halves S seconds apart, as a large model's long write: a kill in between meets a partial
-file.
+    torchrun --standalone --nproc_per_node 2 tests/dist_train.py OUT.pt [--kill-at K] [--slow-save S] [key=value ...]
+
+Rank 0 writes OUT.pt after every step (so a killed run leaves its steps) and at the end: per-step logged losses, the
+global gradient norm before clipping (from the accumulated gradients after the last microbatch's backward), the
+trainable parameters at the end (full tensors, gathered from FSDP2 shards), each trainable parameter's DTensor
+placements, whether any frozen parameter got a gradient, FLOPs per batch as the model counts them, the world size,
+and with the `ema` algorithm its average (full tensors) when training starts (after a resume: what the checkpoint
+held) and at the end. `--kill-at K` SIGKILLs every rank at the start of step K + 1, after step K's checkpoint is
+written: a crashed job, not a finished one. `--slow-save S` writes each checkpoint file in two halves S seconds
+apart, as a large model's long write: a kill in between meets a partial file.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from pathlib import Path
 import torch
 from composer import Callback, State
 from composer.loggers import Logger
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -285,12 +285,12 @@ def run_one_step(flamingo, batch: dict, **kwargs) -> tuple[dict[str, torch.Tenso
 
 
 def peak_cpu_memory(fn) -> int:
-    """Peak bytes of CPU tensor memory that `fn()` allocates on top of what exists: tools/bench.py's
+    """Peak bytes of CPU tensor memory that `fn()` allocates on top of what exists: benchmarks/bench.py's
     `step_tensor_peak` (torch.profiler's allocation and free events), the measure the benchmarks print; a
     structural measure, the same on any machine."""
-    from tool_modules import load_tool
+    from benchmarks import bench
 
-    return load_tool("bench").step_tensor_peak(fn)
+    return bench.step_tensor_peak(fn)
 
 
 # ------------------------------------------------------------------------------------------- 2-rank script

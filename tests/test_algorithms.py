@@ -70,12 +70,16 @@ def test_a_refused_algorithm_stops_the_run_at_config_load_with_its_reason(name, 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("algorithms.ema={half_life: 10ep, update_interval: 1ba}", "algorithms.ema: half_life: '10ep' must be counted in batches"),
+        ("algorithms.ema={half_life: 10ep, update_interval: 1ba}",
+         "algorithms.ema: half_life: '10ep' must be counted in batches"),
         ("algorithms.ema={half_life: 10ba, smoothing: 0.9}", "algorithms.ema: give exactly one of half_life"),
-        ("algorithms.gradient_clipping.clipping_type=nrm", "algorithms.gradient_clipping: clipping_type: must be one of"),
-        ("algorithms.gradient_clipping.clipping_threshold=-1", "algorithms.gradient_clipping: clipping_threshold: must"),
+        ("algorithms.gradient_clipping.clipping_type=nrm",
+         "algorithms.gradient_clipping: clipping_type: must be one of"),
+        ("algorithms.gradient_clipping.clipping_threshold=-1",
+         "algorithms.gradient_clipping: clipping_threshold: must"),
         ("algorithms.gradient_clipping.clip=1", "unknown key 'algorithms.gradient_clipping.clip'"),
-        ("algorithms.sharpness={}", "algorithms.sharpness: unknown name 'sharpness'; supported: ['ema', 'gradient_clipping']"),
+        ("algorithms.sharpness={}",
+         "algorithms.sharpness: unknown name 'sharpness'; supported: ['ema', 'gradient_clipping']"),
     ],
 )  # fmt: skip
 def test_algorithm_argument_checks_run_at_config_load(override, message, data_root, tmp_path, capsys, monkeypatch):
@@ -126,7 +130,10 @@ def _ema(trainer) -> dict[str, torch.Tensor]:
 def test_a_supported_algorithm_trains_checkpoints_and_resumes_exactly(name, kwargs, data_root, tmp_path):
     """3 steps straight against a run killed at the start of step 3 (its checkpoint of step 2 written), then a new
     Trainer autoresuming from that checkpoint for the third."""
-    extra = [*(f"algorithms.{other}=null" for other in allowlist.SUPPORTED if other != name), f"algorithms.{name}={kwargs}"]
+    extra = [
+        *(f"algorithms.{other}=null" for other in allowlist.SUPPORTED if other != name),
+        f"algorithms.{name}={kwargs}",
+    ]
     straight, straight_losses = _run(load_config(RUN_YAML, _overrides(data_root, tmp_path / "straight", *extra)))
     supported = allowlist.SUPPORTED[name].build  # ema runs as a callback (training/ema.py)
     assert [type(a) for a in [*straight.state.algorithms, *straight.state.callbacks] if type(a) in

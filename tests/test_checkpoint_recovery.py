@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from step_utils import LossRecorder
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
 from flamingo_composer.training import checkpoints
@@ -271,7 +270,7 @@ def test_a_good_load_path_starts_the_run_from_it(reference, data_root, tmp_path)
 
 
 def test_the_file_log_and_its_plot_hold_the_whole_run_across_a_restart(data_root, tmp_path):
-    plot_run = load_tool("plot_run")
+    from flamingo_composer.cli import plot as plot_run
     for steps in (3, 5):  # the second command continues the first run (autoresume)
         train(overrides(data_root, tmp_path, steps=steps, file_log=True))
 

@@ -229,17 +229,12 @@ def test_speed_monitor_reports_flops(bundle):
 
 
 def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
-    """tools/bench.py through the real entry point (tiny run.yaml model, in-memory batches, 2 timed steps)."""
+    """benchmarks/bench.py through the real entry point (tiny run.yaml model, in-memory batches, 2 timed steps)."""
     import json
-    import sys
 
-    from train_helpers import REPO_ROOT, RUN_YAML, small_data
+    from train_helpers import RUN_YAML, small_data
 
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO_ROOT / "tools"))
+    from benchmarks import bench
     data_root = small_data(tmp_path_factory)
     argv = [
         "--config",
@@ -284,9 +279,8 @@ def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
 
 
 def test_resident_tensor_bytes_count_each_storage_once():
-    from tool_modules import load_tool
+    from benchmarks import bench
 
-    bench = load_tool("bench")
     layer = torch.nn.Linear(8, 4)
     layer.bias = torch.nn.Parameter(layer.weight[0, :4].detach())  # shares the weight's storage
     optimizer = torch.optim.AdamW(layer.parameters())
@@ -299,9 +293,8 @@ def test_resident_tensor_bytes_count_each_storage_once():
 def test_step_tensor_peak_counts_frees_where_they_happen():
     """Frees made in Python code inside a profiler range (Composer's closure step holds the whole forward and
     backward in `Optimizer.step`) lower the running sum when they happen, not at the range's start."""
-    from tool_modules import load_tool
+    from benchmarks import bench
 
-    bench = load_tool("bench")
 
     def step():
         with torch.profiler.record_function("outer"):
@@ -506,7 +499,7 @@ def test_compile_trainable_compiles_the_perceiver_and_every_block_in_place():
 
 
 def test_per_dataset_backward_peaks_below_one_backward_over_both_datasets(bundle):
-    """The step's shape (issue: per-dataset backward): each microbatch holds one dataset, so one dataset's
+    """The step's shape (per-dataset backward): each microbatch holds one dataset, so one dataset's
     activations are alive at a time; one forward over LAION and MMC4 then one backward holds both."""
     from flamingo_composer.data.dataspec import _trim_padding, split_batch
 

@@ -293,7 +293,9 @@ def test_model_sources_checked_at_load(tmp_path, shards):
     message = load_error(tmp_path, base_config(shards), ["model.tokenizer.builtin=null"])
     assert message == "model.tokenizer: set exactly one of name, builtin (got none)"
     message = load_error(
-        tmp_path, base_config(shards), ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"]
+        tmp_path,
+        base_config(shards),
+        ["model.vision.custom_config=null", f"model.vision.config_path={tmp_path}/v.json"],
     )
     assert message == f"model.vision.config_path: file not found: {tmp_path}/v.json"
 

@@ -187,7 +187,9 @@ def test_split_keeps_every_image_with_its_row(tok, special, microbatch):
 
 
 def test_flops_of_the_compact_batch_equal_those_of_the_expanded_one(tok, special):
-    batch = {"laion": laion_batch(tok, special, small_transform)[0], "mmc4": mmc4_batch(tok, special, small_transform)[0]}
+    batch = {
+        "laion": laion_batch(tok, special, small_transform)[0], "mmc4": mmc4_batch(tok, special, small_transform)[0]
+    }
     flops = FlamingoFlops.of(tiny_bundle().model)
     expanded = ExpandImages(SplitImageTransform.of(small_transform))(batch)
     assert flops.per_batch(batch) == flops.per_batch(expanded)

@@ -127,7 +127,7 @@ def test_remote_mds_is_cached_and_a_missing_remote_shard_is_skipped(root, tok, t
     assert len(broken_keys["laion"]) == len(local_keys["laion"])  # batches are still full
 
 
-# ------------------------------------------------------------------------- damaged local shards (issue 7)
+# ------------------------------------------------------------------------------------ damaged local shards
 
 
 def _tar_of(path, keys: list[str]) -> None:

@@ -85,7 +85,9 @@ def test_readme_build_and_run_commands_match_the_image():
     header = DOCKERFILE.read_text()
     for text in (readme, header):
         assert "docker build -t flamingo-composer ." in text
-        run = re.search(r"docker run --gpus all --ipc=host (?:-v \S+ )*flamingo-composer composer train\.py (\S+)", text)
+        run = re.search(
+            r"docker run --gpus all --ipc=host (?:-v \S+ )*flamingo-composer composer train\.py (\S+)", text
+        )
         assert run, "docker run ... --gpus all --ipc=host ... flamingo-composer composer train.py RECIPE"
         assert (REPO_ROOT / run.group(1)).is_file(), run.group(1)
     (cmd,) = [args for word, args in _instructions() if word == "CMD"]

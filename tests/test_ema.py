@@ -11,7 +11,6 @@ import torch
 from composer import Trainer
 from composer.core import Evaluator
 from step_utils import LossRecorder, dual_batch, dual_dataspec, set_gates
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
 from flamingo_composer.models.factory import build_flamingo
@@ -108,9 +107,8 @@ def test_evaluation_runs_on_the_average_and_equals_an_evaluation_of_it_loaded_by
 
 
 def test_the_tools_choose_ema_or_raw_weights(runs, tmp_path, capsys):
+    from flamingo_composer.cli import export
     from flamingo_composer.eval.checkpoints import load_checkpoint
-
-    export = load_tool("export_openflamingo")
     checkpoints = {name: out / "checkpoints" / f"ep0-ba{STEPS}-rank0.pt" for name, (_, _, out, _) in runs.items()}
     saved = torch.load(checkpoints["ema"], weights_only=False)
     latents = {"raw": saved["state"]["model"]["model.perceiver.latents"],
@@ -127,14 +125,16 @@ def test_the_tools_choose_ema_or_raw_weights(runs, tmp_path, capsys):
     assert checkpoint_weights(torch.load(checkpoints["raw"], weights_only=False))[1] == "raw"  # auto: what there is
     flamingo = build_flamingo(runs["ema"][3].model).model
     for which in ("ema", "raw"):
-        summary = load_checkpoint(flamingo, checkpoints["ema"], weights=which)  # tools/evaluate.py's loader
+        summary = load_checkpoint(flamingo, checkpoints["ema"], weights=which)  # flamingo-evaluate's loader
         assert summary["weights"] == which and torch.equal(flamingo.perceiver.latents.detach(), latents[which])
 
 
 def test_the_tools_state_their_default_in_help(capsys):
-    for tool in ("evaluate", "export_openflamingo"):
+    from flamingo_composer.cli import evaluate, export
+
+    for tool in (evaluate, export):
         with pytest.raises(SystemExit):
-            load_tool(tool).parse_args(["--help"])
+            tool.parse_args(["--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "--weights {auto,ema,raw}" in text and "default auto = the EMA average when" in text, tool
 

@@ -107,10 +107,14 @@ def test_vizwiz_and_textvqa_native_layouts_read_as_their_vqav2_conversion(tmp_pa
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     split = {"format": "vqav2", "questions": str(tmp_path / "q.json"), "annotations": str(tmp_path / "a.json"),
              "images": viz["images"]}  # fmt: skip
-    cfg = EvaluatorConfig(name="vizwiz", benchmark="vizwiz", train=EvalSplitConfig(**split), test=EvalSplitConfig(**viz))
+    cfg = EvaluatorConfig(
+        name="vizwiz", benchmark="vizwiz", train=EvalSplitConfig(**split), test=EvalSplitConfig(**viz)
+    )
     assert cfg.kind == "vqa" and cfg.train.image_filename == "{image_id}" and cfg.generation_length == 5
     assert load_split(cfg.train, "train")[0][0].image_path == examples_path(viz, "VizWiz_train_00000000.jpg")
-    textvqa_cfg = EvaluatorConfig(name="t", benchmark="textvqa", train=EvalSplitConfig(**tvqa), test=EvalSplitConfig(**tvqa))
+    textvqa_cfg = EvaluatorConfig(
+        name="t", benchmark="textvqa", train=EvalSplitConfig(**tvqa), test=EvalSplitConfig(**tvqa)
+    )
     assert textvqa_cfg.generation_length == 10
 
 
@@ -229,12 +233,12 @@ def rices_setup(tmp_path_factory):
 def test_rices_picks_the_reference_demos(rices_setup):
     import sys
 
+    import reference_oracle
     from PIL import Image
-    from tool_modules import load_tool
 
     from flamingo_composer.eval.rices import Rices
 
-    load_tool("reference_oracle").reference_evaluate_module()  # its eval folder on sys.path (rices imports utils)
+    reference_oracle.reference_evaluate_module()  # its eval folder on sys.path (rices imports utils)
     ref_rices = sys.modules["rices"]
     dataset = [{"image": Image.open(p).convert("RGB"), "index": i} for i, p in enumerate(rices_setup["pool"])]
     torch.manual_seed(0)
@@ -264,7 +268,8 @@ def test_rices_cache_file_is_reused_and_ties_are_deterministic(rices_setup, monk
     assert cache.is_file()
     computed = []
     monkeypatch.setattr(rices.Rices, "features", lambda self, paths: computed.append(len(paths)) or
-                        torch.nn.functional.normalize(torch.randn(len(paths), first.pool.shape[1]), dim=-1))  # fmt: skip
+                        torch.nn.functional.normalize(torch.randn(len(paths), first.pool.shape[1]),
+                                                      dim=-1))  # fmt: skip
     again = rices.Rices(rices_setup["pool"], model, transform, cache=str(cache))
     assert computed == [] and torch.equal(again.pool, first.pool)  # read back, nothing recomputed
     rices.Rices(rices_setup["pool"][:-1], model, transform, cache=str(cache))  # another pool: recomputed
@@ -302,8 +307,9 @@ def test_a_task_with_rices_takes_the_nearest_train_images_as_demos(tmp_path):
     bundle = build_flamingo(tiny_model_config("gpt_neox"))
     train, test = vizwiz(tmp_path, "train", 6, seed=30), vizwiz(tmp_path, "val", 3, seed=40)
     cache = tmp_path / "vizwiz-train-features.pt"
-    cfg = EvaluatorConfig(name="vizwiz", benchmark="vizwiz", train=EvalSplitConfig(**train), test=EvalSplitConfig(**test),
-                          shots=[2], rices=RicesConfig(tower="model", cache=str(cache)))  # fmt: skip
+    cfg = EvaluatorConfig(name="vizwiz", benchmark="vizwiz", train=EvalSplitConfig(**train),
+                          test=EvalSplitConfig(**test), shots=[2],
+                          rices=RicesConfig(tower="model", cache=str(cache)))  # fmt: skip
     with pytest.raises(ValueError, match=r"rices.tower 'model' needs the model's tower"):
         build_task(cfg, bundle.tokenizer, bundle.image_transform)
     task = build_task(cfg, bundle.tokenizer, bundle.image_transform, vision_encoder=bundle.model.vision_encoder)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import reference_oracle as oracle
 import torch
 from eval_benchmark_data import hateful_memes, image_folder
-from tool_modules import load_tool
 
 from flamingo_composer.eval.classification import class_log_likelihoods
 from flamingo_composer.eval.classification_task import classify_batch
@@ -23,8 +23,6 @@ from flamingo_composer.eval.config import EvalSplitConfig, EvaluatorConfig
 from flamingo_composer.eval.tasks import build_task, score_records
 from flamingo_composer.models.factory import TokenizerConfig
 from flamingo_composer.models.tiny import tiny_model_config
-
-oracle = load_tool("reference_oracle")
 
 EASY_VQA_VOCAB = 115  # the easy-vqa word-level tokenizer's size before the Flamingo tokens
 # In the easy-vqa tokenizer's vocabulary (it has "yes" / "no"); multi-token names exercise the padding of chunks.
@@ -124,7 +122,11 @@ def test_cached_equals_uncached_on_padded_batches(setup):
     ), pair.ours.tokenizer, pair.ours.image_transform)  # fmt: skip
     prompts = [task.prompt(query, demos, len(demos)) for query, demos in ((0, [6]), (1, [0, 2]), (2, [1, 3, 4, 5]))]
     vision_x, image_mask = images_to_vision_x([[task._image(p) for p in paths] for _, paths in prompts])
-    inputs = {"vision_x": vision_x, "image_mask": image_mask, **tokenize_prompts(pair.ours.tokenizer, [t for t, _ in prompts])}
+    inputs = {
+        "vision_x": vision_x,
+        "image_mask": image_mask,
+        **tokenize_prompts(pair.ours.tokenizer, [t for t, _ in prompts]),
+    }
     assert (inputs["attention_mask"] == 0).any(dim=1).tolist() == [True, True, False]  # left padding
     model = pair.ours.model.eval()
     cached4, cached64, uncached = [
@@ -143,7 +145,8 @@ def test_a_training_evaluator_scores_classification_through_the_composer_model(s
 
     pair, data = setup["pair"], setup["data"]
     cfg = EvaluatorConfig(name="hm", benchmark="hateful_memes", train=EvalSplitConfig(**data["hm_train"]),
-                          test=EvalSplitConfig(**data["hm_test"]), shots=[2], batch_size=2, query_set_size=6)  # fmt: skip
+                          test=EvalSplitConfig(**data["hm_test"]), shots=[2], batch_size=2,
+                          query_set_size=6)  # fmt: skip
     [evaluator] = build_fewshot_evaluators([cfg], pair.ours.tokenizer, pair.ours.image_transform)
     assert evaluator.label == "eval/hm_2shot" and evaluator.metric_names == ["^ROC_AUC"]
     composer_model = FewShotComposerModel(pair.ours.model.eval(), pair.ours.tokenizer)

@@ -1,6 +1,6 @@
-"""Few-shot evaluation end to end: a YAML evaluator inside `composer train.py` logs its metric; tools/evaluate.py
+"""Few-shot evaluation end to end: a YAML evaluator inside `composer train.py` logs its metric; flamingo-evaluate
 loads that run's checkpoint and gives the same score and predictions on 1 and 2 ranks (`composer -n 2`, gloo);
-tools/generate.py runs a released-format OpenFlamingo checkpoint.pt; a missing annotation file stops the run
+flamingo-generate runs a released-format OpenFlamingo checkpoint.pt; a missing annotation file stops the run
 before training, naming the path."""
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def easy_vqa_run(tmp_path_factory):
         COMPOSER, "-n", "1", "train.py", str(RECIPE), f"variables.data_root={root}",
         "variables.eval_samples=24", "variables.eval_shots=[0,4]", f"max_duration={STEPS}",
         f"eval_interval={STEPS}", "run_name=evaltest", f"save_folder={out}/checkpoints", f"save_interval={STEPS}",
-        "autoresume=false", "data.mmc4.num_workers=0", "data.laion.num_workers=0", f"loggers.file.filename={out}/logs-rank{{rank}}.txt",
+        "autoresume=false", "data.mmc4.num_workers=0", "data.laion.num_workers=0",
+        f"loggers.file.filename={out}/logs-rank{{rank}}.txt",
         "loggers.file.flush_interval=1", "callbacks={}",
     ], timeout=400)  # fmt: skip
     return root, out
@@ -70,7 +71,7 @@ def _evaluate(world_size: int, checkpoint: Path, out: Path) -> dict:
     launcher = [COMPOSER, "-n", str(world_size)] if world_size > 1 else [sys.executable]  # as a user runs it
     cmd = [
         *launcher,
-        "tools/evaluate.py",
+        "tools/evaluate.py",  # the old path, now a shim, as `composer -n N` runs it
         "--config",
         str(RECIPE),
         "--checkpoint",

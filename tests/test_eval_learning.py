@@ -98,7 +98,8 @@ def test_trained_model_answers_held_out_easy_vqa_questions_from_the_images(tmp_p
     shuffled = _accuracy(model, task)
 
     print(f"4-shot VQA accuracy on {QUERIES} held-out easy-vqa questions after {STAGE1_STEPS}+{STAGE2_STEPS} "
-          f"steps: true images {true_images:.1f}, shuffled images {shuffled:.1f}, majority 'yes' {majority:.1f}")  # fmt: skip
+          f"steps: true images {true_images:.1f}, shuffled images {shuffled:.1f}, "
+          f"majority 'yes' {majority:.1f}")  # fmt: skip
     assert true_images > majority + MIN_GAIN_OVER_MAJORITY
     assert true_images > shuffled + MIN_GAIN_OVER_SHUFFLED
 

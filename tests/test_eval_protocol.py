@@ -93,9 +93,7 @@ def test_postprocessing_matches_the_reference():
 def _reference_plan(num_test, num_train, num_samples, query_set_size, shots, seed, batch_size):
     """The reference's draws, by its own utils functions (one rank, a 1-process gloo group for its sampler)."""
     from open_flamingo.eval import utils
-    from tool_modules import load_tool
-
-    single_process_group = load_tool("reference_oracle").single_process_group  # reuses a group a test left
+    from reference_oracle import single_process_group  # reuses a group a test left
 
     with single_process_group():
         test = [{"index": i} for i in range(num_test)]  # its collate wants dicts
@@ -242,7 +240,9 @@ def test_easy_vqa_what_pairs_train_the_evaluation_prompt(tmp_path):
 
     count = write_vqa_pairs_mds(tmp_path / "pairs", split="test")
     questions, annotations, image_dir = easy_vqa_layout("test")
-    what = [(q, a) for q, a in zip(questions["questions"], annotations["annotations"]) if q["question"].startswith("what")]
+    what = [
+        (q, a) for q, a in zip(questions["questions"], annotations["annotations"]) if q["question"].startswith("what")
+    ]
     assert count == len(what) == 2537  # easy-vqa's test split: 26% "what" questions
     bundle = build_flamingo(tiny_model_config(vision="tiny-vit-64", tokenizer=TokenizerConfig(builtin="easy_vqa")))
     processor = LaionProcessor(bundle.tokenizer, bundle.image_transform, LaionPreprocessConfig(), seed=0)

@@ -1,4 +1,4 @@
-"""The suite command (tools/evaluate.py --suite): three benchmarks (Flickr30K captioning, VizWiz VQA in its own
+"""The suite command (flamingo-evaluate --suite): three benchmarks (Flickr30K captioning, VizWiz VQA in its own
 layout, HatefulMemes classification) at 0 and 4 shots on tiny hand-made data with the fixture's released
 checkpoint.pt run to a JSON and a Markdown table; stopped in the middle and started again it runs only what is
 missing; a finished suite builds no model; a missing file stops it before any model is loaded. The shipped
@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from eval_benchmark_data import flickr, hateful_memes, image_folder, nltk_data, vizwiz
 from omegaconf import OmegaConf
-from tool_modules import load_tool
+
+from flamingo_composer.cli import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "openflamingo-tiny-gptneox"
-evaluate = load_tool("evaluate")
+
 FIXTURE_MODEL = {"vision": {"config_path": str(FIXTURE / "vision" / "of-tiny-vit-small.json")},
                  "lm": {"name": str(FIXTURE / "lm")}, "tokenizer": {"name": str(FIXTURE / "lm")},
                  "cross_attn_every_n_layers": 2, "seed": 0}  # fmt: skip
@@ -143,7 +144,9 @@ def test_the_shipped_suite_file_reads_with_its_documented_layout(tmp_path, tiny_
                 if key in split:
                     Path(split[key]).parent.mkdir(parents=True, exist_ok=True)
                     Path(split[key]).touch()
-            Path(split["images"], "class0" if split["format"] == "imagefolder" else "").mkdir(parents=True, exist_ok=True)
+            Path(split["images"], "class0" if split["format"] == "imagefolder" else "").mkdir(
+                parents=True, exist_ok=True
+            )
     model, evaluators, suite = read_suite(REPO_ROOT / "yamls" / "eval" / "openflamingo.yaml",
                                           [f"variables.eval_root={tmp_path}"])  # fmt: skip
     assert [e.benchmark for e in evaluators] == list(BENCHMARKS)
@@ -154,8 +157,8 @@ def test_the_shipped_suite_file_reads_with_its_documented_layout(tmp_path, tiny_
 
 
 def test_bench_eval_prints_the_speed_of_each_path(tmp_path, capsys):
-    """tools/bench_eval.py on the fixture's tiny model: every figure printed, cached and uncached scores agree."""
-    bench = load_tool("bench_eval")
+    """benchmarks/bench_eval.py on the fixture's tiny model: every figure printed, cached and uncached scores agree."""
+    from benchmarks import bench_eval as bench
     recipe = tmp_path / "recipe.yaml"
     OmegaConf.save(OmegaConf.create({"model": FIXTURE_MODEL}), recipe)
     assert bench.main(["--config", str(recipe), "--batch-size", "2",

@@ -1,7 +1,7 @@
-"""tools/export_openflamingo.py: our trainable-only checkpoint -> released-format checkpoint.pt (reference names).
+"""flamingo-export: our trainable-only checkpoint -> released-format checkpoint.pt (reference names).
 
 On the reference fixture (a checkpoint.pt written by open-flamingo 2.0.1 itself): import with
-tools/import_checkpoint.py, export again, and get the very same tensors, byte for byte. Keys that do not fit
+flamingo-import, export again, and get the very same tensors, byte for byte. Keys that do not fit
 are reported, and nothing is written. (Live checks against the reference package: tests/test_reference_live.py.)
 """
 
@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 from step_utils import REFERENCE_FIXTURE
-from tool_modules import load_tool
 
-export = load_tool("export_openflamingo")
-importer = load_tool("import_checkpoint")
+from flamingo_composer.cli import export
+from flamingo_composer.cli import import_checkpoint as importer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,9 @@ def fixture_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(fixture_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("imported") / "trainable.pt"
-    argv = ["--config", str(fixture_config), "--checkpoint", str(REFERENCE_FIXTURE / "checkpoint.pt"), "--out", str(out)]
+    argv = [
+        "--config", str(fixture_config), "--checkpoint", str(REFERENCE_FIXTURE / "checkpoint.pt"), "--out", str(out)
+    ]
     assert importer.main(argv) == 0
     return out
 

@@ -109,7 +109,9 @@ def test_config_from_dict_and_omegaconf_round_trip():
 
 
 def test_bad_configs_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match=r"source: 'open_clip' needs exactly one of \['config_path', 'custom_config', 'name'\]"):
+    with pytest.raises(
+        ValueError, match=r"source: 'open_clip' needs exactly one of \['config_path', 'custom_config', 'name'\]"
+    ):
         VisionConfig()
     with pytest.raises(ValueError, match=r"config: does not apply to source 'open_clip'"):
         VisionConfig(config={"model_type": "siglip_vision_model"})

@@ -31,7 +31,8 @@ from flamingo_composer.training.loss import head_cross_entropy_sum
 
 FAMILIES = list(TINY_LM_CONFIGS)
 LAYERS_PATH = {"gpt_neox": "gpt_neox.layers", "mpt": "transformer.blocks", "opt": "model.decoder.layers",
-               "gpt2": "transformer.h", "gptj": "transformer.h", "falcon": "transformer.h", "ctrl": "transformer.h"}  # fmt: skip
+               "gpt2": "transformer.h", "gptj": "transformer.h", "falcon": "transformer.h",
+               "ctrl": "transformer.h"}  # fmt: skip
 # What each family's forward does to the head's logits, or to the looked-up embedding rows.
 LOGIT_STEPS = {"gemma2": (("softcap", 30.0),), "granite": (("div", 4.0),), "cohere": (("mul", 0.25),)}
 SCALED_EMBEDDING = {"gemma3_text", "gemma3"}

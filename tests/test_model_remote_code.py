@@ -199,7 +199,9 @@ def test_generate_with_kv_cache_uses_the_images_and_the_trained_rows(remote_dirs
     set_new_token_rows(model, bare, torch.randn(2, 64))
     with torch.no_grad():
         reference = bare(input_ids=ids, attention_mask=mask).logits[:, -1]  # (1, V)
-    torch.testing.assert_close(greedy_steps(model, vision_x, ids, mask, steps).logits[0], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        greedy_steps(model, vision_x, ids, mask, steps).logits[0], reference, atol=1e-5, rtol=1e-5
+    )
     assert torch._C._len_torch_function_stack() == 0
 
 

@@ -1,5 +1,5 @@
 """The monitors (training/monitors.py): a NaN stops the run naming the step, the dataset and the checkpoint; a
-planted loss spike is detected; the cross-attention gates appear in the file log and in tools/plot_run.py."""
+planted loss spike is detected; the cross-attention gates appear in the file log and in flamingo-plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from composer import Callback
 from step_utils import dual_batch, one_step_trainer, tiny_bundle
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
 from flamingo_composer.training import run as run_module
@@ -126,7 +125,7 @@ def test_gate_metrics_are_logged_every_interval_and_plotted(data_root, tmp_path,
                 assert f"[metric][batch={step}]: xattn_gates/{gate}/{layer}: " in log
     gates = trainer.state.model.model.lang_encoder.gpt_neox.layers[1].gated_cross_attn_layer
     assert f"xattn_gates/attn/layer_01: {torch.tanh(gates.attn_gate).item():.4f}" in log  # the last step's value
-    plot = load_tool("plot_run")
+    from flamingo_composer.cli import plot
     assert plot.main([str(tmp_path), "--out", str(tmp_path / "curves.png")]) == 0
     printed = capsys.readouterr().out
     assert "cross-attention gates: tanh(attn_gate): xattn_gates/attn/layer_00 (3 points)" in printed

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from step_utils import REFERENCE_FIXTURE, dual_batch, run_one_step, tiny_bundle
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
 from flamingo_composer.config_schema import ConfigError
@@ -88,10 +87,12 @@ def test_the_released_format_refuses_qk_norm_in_loader_exporter_and_config(tmp_p
     config.write_text(yaml.safe_dump({"model": {**dataclasses.asdict(_fixture_model_config(qk_norm=True))}}))
     trainable = tmp_path / "trainable.pt"
     torch.save(ours, trainable)
-    export = load_tool("export_openflamingo")
+    from flamingo_composer.cli import export
     assert export.main([str(trainable), "--config", str(config), "--out", str(tmp_path / "out.pt")]) == 1
     assert "model.qk_norm: true" in capsys.readouterr().err and not (tmp_path / "out.pt").exists()
-    with pytest.raises(ConfigError, match="load_reference_checkpoint: a released OpenFlamingo checkpoint has no qk-norm"):
+    with pytest.raises(
+        ConfigError, match="load_reference_checkpoint: a released OpenFlamingo checkpoint has no qk-norm"
+    ):
         load_config(RUN_YAML, [f"variables.data_root={small_data(tmp_path_factory)}", "model.qk_norm=true",
                                f"load_reference_checkpoint={REFERENCE_FIXTURE / 'checkpoint.pt'}"])  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Live parity with the reference package (open-flamingo 2.0.1, tools/reference_oracle.py) for three LM families.
+"""Live parity with the reference package (open-flamingo 2.0.1, tests/reference_oracle.py) for three LM families.
 
 For GPT-NeoX, LLaMA and MPT (transformers' MptForCausalLM, tied head), seeds 0 and 1, cross-attention every 1 and 2
 layers: the reference is built by its own `create_model_and_transforms` from tiny offline files, our model from the
@@ -17,14 +17,12 @@ import io
 from pathlib import Path
 
 import pytest
+import reference_oracle as oracle
 import torch
 from step_utils import run_one_step
-from tool_modules import load_tool
 
 from flamingo_composer.models.reference_checkpoint import released_state_dict
 from flamingo_composer.models.tiny import tiny_model_config
-
-oracle = load_tool("reference_oracle")
 
 FAMILIES = ["gpt_neox", "llama", "mpt"]
 GRID = [(family, seed, n) for family in FAMILIES for seed in (0, 1) for n in (1, 2)]
@@ -77,7 +75,7 @@ def test_every_reference_key_maps(fp32_case):
 
 
 def test_export_equals_the_reference_checkpoint_layout(fp32_case):
-    """released_state_dict (tools/export_openflamingo.py) = what the reference saves as checkpoint.pt, key for key."""
+    """released_state_dict (flamingo-export) = what the reference saves as checkpoint.pt, key for key."""
     want = fp32_case["released"]
     got = released_state_dict(fp32_case["pair"].ours.model)
     assert sorted(got) == sorted(want)
@@ -165,7 +163,7 @@ def test_step_weights_match_reference_in_float64(float64_step):
 
 
 def test_pair_from_a_recipe(tmp_path):
-    """What tools/bench_vs_reference.py builds: both models from a training YAML's `model:` section."""
+    """What benchmarks/bench_vs_reference.py builds: both models from a training YAML's `model:` section."""
     from train_helpers import RUN_YAML
 
     pair = oracle.build_pair_from_recipe(RUN_YAML, tmp_path, seed=3)
@@ -177,7 +175,7 @@ def test_pair_from_a_recipe(tmp_path):
 def test_bench_vs_reference_stops_with_the_failed_sides_own_error():
     import sys
 
-    bench = load_tool("bench_vs_reference")
+    from benchmarks import bench_vs_reference as bench
     failing = [sys.executable, "-c", "import sys; sys.exit('data.laion.local: MDS index not found')"]
     with pytest.raises(SystemExit, match=r"(?s)exited 1:.*data\.laion\.local: MDS index not found"):
         bench.run_worker(failing, env={})
@@ -223,7 +221,7 @@ def test_exported_run_checkpoint_loads_into_the_reference_with_equal_logits(tmp_
     trained = trainer.state.model.model.eval()
     trainer.close()
 
-    export = load_tool("export_openflamingo")
+    from flamingo_composer.cli import export
     checkpoint = out / "checkpoints" / "ep0-ba2-rank0.pt"
     assert export.main([str(checkpoint), "--config", str(recipe_path), "--out", str(tmp_path / "checkpoint.pt")]) == 0
     printed = capsys.readouterr().out

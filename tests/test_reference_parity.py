@@ -8,7 +8,6 @@ or shape that does not fit. See tests/fixtures/openflamingo-tiny-gptneox/README.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -282,11 +281,8 @@ def test_wrapper_prefixes_and_resumable_layout_load(import_model, checkpoint):
 
 
 def test_import_tool_cli(import_model, checkpoint, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "import_checkpoint", REPO_ROOT / "tools" / "import_checkpoint.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from flamingo_composer.cli import import_checkpoint as tool
+
     with pytest.raises(SystemExit) as help_exit:
         tool.main(["--help"])
     assert help_exit.value.code == 0 and "--checkpoint" in capsys.readouterr().out

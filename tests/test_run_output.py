@@ -1,4 +1,4 @@
-"""What a run shows a person: the progress bar with running losses, a summary at the end, and tools/plot_run.py.
+"""What a run shows a person: the progress bar with running losses, a summary at the end, and flamingo-plot.
 
 One short run through the real entry point (`train.py`'s `main`, run.yaml's defaults: progress bar on, console
 dumps off) with a held-out evaluation, the file logger and a W&B offline run; the plot is made from both logs.
@@ -13,13 +13,12 @@ import sys
 
 import pytest
 from PIL import Image
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
+from flamingo_composer.cli import plot as plot_run
 from flamingo_composer.training.run import configure_package_logging, main
 from flamingo_composer.training.run_logs import read_run_metrics
 
-plot_run = load_tool("plot_run")
 STEPS = 4
 
 
@@ -57,11 +56,13 @@ def test_default_job_prints_progress_and_a_summary_and_its_log_plots(short_run, 
     summary = captured.out[captured.out.index("run short-run:"):]
     assert f"run short-run: {STEPS} optimizer steps" in summary
     assert re.search(r"train loss \(last step\): total [\d.]+, LAION [\d.]+, MMC4 [\d.]+", summary)
-    assert re.search(r"held-out \(last evaluation\): LAION cross-entropy [\d.]+, accuracy [\d.]+, MMC4 cross-entropy", summary)
+    assert re.search(
+        r"held-out \(last evaluation\): LAION cross-entropy [\d.]+, accuracy [\d.]+, MMC4 cross-entropy", summary
+    )
     assert f"checkpoint: {out / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt'}" in summary
     assert f"log:        {out / 'logs-rank0.txt'}" in summary
-    assert f"plot:       python tools/plot_run.py {out}" in summary
-    assert "tools/export_openflamingo.py" in summary and "log_to_console=true" in summary
+    assert f"plot:       flamingo-plot {out}" in summary
+    assert "flamingo-export" in summary and "log_to_console=true" in summary
 
     for source, folder in (("file", out), ("wandb", next(out.glob("wandb/offline-run-*")))):
         metrics, _ = read_run_metrics(folder)
@@ -72,7 +73,8 @@ def test_default_job_prints_progress_and_a_summary_and_its_log_plots(short_run, 
         assert drawn["train loss"] == ["loss/train/laion", "loss/train/mmc4", "loss/train/total"]
         assert drawn["held-out cross-entropy"] == [
             "metrics/eval/laion/LanguageCrossEntropy", "metrics/eval/mmc4/LanguageCrossEntropy"]
-        assert "learning rate" in drawn and drawn["throughput"] == ["throughput/samples_per_sec", "throughput/tokens_per_sec"]
+        assert "learning rate" in drawn and drawn["throughput"] == [
+            "throughput/samples_per_sec", "throughput/tokens_per_sec"]
         # The curves hold the logged values: STEPS train losses, one held-out value per evaluation.
         lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
         assert list(lines["total"].get_ydata()) == [v for _, v in metrics["loss/train/total"]]

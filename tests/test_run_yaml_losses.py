@@ -15,11 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_utils import LossRecorder  # noqa: E402
-from train_helpers import RUN_YAML, SMALL_DATA, small_data  # noqa: E402
+from step_utils import LossRecorder
+from train_helpers import RUN_YAML, SMALL_DATA, small_data
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-yaml-losses.json"
 STEPS = 3

@@ -28,7 +28,9 @@ for module in sys.argv[1:]:
         del sys.modules[m]
 print(json.dumps(loaded))
 """
-CHECKED = ("flamingo_composer.config_schema", "flamingo_composer.training.registry", "flamingo_composer.training.config")
+CHECKED = (
+    "flamingo_composer.config_schema", "flamingo_composer.training.registry", "flamingo_composer.training.config"
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,16 @@ def test_model_config_uses_the_training_config_validator():
         FlamingoModelConfig.from_dict({**data, "lm": {"nmae": "x"}})
     with pytest.raises(ConfigError, match="model.lm.trust_remote_code: only applies with lm.name"):
         FlamingoModelConfig.from_dict({**data, "lm": {"config": {"model_type": "llama"}, "trust_remote_code": True}})
+
+
+def test_make_test_lints_first_with_the_line_length_the_code_keeps():
+    """CI runs `make test`: ruff before pytest, and E501 is not switched off (the configured length means it)."""
+    import tomllib
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest: ")[1].split("\n\n")[0].splitlines()[1:]
+    commands = [line.strip() for line in recipe]
+    assert commands[0] == "$(BIN)/ruff check ." and commands[1].startswith("$(BIN)/python -m pytest"), commands
+    ruff = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    assert "E501" not in ruff["lint"].get("ignore", []) and "E" in ruff["lint"]["select"]
+    assert ruff["line-length"] == 120

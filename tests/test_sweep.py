@@ -1,4 +1,5 @@
-"""tools/sweep.py: a base recipe + a grid -> validated concrete YAMLs with unique names and folders; run / print / Slurm."""
+"""flamingo-sweep: a base recipe + a grid -> validated concrete YAMLs with unique names and folders; run / print /
+Slurm."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ import subprocess
 
 import pytest
 from omegaconf import OmegaConf
-from tool_modules import load_tool
 from train_helpers import RUN_YAML, short_run_overrides, small_data
 
+from flamingo_composer.cli import sweep as sweep_tool
 from flamingo_composer.training.config import load_config
-
-sweep_tool = load_tool("sweep")
 
 # 2 x 2: 3 attention heads do not divide the LM's hidden size 64, so those points fail when the model is built
 # (after validation, like a run that crashes): the sweep must go on past them.

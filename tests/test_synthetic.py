@@ -1,7 +1,6 @@
 """Built-in synthetic data: deterministic, readable in both layouts, described with single-token words."""
 
 import base64
-import importlib.util
 import io
 import json
 import subprocess
@@ -18,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from streaming import LocalDataset
 
 from flamingo_composer import vocab
+from flamingo_composer.cli import make_synthetic_data
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import SkipSample, sample_rng
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
@@ -30,15 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(
     num_laion=24, num_laion_val=8, num_mmc4=12, num_mmc4_val=4, laion_shard_size=10, mmc4_shard_size=5
 )
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "make_synthetic_data", REPO / "tools/make_synthetic_data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_tokenizer():
@@ -224,7 +215,7 @@ def test_bad_every_breaks_samples_with_known_reasons(tmp_path):
 
 
 def test_cli_defaults_match_config():
-    defaults, config = load_tool().DEFAULTS, asdict(SyntheticConfig())
+    defaults, config = make_synthetic_data.DEFAULTS, asdict(SyntheticConfig())
     assert defaults == {name: config[name] for name in defaults}
     assert set(config) - set(defaults) == {"mds_size_limit", "jpeg_quality"}
 
@@ -235,7 +226,7 @@ def test_cli_help_and_small_run(tmp_path, capsys):
         [sys.executable, script, "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--out" in help_text and "--format" in help_text and "--seed" in help_text
-    tool = load_tool()
+    tool = make_synthetic_data
     args = [
         "--num-laion",
         "4",

@@ -21,7 +21,7 @@ def rank_launcher(ranks: int) -> list[str]:
 
     Composer's own launcher takes ~12 s more per start (its imports and shutdown wait; 14 s against 2 s for a
     no-op script on 2 ranks), and the distributed tests start about a dozen runs. `composer -n` itself is what
-    the entry-point tests use (`train.py`, `tools/evaluate.py` in test_train_cli and test_eval_integration).
+    the entry-point tests use (`train.py`, `flamingo-evaluate` in test_train_cli and test_eval_integration).
     """
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return ["env", "NODE_RANK=0", torchrun, "--standalone", f"--nproc_per_node={ranks}"]

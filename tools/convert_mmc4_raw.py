@@ -37,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="jsonl / jsonl.gz / zipped jsonl files, brace patterns, or directories holding them",
     )
-    parser.add_argument("--images", required=True, help="folder of downloaded images named by image_name (see above for the sub-folders searched)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="folder of downloaded images named by image_name (see above for the sub-folders searched)",
+    )
     parser.add_argument("--format", required=True, choices=["wds", "mds"], help="output shard format")
     parser.add_argument("--docs-per-shard", type=int, default=1000, help="documents per webdataset tar (wds)")
     add_require_all_arg(parser)

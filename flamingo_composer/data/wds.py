@@ -378,7 +378,9 @@ class WebDatasetItems(IterableDataset):
             stream = shuffle_stage(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
         return stream
 
-    def _reader_samples(self, logical: int, num_workers: int, cursor: ShardCursor) -> Iterator[tuple[dict, ShardCursor]]:
+    def _reader_samples(
+        self, logical: int, num_workers: int, cursor: ShardCursor
+    ) -> Iterator[tuple[dict, ShardCursor]]:
         """Endless raw samples of one reader from `cursor` on, each with the cursor just after it. A pass that
         reads nothing at all (every shard empty) yields one `empty_shards` marker, so the main process counts it
         instead of waiting forever."""

@@ -1,4 +1,4 @@
-"""Few-shot evaluation (issue 9): COCO-style captioning (CIDEr) and VQAv2-style accuracy, with the reference's
+"""Few-shot evaluation: COCO-style captioning (CIDEr) and VQAv2-style accuracy, with the reference's
 protocol (prompts, demo sampling, beam search, post-processing), as Composer evaluators and standalone tools.
 
 Modules: `prompts` (prompt strings), `postprocess` (cutting generations), `cider` / `vqa_accuracy` (metrics),

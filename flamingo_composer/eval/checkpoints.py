@@ -1,4 +1,4 @@
-"""Recipes and checkpoints for the standalone tools (tools/evaluate.py, tools/generate.py).
+"""Recipes and checkpoints for the standalone tools (flamingo-evaluate, flamingo-generate).
 
 A recipe is a training YAML; the tools read only its `model:` and `evaluators:` sections (validated like the
 training config), so evaluating needs neither the training data nor its paths. A checkpoint is either ours (a

@@ -1,4 +1,4 @@
-"""The `evaluators:` section of a training recipe (and of tools/evaluate.py): one few-shot task per entry.
+"""The `evaluators:` section of a training recipe (and of flamingo-evaluate): one few-shot task per entry.
 
 Plain dataclasses validated by the training config's `from_dict` (unknown keys, types); constructing one checks
 that every annotation/question/class-name file and image folder exists (an ImageFolder tree must have class
@@ -173,7 +173,9 @@ class EvaluatorConfig:
             if self.kind is None:
                 raise ValueError(f"kind: required without a benchmark (one of {list(KINDS)})")
             if self.kind == "classification":
-                raise ValueError(f"benchmark: classification needs one (its class names and prompt): {list(BENCHMARKS)}")
+                raise ValueError(
+                    f"benchmark: classification needs one (its class names and prompt): {list(BENCHMARKS)}"
+                )
             return
         spec = benchmark(self.benchmark)
         if self.kind is not None and self.kind != spec.kind:

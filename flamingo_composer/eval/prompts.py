@@ -1,8 +1,9 @@
 """The reference's few-shot prompt strings (open_flamingo/eval/models/open_flamingo.py and evaluate.py, v2.0.1).
 
 A demo is its image token plus the filled prompt and `<|endofchunk|>`; captioning and VQA demos are each followed
-by a `\n`, classification demos by nothing (the reference joins them with ""); the query's open prompt follows. 0-shot (as Flamingo) uses 2 text-only demonstrations: the `<image>` tokens are
-removed from the demo text and no demo image is passed, only the query's.
+by a `\n`, classification demos by nothing (the reference joins them with ""); the query's open prompt follows.
+0-shot (as Flamingo) uses 2 text-only demonstrations: the `<image>` tokens are removed from the demo text and no
+demo image is passed, only the query's.
 """
 
 from __future__ import annotations

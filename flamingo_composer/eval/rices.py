@@ -120,11 +120,13 @@ def build_rices(cfg, pool_paths: Sequence[str], *, vision_encoder: nn.Module | N
     """A `Rices` for an evaluator's `rices:` section (config.RicesConfig)."""
     if cfg.tower == "model":
         if vision_encoder is None:
-            raise ValueError("rices.tower 'model' needs the model's vision tower (tools/evaluate.py); use 'open_clip'")
+            raise ValueError("rices.tower 'model' needs the model's vision tower (flamingo-evaluate); use 'open_clip'")
         tower, transform = vision_encoder, image_transform
     else:
         import open_clip
 
-        model, _, transform = open_clip.create_model_and_transforms(cfg.open_clip_model, pretrained=cfg.open_clip_pretrained)
+        model, _, transform = open_clip.create_model_and_transforms(
+            cfg.open_clip_model, pretrained=cfg.open_clip_pretrained
+        )
         tower = model.to(device).eval()
     return Rices(pool_paths, tower, transform, cache=cfg.cache, batch_size=cfg.batch_size, device=device)

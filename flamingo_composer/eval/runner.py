@@ -1,4 +1,4 @@
-"""Standalone evaluation of configured tasks (tools/evaluate.py, the suite): this rank's batches through the model
+"""Standalone evaluation of configured tasks (flamingo-evaluate, the suite): this rank's batches through the model
 (generation, or class-name ranking), gather, one score per trial on rank 0, prediction files in each benchmark's
 results format, throughput."""
 

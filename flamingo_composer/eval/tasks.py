@@ -1,6 +1,6 @@
 """A configured few-shot task: its examples, the prompts and batches of each trial, and the scoring.
 
-Shared by the Composer evaluators (composer_eval.py) and tools/evaluate.py, so both run the same protocol.
+Shared by the Composer evaluators (composer_eval.py) and flamingo-evaluate, so both run the same protocol.
 A batch is a dict: model inputs (`vision_x`, `image_mask`, `input_ids`, `attention_mask`) plus `fewshot`
 (task name, kind, trial, generation settings), `ids` and `references` (what the metric scores against).
 """
@@ -101,7 +101,7 @@ class FewShotTask:
         self.vision_encoder, self.device = vision_encoder, device
         self._rices = None
         if cfg.rices is not None and cfg.rices.tower == "model" and vision_encoder is None:
-            raise ValueError(f"evaluator {cfg.name}: rices.tower 'model' needs the model's tower (tools/evaluate.py); "
+            raise ValueError(f"evaluator {cfg.name}: rices.tower 'model' needs the model's tower (flamingo-evaluate); "
                              "a training evaluator takes tower: open_clip")  # fmt: skip
         self.train, train_skips = load_split(cfg.train, "train", self.num_class_names())
         self.test, test_skips = load_split(cfg.test, "test", self.num_class_names())
@@ -147,7 +147,8 @@ class FewShotTask:
             from flamingo_composer.eval.rices import build_rices
 
             self._rices = build_rices(self.cfg.rices, [e.image_path for e in self.train], device=self.device,
-                                      vision_encoder=self.vision_encoder, image_transform=self.image_transform)  # fmt: skip
+                                      vision_encoder=self.vision_encoder,
+                                      image_transform=self.image_transform)  # fmt: skip
         return self._rices
 
     def _retrieve(self, queries: list[int], k: int) -> list[list[int]]:
@@ -222,7 +223,9 @@ class FewShotTask:
             **tokenize_prompts(self.tokenizer, texts),
         }  # fmt: skip
 
-    def rank_positions(self, rank: int, world_size: int, trials: Sequence[int] | None = None) -> list[tuple[int, range]]:
+    def rank_positions(
+        self, rank: int, world_size: int, trials: Sequence[int] | None = None
+    ) -> list[tuple[int, range]]:
         """(trial, positions) of every batch this rank runs for one shot count, all trials (or `trials`) in order."""
         per_trial = rank_batches(self.num_queries(), self.cfg.batch_size, rank, world_size)
         trials = range(self.cfg.num_trials) if trials is None else trials

@@ -49,7 +49,7 @@ class MaskedCrossAttention(nn.Module):
     - masked (default, the reference's): every token against all T_img x n latents behind a mask;
     - per image: each image's text (a contiguous run of tokens, see `image_segments`) against that image's n
       latents alone, no mask: (B*T) attentions of (S x n), T times fewer scores and no (B, L, T*n) mask.
-    Measured on CPU (tools/bench.py, bench-cpu.yaml) the two take the same time (matmuls dominate); the masked
+    Measured on CPU (benchmarks/bench.py, bench-cpu.yaml) the two take the same time (matmuls dominate); the masked
     form's summation order is the one the parity fixture was checked with. `qk_norm`: a LayerNorm over each
     head's queries and keys (`q_norm`, `k_norm`), as in the perceiver.
     """

@@ -185,7 +185,9 @@ def build_tokenizer(tokenizer: TokenizerConfig):
         from flamingo_composer.vocab import BUILTIN_TOKENIZERS
 
         if tokenizer.builtin not in BUILTIN_TOKENIZERS:
-            raise ValueError(f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: {sorted(BUILTIN_TOKENIZERS)}")
+            raise ValueError(
+                f"tokenizer.builtin {tokenizer.builtin!r} unknown; available: {sorted(BUILTIN_TOKENIZERS)}"
+            )
         return BUILTIN_TOKENIZERS[tokenizer.builtin]()
     from transformers import AutoTokenizer
 

@@ -174,7 +174,8 @@ def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
 
     Some revisions of MosaicGPT (the released 3B's LM) do not define them, so transformers' resize (and our
     splicing) cannot find the embedding; the reference patches the instance the same way (`EmbeddingFnMixin`).
-    The embedding is found by its row count (`_token_embedding`). The accessors are instance attributes holding `functools.partial`s, so copies and pickles of `lm` keep them.
+    The embedding is found by its row count (`_token_embedding`). The accessors are instance attributes holding
+    `functools.partial`s, so copies and pickles of `lm` keep them.
     """
     try:
         lm.get_input_embeddings()

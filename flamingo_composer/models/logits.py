@@ -2,12 +2,12 @@
 
 The training loss projects the decoder's final hidden states with the output head itself (composer_model.py,
 no (B, L, V) logits tensor). Some LMs change the head's logits inside their forward: Gemma-2/3 soft-cap them
-(`final_logit_softcapping`; RecurrentGemma `logits_soft_cap`), Granite divides them (`logits_scaling`), Cohere multiplies them (`logit_scale`),
-Falcon-H1 too (`lm_head_multiplier`). `LogitTransform` holds those steps, read from the text config, and
-`check_training_logits` proves at build, on a short probe sequence (`LogitProbe`), that head + transform give the
-LM's own logits: an LM that does anything else is refused with its class named, instead of silently training
-another objective than the one it is evaluated on. The same probe checks that the LM with Flamingo's layers and
-closed gates still gives its own logits (flamingo.py).
+(`final_logit_softcapping`; RecurrentGemma `logits_soft_cap`), Granite divides them (`logits_scaling`), Cohere
+multiplies them (`logit_scale`), Falcon-H1 too (`lm_head_multiplier`). `LogitTransform` holds those steps, read from
+the text config, and `check_training_logits` proves at build, on a short probe sequence (`LogitProbe`), that head +
+transform give the LM's own logits: an LM that does anything else is refused with its class named, instead of
+silently training another objective than the one it is evaluated on. The same probe checks that the LM with
+Flamingo's layers and closed gates still gives its own logits (flamingo.py).
 """
 
 from __future__ import annotations

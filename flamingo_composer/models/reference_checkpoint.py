@@ -399,7 +399,9 @@ def released_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for clean, tensor in keys.tensors.items():
         if clean.startswith("vision_encoder.") or clean == keys.new_token_rows:
             continue
-        if isinstance(tensor, nn.Parameter) and not (tensor.requires_grad or "embed" in clean or clean == keys.embed_weight):
+        if isinstance(tensor, nn.Parameter) and not (
+            tensor.requires_grad or "embed" in clean or clean == keys.embed_weight
+        ):
             continue  # a frozen LM weight: rebuilt from the LM on load
         out[clean] = tensor.detach().clone()
     if keys.new_token_rows is not None:

@@ -10,7 +10,7 @@ Image size: images are 64 px JPEGs of 1.5-5 kB, far below MMC4's 11,000-byte min
 cannot reach it without being mostly noise), so recipes on this data set `min_image_bytes` low: use
 `SYNTHETIC_MIN_IMAGE_BYTES` (also written to manifest.json), which every generated image exceeds.
 
-Layout under the output folder (tools/make_synthetic_data.py writes it):
+Layout under the output folder (flamingo-make-synthetic-data writes it):
     wds/laion/train-{000000..N}.tar, wds/laion/val-000000.tar     KEY.jpg, KEY.txt, KEY.json (img2dataset layout)
     wds/mmc4/train-{000000..N}.tar, wds/mmc4/val-*.tar            KEY.json (text_list, image_info, similarity_matrix)
     mds/laion/{train,val}/, mds/mmc4/{train,val}/                 MDS, columns of data/mds.py

@@ -67,7 +67,9 @@ SUPPORTED: dict[str, Supported] = {
 }
 
 _CRASHES = "crashes on this model"
-_IMAGE_BATCH = "expects one image-classification batch (input, target); the dual LAION/MMC4 batch is not one: " + _CRASHES
+_IMAGE_BATCH = (
+    "expects one image-classification batch (input, target); the dual LAION/MMC4 batch is not one: " + _CRASHES
+)
 REFUSED: dict[str, str] = {
     "alibi": "replaces the LM's position embeddings by ALiBi in its attention: " + _CRASHES + " at start, and "
     "would change a frozen (released) LM",

@@ -87,7 +87,9 @@ def _monolithic_problem(path: Path) -> str | None:
 
     try:
         if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is its last part
-            return f"truncated or not a torch checkpoint (no zip directory at the end of its {path.stat().st_size} bytes)"
+            return (
+                f"truncated or not a torch checkpoint (no zip directory at the end of its {path.stat().st_size} bytes)"
+            )
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as exc:  # damaged inside, unreadable: all the same to the caller
         return f"unreadable ({_error_text(exc)})"

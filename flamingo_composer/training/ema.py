@@ -12,7 +12,7 @@ This one:
   (EVAL_END), by exact copies: training is bit for bit that of a run without it;
 - is checkpointed beside the raw weights (`state.callbacks['FlamingoEMA']['ema']`: {name: tensor}): DTensors
   in sharded checkpoints, which torch.distributed.checkpoint reshards on load (N -> M ranks, as the model's
-  own), full tensors in monolithic ones. tools/evaluate.py and tools/export_openflamingo.py read it (`--weights`).
+  own), full tensors in monolithic ones. flamingo-evaluate and flamingo-export read it (`--weights`).
 
 It is configured as the algorithm `ema` (training/algorithms.py) but runs as a Callback: Composer 0.32.1 writes
 the algorithms' state into a sharded checkpoint as one pickled list, rank 0's (so every rank would load rank 0's
@@ -171,7 +171,9 @@ class FlamingoEMA(Callback):
         if self._sharded:
             ema = dict(self._ema)
         else:
-            ema = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for name, t in self._ema.items()}
+            ema = {
+                name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for name, t in self._ema.items()
+            }
         return {"repr": repr(self), "started": self.started, "updates": self.updates, "ema": ema}
 
     @torch.no_grad()
@@ -189,7 +191,9 @@ class FlamingoEMA(Callback):
             if tensor is mine:  # a sharded load filled our own tensors in place
                 continue
             if isinstance(mine, DTensor) and not isinstance(tensor, DTensor):  # a full tensor: this rank's shard
-                tensor = distribute_tensor(tensor.to(mine.device), mine.device_mesh, mine.placements, src_data_rank=None)
+                tensor = distribute_tensor(
+                    tensor.to(mine.device), mine.device_mesh, mine.placements, src_data_rank=None
+                )
             mine.copy_(tensor)
 
 

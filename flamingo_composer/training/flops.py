@@ -1,4 +1,4 @@
-"""Frozen-aware FLOP count of one Flamingo training step, per dataset (for SpeedMonitor's MFU and tools/bench.py).
+"""Frozen-aware FLOP count of one Flamingo training step, per dataset (for SpeedMonitor's MFU and benchmarks/bench.py).
 
 A matmul with N weights costs 2N FLOPs per token forward. Backward costs another 2N for the activation gradient
 and 2N for the weight gradient, but frozen parts skip the weight gradient:
@@ -6,7 +6,8 @@ and 2N for the weight gradient, but frozen parts skip the weight gradient:
   times the images actually encoded;
 - perceiver and gated cross-attention blocks (trainable): 6N per token they process;
 - LM decoder layers and head (frozen): 2N forward + 2N activation gradient per text token where a trainable
-  parameter lies below them (a mixture-of-experts layer: only the top-k of its E routed experts per token) (the new-token embedding rows, or a cross-attention block), else 2N; the head only at
+  parameter lies below them (the new-token embedding rows, or a cross-attention block), else 2N (a
+  mixture-of-experts layer: only the top-k of its E routed experts per token); the head only at
   the supervised positions when the training loss projects just those (LMs with a head module);
 - attention score/value products (no weights): 4*q*k*d forward, twice that backward when gradients pass.
 Norms, biases, activations and embedding look-ups are ignored (they are not matmuls).

@@ -5,7 +5,7 @@
 - `LossSpikeMonitor` (`loss_spike`): a loss above `multiplier` x the mean of a rolling window of earlier losses is
   logged; with `stop: true`, `patience` spikes in a row stop the run (as llm-foundry's kill_loss_spike).
 - `XAttnGateLogger` (`xattn_gates`): tanh(attn_gate) and tanh(ff_gate) of every gated cross-attention block,
-  every `interval` steps, so a run shows the cross-attention opening up (tools/plot_run.py draws them).
+  every `interval` steps, so a run shows the cross-attention opening up (flamingo-plot draws them).
 
 Cheap by construction: the losses they read are the host floats Composer logs anyway (`state.total_loss_dict`);
 the gradient check reduces each microbatch's gradients to one device flag, read with one small all-reduce after
@@ -57,10 +57,9 @@ def _last_checkpoint(state: State) -> str:
 
 
 def _datasets_in(keys) -> list[str]:
-    """The datasets that logged loss keys name (`loss/train/mmc4`, `loss/train/z_loss/mmc4`)."""
-    from flamingo_composer.data.config import DATASETS
-
-    return [name for name in DATASETS if any(key.split("/")[-1] == name for key in keys)]
+    """The datasets that logged loss keys name (`loss/train/<name>`, `loss/train/z_loss/<name>`), in key order."""
+    names = [key.split("/")[-1] for key in keys if key != "loss/train/total"]
+    return list(dict.fromkeys(names))
 
 
 class NonFiniteMonitor(Callback):

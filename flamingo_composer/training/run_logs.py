@@ -1,7 +1,7 @@
 """Read a run's logged metrics back: Composer's FileLogger text log or a W&B offline run folder.
 
 Both give `{metric name: [(step, value), ...]}` in logging order (step = optimizer steps, Composer's batch count),
-for tools/plot_run.py and the tests. A file log written over several processes of one run (restarts) holds one
+for flamingo-plot and the tests. A file log written over several processes of one run (restarts) holds one
 segment per process (`file_logger.AppendingFileLogger`); read back, it is the one run's history.
 """
 

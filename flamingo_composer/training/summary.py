@@ -49,16 +49,16 @@ def run_summary(trainer: Trainer, cfg: TrainConfig, recipe: str) -> str:
     state = trainer.state
     run_name = state.run_name
     lines = [f"run {run_name}: {int(state.timestamp.batch)} optimizer steps"]
+    datasets = list(cfg.data)
     losses = {k: float(v) for k, v in (state.total_loss_dict or {}).items()}
     if losses:
-        names = {"loss/train/total": "total", "loss/train/laion": "LAION", "loss/train/mmc4": "MMC4"}
+        names = {"loss/train/total": "total", **{f"loss/train/{name}": name for name in datasets}}
         lines.append(f"  train loss (last step): {_fmt(losses, names)}")
     held_out = {k: float(v) for k, v in state.eval_metric_values.items()}
     if held_out:
-        names = {
-            "laion/LanguageCrossEntropy": "LAION cross-entropy", "laion/TokenAccuracy": "accuracy",
-            "mmc4/LanguageCrossEntropy": "MMC4 cross-entropy", "mmc4/TokenAccuracy": "accuracy",
-        }
+        names = {}
+        for name in datasets:
+            names.update({f"{name}/LanguageCrossEntropy": f"{name} cross-entropy", f"{name}/TokenAccuracy": "accuracy"})
         shown = _fmt(held_out, names)
         others = {k: v for k, v in held_out.items() if k not in names}
         weights = ", EMA weights" if any(getattr(c, "started", False) for c in _ema_callbacks(state)) else ""
@@ -68,10 +68,10 @@ def run_summary(trainer: Trainer, cfg: TrainConfig, recipe: str) -> str:
     lines.append(f"  checkpoint: {checkpoint or 'none saved (save_folder is null)'}")
     if log:
         lines.append(f"  log:        {log}")
-        lines.append(f"  plot:       python tools/plot_run.py {shlex.quote(str(Path(log).parent))}")
+        lines.append(f"  plot:       flamingo-plot {shlex.quote(str(Path(log).parent))}")
     if checkpoint and "://" not in checkpoint:
         lines.append(
-            f"  export:     python tools/export_openflamingo.py {shlex.quote(checkpoint)} --config "
+            f"  export:     flamingo-export {shlex.quote(checkpoint)} --config "
             f"{shlex.quote(recipe)} --out checkpoint.pt   (released OpenFlamingo format)"
         )
     if cfg.autoresume:

@@ -1,40 +1,58 @@
-#!/usr/bin/env python
-"""The prepared GPU check of the performance issue: tools/bench.py at 3B shapes, with and without the levers.
+"""Training speed on your GPU at the OpenFlamingo-3B shapes: benchmarks/bench.py per variant, with and without the
+speed levers, then one summary.
 
-    python tools/gpu_check.py [--config yamls/bench-3b.yaml] [--steps 8] [--warmup 3] [--variants levers,...]
+    python -m benchmarks.gpu_bench [--config yamls/bench-3b.yaml] [--steps 8] [--warmup 3] [--variants levers,...]
+        [--peak-flops 989e12] [--out runs/gpu-bench]
 
-Each variant runs in a fresh process (its own CUDA memory peak, no compile caches shared) under a time limit,
-and prints its bench line as soon as it ends, so a run cut short still reports the variants that finished.
-Then one summary line: per variant the step time, samples/s per GPU, frozen-aware MFU against the GPU's dense
-bf16 peak (`--peak-flops`; on CPU the measured matmul) and peak memory, beside the issue's goals (MFU >= 45%,
-and 2x the reference's published 2.2 samples/s/GPU at 9B, scaled to 3B as tools/bench_data.py does).
-Everything printed is also appended to OUT/gpu_check.jsonl (OUT: $OUT, else runs/gpu-check).
+What it measures, per variant (see VARIANTS below): the step time, samples/s per GPU (LAION pairs + MMC4
+documents), the model FLOPs utilisation (MFU: achieved FLOP/s, counting only what the frozen-aware backward
+computes, over the GPU's dense bf16 peak) and the peak tensor memory. The peak comes from `--peak-flops`, else
+from a small table of known GPUs matched by the device name (KNOWN_GPU_PEAKS), else the measured matmul rate
+(always on CPU). Beside them the goals: MFU >= 45%, and 2x the reference's published 2.2 samples/s/GPU at 9B,
+scaled to 3B (benchmarks/bench_data.py's `gpu_step_estimate`).
 
-On the lent H200 (its own torch, no Composer): here `make gpu-wheels` downloads tools/gpu_wheels.txt's wheels
-for its Python 3.12 into .whl/; the device command, with carry [".whl"], is
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 python3 tools/gpu_check.py
-
-Each variant builds the 3B model afresh; the default limits (4 x 120 s) end the run inside a 9-minute device call.
+Each variant runs in a fresh process (its own memory peak, no compile caches shared) under a time limit and
+prints its line as soon as it ends, so a run cut short still reports the variants that finished. Everything
+printed is also appended to OUT/gpu_bench.jsonl. Run it from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench_data import gpu_step_estimate
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-from bench_data import gpu_step_estimate  # noqa: E402  (a sibling tool: the scaled reference figure)
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, matched as substrings of the device
+# name, most specific first. A GPU not listed: pass --peak-flops.
+KNOWN_GPU_PEAKS = (
+    ("GH200", 989.4e12),
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),  # SXM
+    ("B200", 2250e12),
+    ("A100", 312.0e12),
+    ("L40S", 362.05e12),
+    ("A10G", 70.0e12),
+    ("L4", 121.0e12),
+    ("MI300X", 1307.4e12),
+)
 
-H200_BF16_DENSE_FLOPS = 989.4e12  # NVIDIA's dense bf16 tensor-core peak of the H100/H200 SXM
+
+def known_peak_flops(device: str) -> float | None:
+    """The dense bf16 peak of a GPU named `device` (torch.cuda.get_device_name), None when not in the table."""
+    for name, flops in KNOWN_GPU_PEAKS:
+        if name in device:
+            return flops
+    return None
+
+
 MFU_GOAL = 0.45
 # Overrides per variant. "levers": the recipe as written (per-image cross-attention, bf16 frozen weights, fused
 # AdamW, chunked CE). "no-levers": the reference's forms of each (masked cross-attention, fp32 frozen weights,
@@ -65,9 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--variant-timeout", type=float, default=120.0, help="seconds per variant")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help=f"the MFU denominator (default: {H200_BF16_DENSE_FLOPS:.4g} on CUDA, the measured "
-                        "matmul on CPU)")  # fmt: skip
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "runs" / "gpu-check"))
+                        help="the MFU denominator, FLOP/s (default: the known GPUs' table, else the measured matmul)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "gpu-bench"), help="where gpu_bench.jsonl goes")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every variant")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -79,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bench_command(args: argparse.Namespace, variant: str) -> list[str]:
     return [
         sys.executable,
-        str(REPO_ROOT / "tools" / "bench.py"),
+        "-m",
+        "benchmarks.bench",
         "--config",
         args.config,
         "--steps",
@@ -116,7 +134,7 @@ def summarise(results: list[dict], peak_flops: float | None) -> dict:
             rows[result["variant"]] = {"error": result["error"]}
             continue
         on_cpu = result["device"].startswith("cpu")
-        peak = peak_flops or (result["matmul_flops_per_s"] if on_cpu else H200_BF16_DENSE_FLOPS)
+        peak = peak_flops or (None if on_cpu else known_peak_flops(result["device"])) or result["matmul_flops_per_s"]
         samples = result["laion_samples_per_s"] + result["mmc4_samples_per_s"]
         mfu = result["achieved_flops_per_s"] / peak
         rows[result["variant"]] = {
@@ -141,7 +159,7 @@ def emit(record: dict, log: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    log = Path(args.out) / "gpu_check.jsonl"
+    log = Path(args.out) / "gpu_bench.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for variant in args.variants.split(","):

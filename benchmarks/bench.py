@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Training-speed benchmark: N real optimizer steps (after W warm-up steps), one JSON line of figures.
 
-    python tools/bench.py --config yamls/bench-cpu.yaml [--steps 20] [--warmup 3] [--data memory|loader]
+    python -m benchmarks.bench --config yamls/bench-cpu.yaml [--steps 20] [--warmup 3] [--data memory|loader]
 
 The Trainer is built by the training entry point (`train_from_config`: model, optimizer, schedule, clipping,
 precision, microbatching exactly as a run), checkpoints and loggers switched off. `--data memory` (default)

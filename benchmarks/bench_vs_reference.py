@@ -1,18 +1,17 @@
-#!/usr/bin/env python
 """Training step time and peak memory, ours against the reference OpenFlamingo (open-flamingo 2.0.1), side by side.
 
-    python tools/bench_vs_reference.py --config yamls/bench-cpu.yaml [--pairs 5] [--steps 6] [--warmup 2]
+    python -m benchmarks.bench_vs_reference --config yamls/bench-cpu.yaml [--pairs 5] [--steps 6] [--warmup 2]
 
 Each pair runs, in fresh processes and in alternating order, (a) the reference's real `train_one_epoch` on its
-model built from the config's `model:` section by `tools/reference_oracle.py` (same ViT, LM and tokenizer files;
-the reference's fixed perceiver sizes) and (b) ours: `tools/bench.py` (the training entry point with its real
+model built from the config's `model:` section by `tests/reference_oracle.py` (same ViT, LM and tokenizer files;
+the reference's fixed perceiver sizes) and (b) ours: `benchmarks/bench.py` (the training entry point with its real
 Trainer). Both see the same in-memory batch shapes and tokens (`bench.memory_batches`: the config's LAION and MMC4
 batch sizes and lengths, `--images-per-doc` real images per MMC4 document, the rest of the slots empty), the same
 optimizer settings, fp32 on CPU (or the config's device). Prints one JSON line: each pair's step times and ratio
 (reference / ours: > 1 means ours is faster), their median, both peak memories (max RSS of the process, or CUDA
 max allocated) and their ratio (ours / reference), both peak tensor memories (`bench.py`'s `peak_tensor_bytes`,
 measured the same way on both sides, on CPU in one more, untimed step) and their ratio, and the machine. This is
-the figure the performance issue is judged by; `tools/bench.py` alone gives our FLOP/s and MFU.
+the figure the trainer's speed is judged by; `benchmarks/bench.py` alone gives our FLOP/s and MFU.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from types import SimpleNamespace
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +77,18 @@ class _RepeatedBatch:
 
 def reference_worker(args: argparse.Namespace) -> dict:
     """Time the reference's train_one_epoch on the config's shapes (this process builds only the reference)."""
-    from bench import ensure_synthetic_data, memory_batches, resident_tensor_bytes, step_tensor_peak
-    from reference_oracle import (
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import get_constant_schedule_with_warmup
+
+    from benchmarks.bench import (
+        ensure_synthetic_data,
+        memory_batches,
+        resident_tensor_bytes,
+        step_tensor_peak,
+    )
+    from flamingo_composer.models.vision import vision_image_size
+    from flamingo_composer.training.config import load_config
+    from tests.reference_oracle import (
         REFERENCE_PERCEIVER,
         build_reference,
         reference_modules,
@@ -89,11 +97,6 @@ def reference_worker(args: argparse.Namespace) -> dict:
         single_process_group,
         write_reference_files,
     )
-    from torch.nn.parallel import DistributedDataParallel
-    from transformers import get_constant_schedule_with_warmup
-
-    from flamingo_composer.models.vision import vision_image_size
-    from flamingo_composer.training.config import load_config
 
     ensure_synthetic_data(args.config, [])  # the config names its data (validated); bench.py makes it too
     cfg = load_config(args.config, [])
@@ -112,7 +115,9 @@ def reference_worker(args: argparse.Namespace) -> dict:
     # The reference loaders' layouts: LAION images (B, C, H, W) with (ids, mask); MMC4 images (B, T, C, H, W)
     # with one (ids (1, L), mask (1, L)) pair per document.
     laion_batch = (laion["vision_x"][:, 0, 0], (laion["input_ids"], laion["attention_mask"]))
-    mmc4_text = [(mmc4["input_ids"][i : i + 1], mmc4["attention_mask"][i : i + 1]) for i in range(len(mmc4["input_ids"]))]
+    mmc4_text = [
+        (mmc4["input_ids"][i : i + 1], mmc4["attention_mask"][i : i + 1]) for i in range(len(mmc4["input_ids"]))
+    ]
     loaders = [_RepeatedBatch(laion_batch, total), _RepeatedBatch((mmc4["vision_x"][:, :, 0], mmc4_text), total)]
     run_args = SimpleNamespace(
         num_epochs=1, precision={"fp32": "fp32", "amp_bf16": "amp_bf16"}.get(cfg.precision, "fp32"), fsdp=False,
@@ -157,14 +162,15 @@ def _last_json(stdout: str) -> dict:
 
 def run_worker(cmd: list[str], env: dict[str, str]) -> dict:
     """One side's figures (the last JSON line it prints); a failed side stops the bench with its own error."""
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     if result.returncode != 0:
         raise SystemExit(f"bench_vs_reference: {' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return _last_json(result.stdout)
 
 
 def side_command(side: str, args) -> list[str]:
-    script = [__file__, "--reference-worker"] if side == "reference" else [str(TOOLS / "bench.py")]
+    module = ["benchmarks.bench_vs_reference", "--reference-worker"] if side == "reference" else ["benchmarks.bench"]
+    script = ["-m", *module]
     return [sys.executable, *script, "--config", args.config, "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--images-per-doc", args.images_per_doc]  # fmt: skip
 

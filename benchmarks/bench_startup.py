@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Peak host memory (RSS) per rank while an FSDP2 run starts: model built, sharded, ready to train.
 
-    python tools/bench_startup.py [--ranks 2] [--lm mpt-1b|tiny]
+    python -m benchmarks.bench_startup [--ranks 2] [--lm mpt-1b|tiny]
 
 Runs `composer -n RANKS` twice on CPU (gloo), with `fsdp_config.mixed_init` on (ranks > 0 build the model on
 the meta device and receive rank 0's weights) and off (every rank builds it), on an MPT-1B-shaped random LM
@@ -35,7 +34,8 @@ def _overrides(data_root: Path, out_dir: Path, mixed_init: bool) -> list[str]:
         f"variables.data_root={data_root}", "max_duration=1", "run_name=startup", "eval_loader=null",
         "data.laion.num_workers=0", "data.mmc4.num_workers=0", "data.laion.batch_size=2", "data.mmc4.batch_size=1",
         f"data.mmc4.preprocess.min_image_bytes={_min_image_bytes()}", "callbacks={}", "loggers={}",
-        "autoresume=false", f"save_folder={out_dir}/ckpt", "model.tokenizer.builtin=tiny-50k", f"fsdp_config={{version: 2, mixed_init: {str(mixed_init).lower()}}}",
+        "autoresume=false", f"save_folder={out_dir}/ckpt", "model.tokenizer.builtin=tiny-50k",
+        f"fsdp_config={{version: 2, mixed_init: {str(mixed_init).lower()}}}",
     ]  # fmt: skip
 
 
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
             figures = {"lm": args.lm, "ranks": args.ranks, "mixed_init": mixed_init,
-                       "host_memory_gb": round(_host_memory_gb(), 1), "machine": platform.processor() or platform.machine()}  # fmt: skip
+                       "host_memory_gb": round(_host_memory_gb(), 1),
+                       "machine": platform.processor() or platform.machine()}  # fmt: skip
             if result.returncode != 0:
                 failed += 1
                 print(result.stdout[-2000:] + result.stderr[-4000:], file=sys.stderr)

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Evaluation speed: queries/s for captioning, VQA and classification (1,000 class names, with and without the
 prompt's KV cache) on a recipe's model, random weights, synthetic images and few-shot prompts.
 
-    python tools/bench_eval.py --config yamls/bench-cpu.yaml            # the bench-cpu shapes (CPU, fp32)
-    python tools/bench_eval.py --config yamls/bench-3b.yaml --device gpu --dtype bf16
+    python -m benchmarks.bench_eval --config yamls/bench-cpu.yaml            # the bench-cpu shapes (CPU, fp32)
+    python -m benchmarks.bench_eval --config yamls/bench-3b.yaml --device gpu --dtype bf16
 
 Generation runs the reference's settings (beam search 3, 20 new tokens for captions, 5 for VQA, every token
 generated: min_new_tokens = max_new_tokens); classification ranks the reference's 1,000 ImageNet class names
@@ -118,7 +117,8 @@ def main(argv=None) -> int:
 
         names = list(IMAGENET_CLASSNAMES[: args.classes])
         class_tokens = class_token_ids(bundle.tokenizer, names)
-        texts = few_shot(lambda i: prompts.imagenet_prompt(names[(37 * i) % len(names)]), lambda q: prompts.imagenet_prompt(),
+        texts = few_shot(lambda i: prompts.imagenet_prompt(names[(37 * i) % len(names)]),
+                         lambda q: prompts.imagenet_prompt(),
                          separator=prompts.CLASSIFICATION_DEMO_SEPARATOR)  # fmt: skip
         for cached, queries in ((True, args.cached_queries), (False, args.uncached_queries)):
             inputs = synthetic_inputs(bundle, texts[:queries], k + 1, device, dtype)

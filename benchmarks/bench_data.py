@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Data-loader throughput on the built-in synthetic data: samples/s for LAION, MMC4 and both together, for
 webdataset and MDS, at each requested number of DataLoader workers, and whether a GPU's workers feed its step.
 
-    python tools/bench_data.py                               # generate synthetic data in a temp dir, then bench
-    python tools/bench_data.py --data data/synthetic --num-workers 0 2 4 --batches 50
+    python -m benchmarks.bench_data                               # generate synthetic data in a temp dir, then bench
+    python -m benchmarks.bench_data --data data/synthetic --num-workers 0 2 4 --batches 50
 
 Prints one JSON line per (format, num_workers) configuration on stdout (progress goes to stderr):
   laion / mmc4: that dataset's loader alone (the full pipeline: read, decode, preprocess at --image-size,
@@ -16,9 +15,9 @@ Prints one JSON line per (format, num_workers) configuration on stdout (progress
 "workers" counts the processes doing data work: num_workers per dataset (the main process alone when 0).
 
 The GPU step time is an estimate from published figures (see `gpu_step_estimate`): the reference trains the
-9B model at about 2.2 samples/s/GPU (the figure issue 11 cites from the reference); scaled to 3B by the
+9B model at about 2.2 samples/s/GPU (the reference's published figure); scaled to 3B by the
 parameters each token passes through on the LM side (the shared ViT-L is left out, which makes the 3B step
-look faster, so the estimate asks more of the loader); and sped up by issue 11's goal of 2x the reference.
+look faster, so the estimate asks more of the loader); and sped up by this trainer's goal of 2x the reference.
 Generated data uses --source-image-size px JPEGs (default 256, img2dataset's usual size), so decode and resize
 do real work. A benchmark, not a test: numbers depend on the machine and its load.
 """
@@ -37,9 +36,9 @@ from pathlib import Path
 FORMATS = ("wds", "mds")
 
 STEP_BATCH = {"laion": 64, "mmc4": 32}  # the 3B recipe's per-GPU batch (SPEC 3)
-REFERENCE_9B_SAMPLES_PER_S_PER_GPU = 2.2  # the reference at 9B, as issue 11 cites it (LAION + MMC4 samples)
-SPEEDUP_GOAL = 2.0  # issue 11: at least 2x the reference's published throughput
-FEED_GOAL = 3.0  # issue 11: the workers of one GPU feed at least 3x what its step consumes
+REFERENCE_9B_SAMPLES_PER_S_PER_GPU = 2.2  # the reference at 9B, published (LAION + MMC4 samples)
+SPEEDUP_GOAL = 2.0  # the goal: at least 2x the reference's published throughput
+FEED_GOAL = 3.0  # the goal: the workers of one GPU feed at least 3x what its step consumes
 # Published LM shapes: (LM parameters, d_model, decoder layers, cross-attention every n layers).
 LM_SHAPES = {"9B": (6.7e9, 4096, 32, 4), "3B": (1.3e9, 2048, 24, 1)}  # MPT-7B / MPT-1B (SPEC 1 recipes)
 VISION_WIDTH = 1024  # ViT-L/14: the width the cross-attention's k/v read
@@ -60,7 +59,7 @@ def gpu_step_estimate() -> dict:
         "batch": dict(STEP_BATCH),
         "samples_per_s_per_gpu": round(samples_per_s, 2),
         "seconds": round(sum(STEP_BATCH.values()) / samples_per_s, 2),
-        "source": f"reference 9B: {REFERENCE_9B_SAMPLES_PER_S_PER_GPU} samples/s/GPU (issue 11) x 9B/3B LM-side "
+        "source": f"reference 9B: {REFERENCE_9B_SAMPLES_PER_S_PER_GPU} samples/s/GPU (published) x 9B/3B LM-side "
         f"parameters {scale:.2f} x goal {SPEEDUP_GOAL:g}",
     }
 
@@ -86,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--data", help="synthetic data folder (tools/make_synthetic_data.py); default: generate one"
+        "--data", help="synthetic data folder (flamingo-make-synthetic-data); default: generate one"
     )
     parser.add_argument(
         "--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="shard formats to bench"
@@ -141,7 +140,7 @@ def load_manifest(root: Path) -> dict:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
-            f"--data {root}: no {MANIFEST_NAME} (generate it with tools/make_synthetic_data.py)"
+            f"--data {root}: no {MANIFEST_NAME} (generate it with flamingo-make-synthetic-data)"
         )
     return json.loads(path.read_text())
 

@@ -1,7 +1,7 @@
 """The reference OpenFlamingo package (open-flamingo 2.0.1) as a live oracle: same tiny model, its data, its step.
 
 Test-only: the runtime package never imports this module or `open_flamingo` (installed `--no-deps` beside
-`einops-exts`, see the Makefile). It is used by the parity tests and by `tools/bench_vs_reference.py`.
+`einops-exts`, see the Makefile). It is used by the parity tests and by `benchmarks/bench_vs_reference.py`.
 
     pair = build_pair(tiny_model_config("llama", cross_attn_every_n_layers=2), workdir, seed=0)
     batch = reference_batch(pair, seed=0)          # built by the reference's own preprocessing
@@ -56,7 +56,9 @@ from flamingo_composer.models.reference_checkpoint import LoadReport, load_refer
 
 REFERENCE_VERSION = "2.0.1"
 # The reference's Flamingo has fixed perceiver / cross-attention sizes (its factory exposes none of them).
-REFERENCE_PERCEIVER = {"perceiver_depth": 6, "perceiver_heads": 8, "perceiver_dim_head": 64, "perceiver_num_latents": 64}
+REFERENCE_PERCEIVER = {
+    "perceiver_depth": 6, "perceiver_heads": 8, "perceiver_dim_head": 64, "perceiver_num_latents": 64
+}
 # Settings of the reference's training step as its train.py defaults / the released recipes use them.
 REFERENCE_STEP = {"lr": 1e-4, "weight_decay": 0.1, "loss_multiplier_laion": 0.2, "loss_multiplier_mmc4": 1.0}
 
@@ -207,7 +209,7 @@ def causal_lm_loss_in_logits_dtype(logits, labels, vocab_size: int, num_items_in
 
 def build_pair_from_recipe(recipe: str | Path, workdir: str | Path, *, seed: int = 0, gates: bool = True) -> OraclePair:
     """`build_pair` on the `model:` section of a training YAML (e.g. yamls/bench-cpu.yaml); data paths are not read."""
-    from import_checkpoint import read_model_config
+    from flamingo_composer.cli.import_checkpoint import read_model_config
 
     return build_pair(read_model_config(recipe), workdir, seed=seed, gates=gates)
 
@@ -593,7 +595,8 @@ class ReferenceEvalModel:
 
 def reference_classification(pair: OraclePair, dataset: str, *, shots: int, seed: int, batch_size: int,
                              query_set_size: int, use_cache: bool, ensembling: bool, imagenet_root: str | None = None,
-                             imagenet_classnames: list[str] | None = None, hateful_memes: dict | None = None):  # fmt: skip
+                             imagenet_classnames: list[str] | None = None,
+                             hateful_memes: dict | None = None):  # fmt: skip
     """The reference's own `evaluate_classification` (one rank) on the pair's reference model: (score, the eval
     model with its recorded calls). ImageNet runs over `imagenet_classnames` (its module-level list replaced, so a
     tiny tree of a few classes is ranked against a few names); hateful_memes: {'images', 'train', 'test'} paths.

@@ -1,0 +1,1 @@
+"""The user commands: the `flamingo-*` entry points (pyproject.toml), thin over the package."""
