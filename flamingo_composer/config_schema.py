@@ -32,6 +32,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     where = path or "<top level>"
     if isinstance(data, cls):
         return data
+    if hasattr(cls, "from_plain"):  # a section keyed by names rather than fields validates itself (`data:`)
+        return cls.from_plain(data, path) if path else cls.from_plain(data)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torchvision.transforms as T
 
-from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
+from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
 from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.shards.synthetic import (
@@ -54,7 +54,9 @@ def tokenizer():
 
 
 # A cheap stand-in for the CLIP eval transform: PIL resize to (16, 16), then ToTensor (no Normalize).
-image_transform = T.Compose([T.Resize((IMAGE_SIDE, IMAGE_SIDE), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
+image_transform = T.Compose(
+    [T.Resize((IMAGE_SIDE, IMAGE_SIDE), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()]
+)
 
 
 def laion_source(root: Path, fmt: str, split: str = "train") -> dict:
@@ -73,28 +75,29 @@ def mmc4_source(root: Path, fmt: str, split: str = "train") -> dict:
     return {"format": "mds", "local": str(root / "mds" / "mmc4" / split)}
 
 
-def laion_config(root: Path, fmt: str, **overrides) -> LaionDatasetConfig:
-    kwargs = {"batch_size": 4, "seed": 3, **laion_source(root, fmt), **overrides}
-    return LaionDatasetConfig(**kwargs)
+def laion_config(root: Path, fmt: str, **overrides) -> DatasetConfig:
+    kwargs = {"kind": "pairs", "batch_size": 4, "seed": 3, **laion_source(root, fmt), **overrides}
+    return DatasetConfig(**kwargs)
 
 
-def mmc4_config(root: Path, fmt: str, **overrides) -> MMC4DatasetConfig:
+def mmc4_config(root: Path, fmt: str, **overrides) -> DatasetConfig:
     preprocess = MMC4PreprocessConfig(
         min_image_bytes=SYNTHETIC_MIN_IMAGE_BYTES, max_num_images=MAX_IMAGES, max_tokens=MMC4_TOKENS
     )
     kwargs = {
+        "kind": "interleaved",
         "batch_size": 2,
         "seed": 5,
         "preprocess": preprocess,
         **mmc4_source(root, fmt),
     }
-    return MMC4DatasetConfig(**{**kwargs, **overrides})
+    return DatasetConfig(**{**kwargs, **overrides})
 
 
 def data_config(root: Path, fmt: str, laion: dict | None = None, mmc4: dict | None = None) -> DataConfig:
     """Both datasets enabled unless `laion`/`mmc4` is passed as {'enabled': False}."""
     return DataConfig(
-        laion=laion_config(root, fmt, **(laion or {})), mmc4=mmc4_config(root, fmt, **(mmc4 or {}))
+        {"laion": laion_config(root, fmt, **(laion or {})), "mmc4": mmc4_config(root, fmt, **(mmc4 or {}))}
     )
 
 

@@ -1,26 +1,25 @@
-"""Loader configuration: one `DatasetConfig` per dataset (LAION, MMC4) and the `DataConfig` that holds both.
+"""Loader configuration: `data:` maps names to datasets, each a `DatasetConfig` of a kind (data/kinds.py), held in
+config order by a `DataConfig`.
 
 Plain dataclasses with YAML-friendly field types (the training config embeds them). Constructing an enabled
-dataset's config already checks what can be checked without reading data: the format, the batch size, and that
-every local shard path (after brace expansion) or local MDS directory exists, so a typo stops the run before
-anything heavy starts, with the path named.
+dataset's config already checks what can be checked without reading data: the kind, the format, the batch size,
+and that every local shard path (after brace expansion) or local MDS directory exists, so a typo stops the run
+before anything heavy starts, with the path named.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from webdataset.shardlists import expand_urls
 
-from flamingo_composer.data.laion import LaionPreprocessConfig
-from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
-
-# The dataset names, in forward order (LAION, then MMC4, as the reference does): the keys of a batch, of the loss
-# and of the metrics; `DataConfig` has one field per name.
-DATASETS = ("laion", "mmc4")
+from flamingo_composer.config_schema import ConfigError, from_dict
+from flamingo_composer.data.kinds import DatasetKind, forward_order, kind_named, kind_of
 
 
 def is_remote_url(url: str) -> bool:
@@ -92,8 +91,11 @@ FORMAT_ONLY_KEYS = {
 
 @dataclass
 class DatasetConfig:
-    """One dataset's reader and per-rank batching (fields shared by LAION and MMC4).
+    """One dataset: its kind, reader, per-rank batching, preprocessing and weight in the loss.
 
+    `kind`: a name of data/kinds.KINDS (`pairs`, `interleaved`); `preprocess`: the kind's preprocessing settings
+    (a mapping is validated into them). `batch_size` and `loss_multiplier` left out (null) take the kind's
+    defaults (`effective_loss_multiplier`).
     format 'wds': `shards` = brace pattern(s), local paths, remote URLs or `pipe:` commands.
     format 'mds': `local` (a directory holding index.json, or the cache dir when `remote` is set), `remote`,
     `split` (sub-directory of both, optional).
@@ -101,13 +103,15 @@ class DatasetConfig:
     it defaults to the number of samples in the data; required for remote webdataset shards).
     """
 
+    kind: str | None = None
     enabled: bool = True
     format: Literal["wds", "mds"] = "wds"
     shards: str | list[str] | None = None
     local: str | None = None
     remote: str | None = None
     split: str | None = None
-    batch_size: int = 8  # per rank, valid samples per batch
+    batch_size: int | None = None  # per rank, valid samples per batch; null: the kind's default
+    loss_multiplier: float | None = None  # this dataset's weight in the loss; null: the kind's default
     num_workers: int = 0
     prefetch_factor: int = 2
     shuffle: bool = True
@@ -117,12 +121,27 @@ class DatasetConfig:
     epoch_size: int | None = None
     shuffle_block_size: int = 1 << 18  # mds: unit of streaming's 'py1e' shuffle (samples)
     max_consecutive_skips: int = 10_000  # stop (instead of spinning) when the data yields nothing usable
+    preprocess: Any = None  # the kind's preprocess dataclass; null: its defaults
 
     def __post_init__(self) -> None:
+        if self.kind is None:
+            raise ValueError("kind: missing (one of the names of data/kinds.KINDS)")
+        kind = self.kind_spec  # raises naming an unknown kind
+        if self.preprocess is None or isinstance(self.preprocess, Mapping):
+            self.preprocess = from_dict(kind.preprocess_config, dict(self.preprocess or {}), "preprocess")
+        elif not isinstance(self.preprocess, kind.preprocess_config):
+            raise ValueError(
+                f"preprocess: a {kind.name} dataset takes {kind.preprocess_config.__name__}, got "
+                f"{type(self.preprocess).__name__}"
+            )
+        if self.batch_size is None:
+            self.batch_size = kind.batch_size
         if not self.enabled:
             return
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.loss_multiplier is not None and self.loss_multiplier < 0:
+            raise ValueError(f"loss_multiplier: must be >= 0, got {self.loss_multiplier}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
@@ -140,6 +159,16 @@ class DatasetConfig:
             self.shard_urls()  # raises naming the missing path / empty list
         else:
             self.check_mds_location()
+
+    @property
+    def kind_spec(self) -> DatasetKind:
+        """The kind's registry entry (data/kinds.py)."""
+        return kind_named(self.kind)
+
+    @property
+    def effective_loss_multiplier(self) -> float:
+        """The configured loss multiplier, or the kind's default."""
+        return self.kind_spec.loss_multiplier if self.loss_multiplier is None else float(self.loss_multiplier)
 
     def _check_keys_fit_format(self) -> None:
         """A key of the other format (e.g. `shards` on an MDS dataset) would be silently ignored: reject it."""
@@ -176,48 +205,110 @@ class DatasetConfig:
                 raise ValueError(f"local: MDS index not found: {index} (no remote set to download it from)")
 
 
-@dataclass
-class LaionDatasetConfig(DatasetConfig):
-    """LAION-style image-text pairs."""
-
-    batch_size: int = 16
-    preprocess: LaionPreprocessConfig = field(default_factory=LaionPreprocessConfig)
+# A dataset's name is a key of batches, losses (`loss/train/<name>`), metrics and dotted overrides
+# (`data.<name>.batch_size=4`); `total` is the loss dict's own key.
+DATASET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+RESERVED_NAMES = ("total",)
 
 
 @dataclass
-class MMC4DatasetConfig(DatasetConfig):
-    """MMC4-style interleaved documents."""
+class DataConfig(Mapping[str, DatasetConfig]):
+    """The datasets by name, in config order (the order of `data:`); a disabled dataset is left out of every
+    batch but keeps its name (its metrics, its held-out entry).
 
-    batch_size: int = 8
-    preprocess: MMC4PreprocessConfig = field(default_factory=MMC4PreprocessConfig)
+    Orders: batches hold the enabled datasets in config order, and microbatch sizes count the samples of the
+    first (`lead`); microbatches run in `forward_order` (by kind, data/kinds.py).
+    """
 
-
-def _disabled_laion() -> LaionDatasetConfig:
-    return LaionDatasetConfig(enabled=False)
-
-
-def _disabled_mmc4() -> MMC4DatasetConfig:
-    return MMC4DatasetConfig(enabled=False)
-
-
-@dataclass
-class DataConfig:
-    """Both datasets of the dual-batch loader; a disabled (or absent) dataset is left out of every batch."""
-
-    laion: LaionDatasetConfig = field(default_factory=_disabled_laion)
-    mmc4: MMC4DatasetConfig = field(default_factory=_disabled_mmc4)
+    datasets: dict[str, DatasetConfig]
 
     def __post_init__(self) -> None:
-        if not (self.laion.enabled or self.mmc4.enabled):
-            raise ValueError("laion: both datasets are disabled; enable laion and/or mmc4")
+        for name, dataset in self.datasets.items():
+            if not isinstance(name, str) or not DATASET_NAME.match(name) or name in RESERVED_NAMES:
+                raise ValueError(
+                    f"{name}: not a dataset name (letters, digits, '_' and '-', starting with a letter; not "
+                    f"{', '.join(RESERVED_NAMES)})"
+                )
+            if not isinstance(dataset, DatasetConfig):
+                raise ValueError(f"{name}: expected a DatasetConfig, got {type(dataset).__name__}")
+        if not self.enabled():
+            raise ValueError("no dataset is enabled: give at least one (a name with format, data and kind)")
+
+    @classmethod
+    def from_plain(cls, data: Any, path: str = "data") -> DataConfig:
+        """`{name: {kind, format, ..., preprocess: {...}}}` (YAML) -> DataConfig, every error naming its dotted key.
+
+        `kind` may be left out for the names of data/kinds.DEFAULT_KINDS; `NAME: null` removes an entry (one a
+        base recipe set).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of dataset names to datasets, got {type(data).__name__}")
+        datasets = {}
+        for name, entry in data.items():
+            where = f"{path}.{name}"
+            if entry is None:
+                continue
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where}: expected a mapping (a dataset), got {type(entry).__name__} {entry!r}")
+            try:
+                kind = kind_of(str(name), entry.get("kind"))
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{exc}") from exc
+            preprocess = from_dict(kind.preprocess_config, entry.get("preprocess") or {}, f"{where}.preprocess")
+            datasets[name] = from_dict(DatasetConfig, {**entry, "kind": kind.name, "preprocess": preprocess}, where)
+        try:
+            return cls(datasets)
+        except ValueError as exc:
+            named = str(exc).split(":")[0] in datasets  # the message starts with the dataset's name
+            raise ConfigError(f"{path}.{exc}" if named else f"{path}: {exc}") from exc
+
+    def __getitem__(self, name: str) -> DatasetConfig:
+        return self.datasets[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets)
 
     def enabled(self) -> dict[str, DatasetConfig]:
-        """{'laion': cfg, 'mmc4': cfg} for the enabled datasets, LAION first."""
-        return {name: getattr(self, name) for name in DATASETS if getattr(self, name).enabled}
+        """{name: dataset} of the enabled datasets, in config order."""
+        return {name: dataset for name, dataset in self.datasets.items() if dataset.enabled}
 
-    def batch_sizes(self) -> tuple[int | None, int | None]:
-        """(LAION batch size, MMC4 batch size) per rank; None for a disabled dataset."""
-        return (
-            self.laion.batch_size if self.laion.enabled else None,
-            self.mmc4.batch_size if self.mmc4.enabled else None,
-        )
+    @property
+    def lead(self) -> str:
+        """The first enabled dataset: microbatch sizes count its samples."""
+        return next(iter(self.enabled()))
+
+    def batch_sizes(self) -> dict[str, int]:
+        """{name: per-rank batch size} of the enabled datasets, in config order."""
+        return {name: dataset.batch_size for name, dataset in self.enabled().items()}
+
+    def loss_multipliers(self) -> dict[str, float]:
+        """{name: loss multiplier} of every dataset (configured, or its kind's default)."""
+        return {name: dataset.effective_loss_multiplier for name, dataset in self.datasets.items()}
+
+    def forward_order(self) -> list[str]:
+        """The enabled datasets in the order their microbatches run (data/kinds.forward_order)."""
+        return forward_order({name: dataset.kind_spec for name, dataset in self.enabled().items()})
+
+
+def inherit_preprocessing(held_out: Any, training: Any) -> Any:
+    """Plain (YAML) held-out entries with their training entry's `kind` and `preprocess` underneath: a held-out
+    dataset preprocesses as its training dataset does, unless it sets a key itself. Entries without a training
+    entry of their name, and anything that is not a mapping, are returned as they are (validation names them)."""
+    if not isinstance(held_out, Mapping) or not isinstance(training, Mapping):
+        return held_out
+    out = dict(held_out)
+    for name, entry in held_out.items():
+        source = training.get(name)
+        if not isinstance(entry, Mapping) or not isinstance(source, Mapping):
+            continue
+        merged = dict(entry)
+        if "kind" in source and "kind" not in entry:
+            merged["kind"] = source["kind"]
+        own, inherited = entry.get("preprocess"), source.get("preprocess")
+        if isinstance(inherited, Mapping) and (own is None or isinstance(own, Mapping)):
+            merged["preprocess"] = {**inherited, **(own or {})}
+        out[name] = merged
+    return out

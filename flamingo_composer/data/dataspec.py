@@ -1,4 +1,4 @@
-"""The Composer DataSpec of the dual batch: the trainer's view of one loader batch.
+"""The Composer DataSpec of the loader's batch ({name: sub-batch}): the trainer's view of one loader batch.
 
 On the host, `split_batch` cuts a per-rank batch into microbatches (one dataset per microbatch, see its
 docstring), and the sample and token counts tell Composer how to weight them. Composer then copies each
@@ -9,44 +9,52 @@ uint8 `images` into the model's input: normalised, zero-padded `vision_x` (B, T_
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from composer.core import DataSpec
 
 from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.data.kinds import default_kinds, forward_order
 from flamingo_composer.training.loss import count_supervised_tokens
 
 PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
 
 
-def validate_microbatch_size(
-    laion_batch_size: int | None, mmc4_batch_size: int | None, microbatch_size: int
-) -> None:
-    """Raise ValueError unless both per-rank batches split into the same number of equal chunks.
+def validate_microbatch_size(batch_sizes: Mapping[str, int], microbatch_size: int) -> None:
+    """Raise ValueError unless every dataset's per-rank batch splits into the same number of equal chunks.
 
-    microbatch_size counts LAION samples (MMC4 documents when LAION is off, i.e. laion_batch_size is None).
+    `batch_sizes`: {name: per-rank batch size} of the enabled datasets in config order; microbatch_size counts
+    the samples of the first (the lead), whose batch it cuts into n chunks; every other batch must be a
+    multiple of n. The message names the offending `data.<name>.batch_size`.
     """
-    sizes = f"laion batch_size={laion_batch_size}, mmc4 batch_size={mmc4_batch_size}, microbatch_size={microbatch_size}"
+    sizes = ", ".join(f"data.{name}.batch_size={size}" for name, size in batch_sizes.items())
     if not isinstance(microbatch_size, int) or microbatch_size < 1:
-        raise ValueError(f"microbatch size must be an int >= 1 ({sizes})")
-    lead = laion_batch_size if laion_batch_size is not None else mmc4_batch_size
-    if lead is None:
-        raise ValueError(f"no dataset enabled ({sizes})")
-    if lead % microbatch_size:
-        raise ValueError(f"microbatch size does not divide the batch into equal chunks ({sizes})")
-    chunks = lead // microbatch_size
-    if laion_batch_size is not None and mmc4_batch_size is not None and mmc4_batch_size % chunks:
+        raise ValueError(f"microbatch size must be an int >= 1 ({sizes}, microbatch_size={microbatch_size})")
+    if not batch_sizes:
+        raise ValueError("no dataset enabled")
+    lead, lead_size = next(iter(batch_sizes.items()))
+    if lead_size % microbatch_size:
         raise ValueError(
-            f"{chunks} LAION chunks cannot cut the MMC4 batch into equal chunks ({sizes}); "
-            "choose sizes where mmc4 batch_size is a multiple of laion batch_size / microbatch_size"
+            f"{microbatch_size} does not cut data.{lead}.batch_size={lead_size} into equal chunks (it counts the "
+            f"samples of {lead}, the first dataset; {sizes})"
         )
+    chunks = lead_size // microbatch_size
+    for name, size in batch_sizes.items():
+        if size % chunks:
+            raise ValueError(
+                f"data.{name}.batch_size={size} cannot be cut into the {chunks} equal chunks that microbatches of "
+                f"{microbatch_size} make of data.{lead}.batch_size={lead_size} ({sizes}); every batch_size must "
+                f"be a multiple of {chunks}"
+            )
 
 
 def _lead(batch: Mapping[str, Any]) -> str:
-    return "laion" if "laion" in batch else "mmc4"
+    """The batch's first dataset (config order): microbatch sizes count its rows."""
+    return next(iter(batch))
 
 
 def _rows(sub: Mapping[str, Any]) -> int:
@@ -104,27 +112,27 @@ def _trim_padding(part: dict[str, Any]) -> dict[str, Any]:
     return part
 
 
-# The order of the microbatches: MMC4's first. The first backward of a step allocates the trainable gradients
-# (Composer sets them to None before each batch), so the dataset with the larger activations (256-token documents
-# with up to 6 images, against 32-token captions with one) runs while no gradient exists yet, and the smaller one
-# runs with them. The summed gradients are the same: with one chunk each, a + b == b + a exactly.
-MICROBATCH_ORDER = ("mmc4", "laion")
+def split_batch(
+    batch: Mapping[str, Any], microbatch_size: int | float, order: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One dataset per microbatch, the datasets in `order` (Composer passes the SIZE).
 
-
-def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[dict[str, Any]]:
-    """One dataset per microbatch: the MMC4 chunks, then the LAION chunks (Composer passes the SIZE).
-
-    Both sub-batches are cut into n = ceil(B_lead / microbatch_size) chunks (any size works, e.g. after
-    auto-microbatching halves it). Each microbatch holds one dataset's rows only, so every microbatch gets its
-    own forward and backward: only one dataset's activations are alive at a time (as in the reference's training
-    loop), and each FSDP unit runs one forward per backward. The loss's normalisation needs nothing from the
-    other datasets' rows: the step's global counts travel in every sub-batch (training/loss.py).
-    `MICROBATCH_ORDER` says why MMC4 goes first.
+    Every sub-batch is cut into n = ceil(B_lead / microbatch_size) chunks, B_lead the first dataset's rows (any
+    size works, e.g. after auto-microbatching halves it). Each microbatch holds one dataset's rows only, so every
+    microbatch gets its own forward and backward: only one dataset's activations are alive at a time (as in the
+    reference's training loop), and each FSDP unit runs one forward per backward. The loss's normalisation needs
+    nothing from the other datasets' rows: the step's global counts travel in every sub-batch (training/loss.py).
+    `order`: the datasets' forward order (data/kinds.forward_order: interleaved kinds first, says why); the
+    loader's (`build_dataspec`), or for hand-built batches without one, that of the default-kind names.
     """
+    order = list(order) if order is not None else forward_order(default_kinds(batch))
+    missing = [name for name in batch if name not in order]
+    if missing:
+        raise ValueError(f"split_batch: datasets {missing} are not in the forward order {order}")
     microbatch_size = max(1, int(microbatch_size))
     num_chunks = max(1, math.ceil(_rows(batch[_lead(batch)]) / microbatch_size))
     chunks: list[dict[str, Any]] = []
-    for name in sorted(batch, key=MICROBATCH_ORDER.index):
+    for name in (name for name in order if name in batch):
         sub = batch[name]
         bounds = torch.tensor_split(torch.arange(_rows(sub)), num_chunks)
         chunks += [{name: _model_part(sub, slice(int(b[0]), int(b[-1]) + 1))} for b in bounds if len(b)]
@@ -132,12 +140,12 @@ def split_batch(batch: Mapping[str, Any], microbatch_size: int | float) -> list[
 
 
 def get_num_samples_in_batch(batch: Mapping[str, Any]) -> int:
-    """LAION pairs + MMC4 documents."""
+    """Rows (pairs, documents) of every dataset."""
     return sum(_rows(sub) for sub in batch.values())
 
 
 def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
-    """'total': non-pad tokens of both parts; 'loss_generating': supervised (shifted) targets of both parts."""
+    """'total': non-pad tokens of every dataset; 'loss_generating': their supervised (shifted) targets."""
     total = sum(int(sub["attention_mask"].sum()) for sub in batch.values())
     supervised = sum(int(count_supervised_tokens(sub["labels"])) for sub in batch.values())
     return {"total": total, "loss_generating": supervised}
@@ -177,14 +185,17 @@ class ExpandImages:
 
 
 def build_dataspec(loader: Iterable[dict]) -> DataSpec:
-    """Composer DataSpec for the dual batch: our split, the sample/token counts of both datasets, and the device
-    image expansion with the loader's `image_transform` (none: the batches must carry `vision_x` already).
+    """Composer DataSpec for the loader's batches: our split in the loader's `forward_order`, the sample/token
+    counts of every dataset, and the device image expansion with the loader's `image_transform` (none: the
+    batches must carry `vision_x` already).
 
-    `loader` is a DualBatchLoader or any iterable of dual batches with a `batch_size` (tests, benchmarks).
+    `loader` is a DualBatchLoader or any iterable of batches with a `batch_size` (tests, benchmarks; their
+    datasets then take the default-kind names' order).
     """
+    order = getattr(loader, "forward_order", None)
     return DataSpec(
         loader,
-        split_batch=split_batch,
+        split_batch=functools.partial(split_batch, order=order) if order is not None else split_batch,
         get_num_samples_in_batch=get_num_samples_in_batch,
         get_num_tokens_in_batch=get_num_tokens_in_batch,
         microbatch_transforms=ExpandImages(getattr(loader, "image_transform", None)),

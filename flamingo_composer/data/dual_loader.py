@@ -1,5 +1,5 @@
-"""The dual-batch loader ({'laion': sub, 'mmc4': sub} per step): items -> batches of SPEC 2's schema, and its
-resume state. (`dataspec` then cuts each batch into microbatches for the trainer.)
+"""The batch loader ({name: sub-batch} per step, one per enabled dataset of `data:`): items -> batches of SPEC 2's
+schema, and its resume state. (`dataspec` then cuts each batch into microbatches for the trainer.)
 
 Per dataset, a `SourceBatcher` in the main process pulls items from an endless reader (webdataset or MDS) through
 a DataLoader with `batch_size=None` (items cross by value: `items.send_by_value`), groups them into batches of
@@ -14,9 +14,9 @@ Epochs: every source is an endless stream, and a loader epoch is a fixed number 
 min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every
 rank yields the same number of batches however many of its samples are rejected, and no rank runs dry.
 
-Resume (`state_dict` / `load_state_dict`): the raw positions of both streams on every rank, the readers' cursors
-(webdataset: per rank and logical worker, where that worker continues; see `wds`), plus the
-batches already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The
+Resume (`state_dict` / `load_state_dict`): the raw positions of every dataset's stream on every rank, the readers'
+cursors (webdataset: per rank and logical worker, where that worker continues; see `wds`), plus the batches
+already yielded in the current epoch, so `__iter__` after a resume yields the rest of that epoch. The
 Trainer must not replay batches itself: use `spin_dataloaders=False` (Composer's spinning would consume batches).
 Exact with the same ranks and workers (MDS: any workers). Otherwise a logged approximation: MDS restarts at the
 mean position, webdataset readers at a shard boundary at the saved readers' mean progress.
@@ -34,7 +34,7 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from flamingo_composer.data.config import DATASETS, DataConfig, DatasetConfig
+from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import (
     EMPTY_SHARDS,
@@ -45,10 +45,7 @@ from flamingo_composer.data.items import (
     received,
     send_by_value,
 )
-from flamingo_composer.data.laion import LaionProcessor
-from flamingo_composer.data.masking import laion_labels, mmc4_labels
 from flamingo_composer.data.mds import MDSItems, open_mds
-from flamingo_composer.data.mmc4 import MMC4Processor
 from flamingo_composer.data.wds import WebDatasetItems, count_local_samples, split_plan
 from flamingo_composer.special_tokens import SpecialTokens
 
@@ -56,79 +53,6 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: + webdataset reader cursors (version 1 re-read the stream from its start)
 NAMED_REJECTIONS_PER_REASON = 3  # rejections logged with shard and key, per reason and dataset (then counted only)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Collation: preprocessed samples -> one sub-batch.
-
-LABELS = {"laion": laion_labels, "mmc4": mmc4_labels}
-
-
-def _join(tensors: Sequence[torch.Tensor], name: str, dataset: str, pin: bool, *, cat: bool = False) -> torch.Tensor:
-    """Stack (or concatenate) the samples' `name` tensors, straight into pinned memory when `pin`."""
-    shapes = {tuple(t.shape[1:] if cat else t.shape) for t in tensors}
-    if len(shapes) != 1:
-        raise ValueError(f"collate_{dataset}: samples disagree on the shape of {name!r}: {sorted(shapes)}")
-    shape = (sum(t.shape[0] for t in tensors), *shapes.pop()) if cat else (len(tensors), *shapes.pop())
-    out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)
-    return torch.cat(tensors, out=out) if cat else torch.stack(tensors, out=out)
-
-
-def _collate(samples, special: SpecialTokens, dataset: str, skipped, pin_memory: bool) -> dict:
-    """Samples -> SPEC 2's text tensors + the compact images; see `collate_laion`."""
-    if not samples:
-        raise ValueError(f"collate_{dataset}: no samples to collate")
-    field = lambda name, **kw: _join([s[name] for s in samples], name, dataset, pin_memory, **kw)  # noqa: E731
-    input_ids, attention_mask = field("input_ids").long(), field("attention_mask").long()  # (B, L), (B, L)
-    if "labels" in samples[0]:
-        labels = field("labels")  # (B, L): masked once, per sample, in the workers
-    else:
-        labels = LABELS[dataset](input_ids, special, attention_mask)  # (B, L): hand-built samples
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if "images" in samples[0]:
-        for i, sample in enumerate(samples):
-            slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
-            if sample["images"].dtype != torch.uint8 or sample["images"].shape[0] != slots:
-                raise ValueError(
-                    f"collate_{dataset}: sample {i} has images {tuple(sample['images'].shape)} "
-                    f"{sample['images'].dtype} for {slots} image slots (expected uint8, one per slot)"
-                )
-        batch["images"] = field("images", cat=True)  # (N, 3, H, W) uint8: the real images, row by row
-        if "image_mask" in samples[0]:
-            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
-        else:
-            batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): LAION
-    else:  # hand-built samples in the model's form (tests, tools/bench.py)
-        batch["vision_x"] = field("vision_x").float()  # (B, T_img, 1, 3, H, W)
-        if "image_mask" in samples[0]:
-            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
-        else:
-            batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
-    if pin_memory:
-        batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
-    batch["skipped"] = dict(skipped or {})
-    return batch
-
-
-def collate_laion(
-    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
-) -> dict:
-    """LAION samples -> sub-batch; `skipped` = skip counts since the previous batch of this dataset.
-
-    Samples from `preprocess_laion` give `images` (N, 3, H, W) uint8, the real images only, row by row, with
-    `image_mask` (B, T_img) (the DataSpec makes the model's float `vision_x` from them on the device); samples
-    built by hand in the model's form (`vision_x`, no labels) give `vision_x` and get their labels here. Plus
-    input_ids, attention_mask, labels (B, L), skipped. `pin_memory`: every tensor
-    in pinned memory, for asynchronous copies to the GPU.
-    """
-    return _collate(samples, special, "laion", skipped, pin_memory)
-
-
-def collate_mmc4(
-    samples, special: SpecialTokens, skipped: Mapping[str, int] | None = None, *, pin_memory: bool = False
-) -> dict:
-    """MMC4 samples -> sub-batch; see `collate_laion`."""
-    return _collate(samples, special, "mmc4", skipped, pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,11 +167,13 @@ class SourceBatcher:
 
 
 class DualBatchLoader:
-    """Yields `{'laion': sub, 'mmc4': sub}` (a disabled dataset is absent); `len()` batches per epoch.
+    """Yields `{name: sub}` per step, the datasets of `batchers` in their order (config order; a disabled
+    dataset has no batcher); `len()` batches per epoch.
 
     `rewind_each_epoch=True` (held-out evaluation) restarts every stream at item 0 on each `__iter__`, so every
     evaluation sees the same batches. `image_transform`: the split transform whose normalisation the DataSpec
-    applies on the device (None: the batches carry the model's `vision_x` already).
+    applies on the device (None: the batches carry the model's `vision_x` already). `forward_order`: the order
+    the DataSpec runs the datasets' microbatches in (data/kinds.forward_order; None: the default-kind names').
     """
 
     def __init__(
@@ -259,23 +185,24 @@ class DualBatchLoader:
         world_size: int = 1,
         rewind_each_epoch: bool = False,
         image_transform: SplitImageTransform | None = None,
+        forward_order: Sequence[str] | None = None,
     ):
         if not batchers:
             raise ValueError("DualBatchLoader needs at least one dataset")
-        unknown = set(batchers) - set(DATASETS)
-        if unknown:
-            raise ValueError(f"DualBatchLoader: unknown dataset names {sorted(unknown)}; expected {DATASETS}")
         if batches_per_epoch < 1:
             raise ValueError(f"DualBatchLoader: batches_per_epoch must be >= 1, got {batches_per_epoch}")
-        self.batchers = {name: batchers[name] for name in DATASETS if name in batchers}
+        if forward_order is not None and sorted(forward_order) != sorted(batchers):
+            raise ValueError(f"DualBatchLoader: forward order {list(forward_order)} != datasets {list(batchers)}")
+        self.batchers = dict(batchers)
         self.batches_per_epoch = batches_per_epoch
         self.rank, self.world_size, self.rewind_each_epoch = rank, world_size, rewind_each_epoch
         self.image_transform = image_transform
+        self.forward_order = list(forward_order) if forward_order is not None else None
         self.batches_in_epoch = 0
 
     @property
     def batch_size(self) -> int:
-        """LAION's per-rank batch size (MMC4's when LAION is off): what microbatch sizes count."""
+        """The first dataset's per-rank batch size: what microbatch sizes count."""
         return next(iter(self.batchers.values())).batch_size
 
     def __len__(self) -> int:
@@ -434,7 +361,8 @@ def build_dual_loader(
     return_keys: bool = False,
     pin_memory: bool | None = None,
 ) -> DualBatchLoader:
-    """Readers, processors and batchers for the enabled datasets (rank/world default to Composer's dist).
+    """Readers, processors and batchers for the enabled datasets, each by its kind (data/kinds.py); rank/world
+    default to Composer's dist.
 
     `image_transform`: open_clip's eval transform (or any `SplitImageTransform.of` accepts); its PIL steps run in
     the workers, its normalisation in the DataSpec (`loader.image_transform`). `pin_memory`: batches in pinned
@@ -446,10 +374,8 @@ def build_dual_loader(
     pin = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
     batchers, lengths = {}, []
     for name, cfg in data.enabled().items():
-        processor_cls, collate_fn = (
-            (LaionProcessor, collate_laion) if name == "laion" else (MMC4Processor, collate_mmc4)
-        )
-        process = processor_cls(tokenizer, split, cfg.preprocess, cfg.seed)
+        kind = cfg.kind_spec
+        process = kind.processor(tokenizer, split, cfg.preprocess, cfg.seed)  # the kind's processor (data/kinds.py)
         try:
             make_items, num_samples = _source(name, cfg, process, rank, world_size)
         except ValueError as exc:  # its messages start with the key ("shards: ..."): name the dataset too
@@ -459,7 +385,7 @@ def build_dual_loader(
             name,
             make_items,
             batch_size=cfg.batch_size,
-            collate=functools.partial(collate_fn, special=special, pin_memory=pin),
+            collate=functools.partial(kind.collate, special=special, pin_memory=pin),
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor,
             max_consecutive_skips=cfg.max_consecutive_skips,
@@ -467,5 +393,5 @@ def build_dual_loader(
         )
     return DualBatchLoader(
         batchers, min(lengths), rank=rank, world_size=world_size, rewind_each_epoch=for_eval,
-        image_transform=split,
+        image_transform=split, forward_order=data.forward_order(),
     )  # fmt: skip

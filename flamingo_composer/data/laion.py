@@ -32,7 +32,7 @@ class LaionPreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
-            raise ValueError(f"laion.max_tokens must be >= 2, got {self.max_tokens}")
+            raise ValueError(f"max_tokens: must be >= 2, got {self.max_tokens}")
 
 
 def decode_caption(caption: str | bytes | None, *, key: str) -> str:

@@ -1,6 +1,7 @@
-"""FlamingoComposerModel: the Composer wrapper that turns a dual LAION + MMC4 batch into the SPEC 2 loss.
+"""FlamingoComposerModel: the Composer wrapper that turns a batch of named datasets ({name: sub-batch}) into the
+SPEC 2 loss.
 
-One forward per sub-batch (LAION, then MMC4); the loss of a microbatch, its normalisation over the global batch
+One forward per sub-batch, in the batch's order; the loss of a microbatch, its normalisation over the global batch
 and what Composer needs to see are the loss contract's (training/loss.py): `loss` only hands it the outputs and
 how to turn each into token sums (through the LM's head and logit steps, or from full logits).
 """
@@ -16,7 +17,7 @@ from composer.models import ComposerModel
 from torch import nn
 from torchmetrics import Metric
 
-from flamingo_composer.data.config import DATASETS
+from flamingo_composer.data.kinds import default_loss_multipliers
 from flamingo_composer.training.flops import FlamingoFlops
 from flamingo_composer.training.loss import (
     DEFAULT_CHUNK_TOKENS,
@@ -54,9 +55,13 @@ def _for_dataset(metric: Metric, dataset: str) -> Metric:
 
 
 class FlamingoComposerModel(ComposerModel):
-    """Wraps one `Flamingo` module (its single child `self.model`, so FSDP1 clips one global norm)."""
+    """Wraps one `Flamingo` module (its single child `self.model`, so FSDP1 clips one global norm).
 
-    def __init__(self, model: nn.Module, loss_multiplier_laion: float = 0.2, loss_multiplier_mmc4: float = 1.0,
+    `loss_multipliers`: {dataset name: weight in the loss} of every dataset a batch may hold (the config's
+    `DataConfig.loss_multipliers()`); the held-out metrics exist per name. Default: laion 0.2, mmc4 1.0.
+    """
+
+    def __init__(self, model: nn.Module, loss_multipliers: Mapping[str, float] | None = None,
                  loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, z_loss_weight: float = 0.0):  # fmt: skip
         super().__init__()
         self.model = model
@@ -64,22 +69,22 @@ class FlamingoComposerModel(ComposerModel):
         self.z_loss_weight = float(z_loss_weight)
         # Read the model's shapes now: once Composer wraps it under FSDP, parameters are flattened shards.
         self.flop_counter = FlamingoFlops.of(model)
-        self.loss_multipliers = {"laion": float(loss_multiplier_laion), "mmc4": float(loss_multiplier_mmc4)}
+        multipliers = default_loss_multipliers() if loss_multipliers is None else loss_multipliers
+        self.loss_multipliers = {name: float(weight) for name, weight in multipliers.items()}
 
     # ----------------------------------------------------------------------------------------------- forward
 
-    @staticmethod
-    def present_datasets(batch: Mapping[str, Any]) -> list[str]:
-        """The datasets of `batch` in forward order; a batch must hold at least one and nothing unknown."""
+    def present_datasets(self, batch: Mapping[str, Any]) -> list[str]:
+        """The datasets of `batch` in its order; a batch must hold at least one and nothing unknown."""
         if not isinstance(batch, Mapping):
-            raise TypeError(f"batch must be a dict {{'laion': ..., 'mmc4': ...}}, got {type(batch).__name__}")
-        unknown = sorted(set(batch) - set(DATASETS))
+            raise TypeError(f"batch must be a dict {{dataset name: sub-batch}}, got {type(batch).__name__}")
+        known = list(self.loss_multipliers)
+        unknown = [name for name in batch if name not in self.loss_multipliers]
         if unknown:
-            raise KeyError(f"batch has unknown dataset key(s) {unknown}; expected a subset of {list(DATASETS)}")
-        present = [name for name in DATASETS if name in batch]
-        if not present:
-            raise KeyError(f"batch holds no dataset; expected at least one of {list(DATASETS)}")
-        return present
+            raise KeyError(f"batch has unknown dataset key(s) {unknown}; expected a subset of {known}")
+        if not batch:
+            raise KeyError(f"batch holds no dataset; expected at least one of {known}")
+        return list(batch)
 
     def _forward_dataset(self, sub: Mapping[str, Any]) -> torch.Tensor | FinalHidden:
         inputs = {
@@ -93,7 +98,7 @@ class FlamingoComposerModel(ComposerModel):
         return self.model(**inputs).logits  # (B, L, V)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor | FinalHidden]:
-        """One Flamingo forward per present sub-batch (LAION, then MMC4) -> {dataset: logits (B, L, V)}, or in
+        """One Flamingo forward per present sub-batch, in the batch's order -> {dataset: logits (B, L, V)}, or in
         training, for LMs with a head module, {dataset: FinalHidden (B, L, D)} (`loss` projects what it needs).
 
         A sub-batch without rows has no forward and no output.
@@ -130,7 +135,7 @@ class FlamingoComposerModel(ComposerModel):
         if is_train:
             return {}
         metrics = {}
-        for name in DATASETS:
+        for name in self.loss_multipliers:
             ce_name, accuracy_name = heldout_metric_names([name])
             metrics[ce_name] = _for_dataset(LanguageCrossEntropy(), name)
             metrics[accuracy_name] = _for_dataset(MaskedAccuracy(), name)
@@ -140,7 +145,7 @@ class FlamingoComposerModel(ComposerModel):
         name = getattr(metric, "flamingo_dataset", None)
         if name is None:
             raise ValueError(f"metric {type(metric).__name__} was not created by FlamingoComposerModel.get_metrics")
-        if name not in outputs:  # e.g. a LAION-only evaluator: the MMC4 metrics see no data
+        if name not in outputs:  # a dataset the held-out loader does not hold: its metrics see no data
             return
         logits = outputs[name]  # (B, L, V)
         vocab = logits.shape[-1]

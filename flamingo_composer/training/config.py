@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from composer.core import Time, TimeUnit
 from omegaconf import OmegaConf as om
 
 from flamingo_composer.config_schema import ConfigError, from_dict
-from flamingo_composer.data.config import DataConfig
+from flamingo_composer.data.config import DataConfig, inherit_preprocessing
 from flamingo_composer.eval.config import EvaluatorConfig
 from flamingo_composer.models.factory import FlamingoModelConfig
 from flamingo_composer.training.fsdp import FSDPSettings
@@ -116,10 +117,12 @@ class TrainConfig:
     run_name: str | None = None
     seed: int = 17
     device: Literal["cpu", "gpu"] | None = None  # None: gpu when CUDA is available
-    loss_multiplier_laion: float = 0.2
-    loss_multiplier_mmc4: float = 1.0
+    # Deprecated: `data.laion.loss_multiplier`, `data.mmc4.loss_multiplier` (mapped onto them, with a warning).
+    loss_multiplier_laion: float | None = None
+    loss_multiplier_mmc4: float | None = None
     # Supervised positions per chunk of the training CE (a chunk's (n, V) logits live only inside its forward, see
-    # loss.LinearCrossEntropySum); null: one chunk. LMs that compute their logits inside forward (remote MosaicGPT/MPT code) use the full logits instead.
+    # loss.LinearCrossEntropySum); null: one chunk. LMs that compute their logits inside forward (remote
+    # MosaicGPT/MPT code) use the full logits instead.
     loss_chunk_tokens: int | None = 1024
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -135,7 +138,7 @@ class TrainConfig:
     device_train_microbatch_size: int | Literal["auto"] | None = None  # None: the whole per-rank batch
     fsdp_config: FSDPSettings | None = None
     # torch.compile the trainable modules (perceiver, gated cross-attention blocks) in place; the frozen CLIP and
-    # LM run eagerly. Measured on CPU in the closing notes of the performance issue (tools/bench.py).
+    # LM run eagerly. Measured on CPU with benchmarks/bench.py.
     compile_trainable: bool = False
     # Model-level activation checkpointing for runs without FSDP (single device, DDP); under FSDP use
     # fsdp_config.activation_checkpointing instead.
@@ -164,6 +167,28 @@ class TrainConfig:
             self.eval_interval = as_batches(self.eval_interval, "eval_interval")
         if isinstance(self.device_train_microbatch_size, int) and self.device_train_microbatch_size < 1:
             raise ValueError(f"device_train_microbatch_size: must be >= 1, got {self.device_train_microbatch_size}")
+        self._map_deprecated_loss_multipliers()
+
+    def _map_deprecated_loss_multipliers(self) -> None:
+        """`loss_multiplier_<name>` sets `data.<name>.loss_multiplier` (with a FutureWarning); both is an error."""
+        for key, name in DEPRECATED_LOSS_MULTIPLIERS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            setattr(self, key, None)  # one place holds the weight: the dataset's entry
+            new_key = f"data.{name}.loss_multiplier"
+            if value < 0:
+                raise ValueError(f"{key}: must be >= 0, got {value}")
+            if name not in self.data:
+                raise ValueError(f"{key}: data has no dataset named '{name}' to weigh; use data.<name>.loss_multiplier")
+            if self.data[name].loss_multiplier is not None:
+                raise ValueError(f"{key}: set together with {new_key}; keep {new_key} only ({key} is deprecated)")
+            warnings.warn(f"{key} is deprecated: write {new_key}: {value} instead", FutureWarning, stacklevel=2)
+            self.data[name].loss_multiplier = value
+
+
+# The top-level multipliers of the two datasets recipes had before datasets were named entries: key -> dataset.
+DEPRECATED_LOSS_MULTIPLIERS = {"loss_multiplier_laion": "laion", "loss_multiplier_mmc4": "mmc4"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,8 +225,12 @@ def drop_removed_components(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Validate plain data (already interpolated) into a `TrainConfig`, including cross-field checks."""
-    cfg = from_dict(TrainConfig, drop_removed_components(raw))
+    """Validate plain data (already interpolated) into a `TrainConfig`, including cross-field checks. Held-out
+    datasets take their training entry's `kind` and `preprocess` underneath their own keys."""
+    raw = drop_removed_components(raw)
+    if "eval_loader" in raw:
+        raw["eval_loader"] = inherit_preprocessing(raw["eval_loader"], raw.get("data"))
+    cfg = from_dict(TrainConfig, raw)
     check_consistency(cfg)
     return cfg
 
@@ -240,8 +269,10 @@ def check_consistency(cfg: TrainConfig) -> None:
             "activation_checkpointing: under FSDP set fsdp_config.activation_checkpointing instead "
             "(the top-level key is the model-level option for runs without FSDP)"
         )
-    if cfg.eval_loader is not None and cfg.eval_subset_num_batches < 1:
-        raise ConfigError("eval_subset_num_batches: must be >= 1 with an eval_loader (the loaders are streams)")
+    if cfg.eval_loader is not None:
+        _check_held_out(cfg.data, cfg.eval_loader)
+        if cfg.eval_subset_num_batches < 1:
+            raise ConfigError("eval_subset_num_batches: must be >= 1 with an eval_loader (the loaders are streams)")
     if cfg.load_reference_checkpoint and cfg.model.qk_norm:
         raise ConfigError(
             "load_reference_checkpoint: a released OpenFlamingo checkpoint has no qk-norm weights, and "
@@ -261,9 +292,21 @@ def check_consistency(cfg: TrainConfig) -> None:
         from flamingo_composer.data.dataspec import validate_microbatch_size
 
         try:
-            validate_microbatch_size(*cfg.data.batch_sizes(), cfg.device_train_microbatch_size)
+            validate_microbatch_size(cfg.data.batch_sizes(), cfg.device_train_microbatch_size)
         except ValueError as exc:
             raise ConfigError(f"device_train_microbatch_size: {exc}") from exc
+
+
+def _check_held_out(data: DataConfig, held_out: DataConfig) -> None:
+    """Held-out data evaluates training datasets: each entry names one, of the same kind."""
+    for name, dataset in held_out.items():
+        if name not in data:
+            raise ConfigError(
+                f"eval_loader.{name}: no training dataset of that name in data ({', '.join(data)}); held-out "
+                "entries evaluate a training dataset and take its kind and preprocessing"
+            )
+        if dataset.kind != data[name].kind:
+            raise ConfigError(f"eval_loader.{name}.kind: {dataset.kind}, but data.{name} is {data[name].kind}")
 
 
 def _check_model_sources(model: FlamingoModelConfig) -> None:
@@ -289,5 +332,10 @@ def _cuda_available() -> bool:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain-data view of the validated config (for logging hyperparameters)."""
-    return dataclasses.asdict(cfg)
+    """Plain-data view of the validated config (for logging hyperparameters); `data` and `eval_loader` as
+    {name: dataset}, as written."""
+    plain = dataclasses.asdict(cfg)
+    for key in ("data", "eval_loader"):
+        if plain[key] is not None:
+            plain[key] = plain[key]["datasets"]
+    return plain

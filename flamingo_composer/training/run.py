@@ -105,7 +105,8 @@ def compile_trainable_modules(flamingo) -> int:
 
 
 def build_data_loader(data, key: str, bundle, *, for_eval: bool = False):
-    """The dual loader of `data`; data that cannot train at all (no readable sample) is a ConfigError naming it."""
+    """The loader of `data`'s datasets; data that cannot train at all (no readable sample) is a ConfigError naming
+    it."""
     try:
         return build_dual_loader(data, bundle.tokenizer, bundle.image_transform, for_eval=for_eval)
     except ValueError as exc:
@@ -113,9 +114,9 @@ def build_data_loader(data, key: str, bundle, *, for_eval: bool = False):
 
 
 def _evaluators(cfg: TrainConfig, bundle) -> list[Evaluator]:
-    """One Evaluator over the held-out dual loader (it rewinds each time, so every evaluation sees the same data).
+    """One Evaluator over the held-out loader (it rewinds each time, so every evaluation sees the same data).
 
-    The model's metrics are per dataset (`laion/...`, `mmc4/...`), so one dual batch feeds both.
+    The model's metrics are per dataset (`<name>/LanguageCrossEntropy`, ...), so one batch feeds every dataset's.
     """
     if cfg.eval_loader is None:
         return []
@@ -156,8 +157,8 @@ def train_from_config(cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), 
         report = load_reference_state_dict(bundle.model, cfg.load_reference_checkpoint)
         log.info("reference checkpoint: %s", report.summary())
     losses = {
-        "loss_multiplier_laion": cfg.loss_multiplier_laion, "loss_multiplier_mmc4": cfg.loss_multiplier_mmc4,
-        "loss_chunk_tokens": cfg.loss_chunk_tokens, "z_loss_weight": cfg.loss.z_loss_weight,
+        "loss_multipliers": cfg.data.loss_multipliers(), "loss_chunk_tokens": cfg.loss_chunk_tokens,
+        "z_loss_weight": cfg.loss.z_loss_weight,
     }
     if cfg.evaluators:  # few-shot evaluators: the model also answers generation batches
         composer_model = FewShotComposerModel(bundle.model, bundle.tokenizer, **losses)

@@ -1,0 +1,73 @@
+"""Collation: one dataset's preprocessed samples -> one sub-batch of SPEC 2's schema (any kind; the kind gives the
+label rule for samples built by hand without labels, see `data.kinds`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from flamingo_composer.special_tokens import SpecialTokens
+
+LabelRule = Callable[..., torch.Tensor]  # (input_ids (B, L), special, attention_mask (B, L)) -> labels (B, L)
+
+
+def _join(tensors: Sequence[torch.Tensor], name: str, kind: str, pin: bool, *, cat: bool = False) -> torch.Tensor:
+    """Stack (or concatenate) the samples' `name` tensors, straight into pinned memory when `pin`."""
+    shapes = {tuple(t.shape[1:] if cat else t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"collate ({kind}): samples disagree on the shape of {name!r}: {sorted(shapes)}")
+    shape = (sum(t.shape[0] for t in tensors), *shapes.pop()) if cat else (len(tensors), *shapes.pop())
+    out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)
+    return torch.cat(tensors, out=out) if cat else torch.stack(tensors, out=out)
+
+
+def collate_samples(
+    samples,
+    special: SpecialTokens,
+    labels_of: LabelRule,
+    kind: str,
+    skipped: Mapping[str, int] | None = None,
+    *,
+    pin_memory: bool = False,
+) -> dict:
+    """Samples -> sub-batch; `skipped` = skip counts since the previous batch of this dataset.
+
+    Preprocessed samples give `images` (N, 3, H, W) uint8, the real images only, row by row, with `image_mask`
+    (B, T_img) ((B, 1) for samples without one: a pair's single image); the DataSpec makes the model's float
+    `vision_x` from them on the device. Samples built by hand in the model's form (`vision_x`, no labels) give
+    `vision_x` and get their labels here from `labels_of`. Plus input_ids, attention_mask, labels (B, L),
+    skipped. `pin_memory`: every tensor in pinned memory, for asynchronous copies to the GPU.
+    """
+    if not samples:
+        raise ValueError(f"collate ({kind}): no samples to collate")
+    field = lambda name, **kw: _join([s[name] for s in samples], name, kind, pin_memory, **kw)  # noqa: E731
+    input_ids, attention_mask = field("input_ids").long(), field("attention_mask").long()  # (B, L), (B, L)
+    if "labels" in samples[0]:
+        labels = field("labels")  # (B, L): masked once, per sample, in the workers
+    else:
+        labels = labels_of(input_ids, special, attention_mask)  # (B, L): hand-built samples
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "images" in samples[0]:
+        for i, sample in enumerate(samples):
+            slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
+            if sample["images"].dtype != torch.uint8 or sample["images"].shape[0] != slots:
+                raise ValueError(
+                    f"collate ({kind}): sample {i} has images {tuple(sample['images'].shape)} "
+                    f"{sample['images'].dtype} for {slots} image slots (expected uint8, one per slot)"
+                )
+        batch["images"] = field("images", cat=True)  # (N, 3, H, W) uint8: the real images, row by row
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): one image per pair
+    else:  # hand-built samples in the model's form (tests, benchmarks/bench.py)
+        batch["vision_x"] = field("vision_x").float()  # (B, T_img, 1, 3, H, W)
+        if "image_mask" in samples[0]:
+            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+        else:
+            batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
+    if pin_memory:
+        batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
+    batch["skipped"] = dict(skipped or {})
+    return batch
