@@ -182,3 +182,15 @@ def test_tools_have_help(tool):
         [sys.executable, str(REPO_ROOT / "tools" / tool), "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.startswith("usage:") and "--preset" in done.stdout, done.stderr
+
+
+def test_bench_documents_reports_converter_and_loader_rates(capsys):
+    from benchmarks import bench_documents
+
+    argv = ["--num-documents", "6", "--num-workers", "0", "--batches", "1", "--warmup", "0", "--batch-size", "2",
+            "--max-tokens", "256", "--image-size", "32", "--source-image-size", "48"]  # fmt: skip
+    assert bench_documents.main(argv) == 0
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["layout"] == "natural" and line["converter"]["documents"] == 6 and line["skipped"] == {}
+    assert line["converter"]["documents_per_s"] > 0 and line["documents_per_s_per_worker"] > 0
+    assert line["feed"]["documents_per_step"] == 32 and line["feed"]["ratio"] > 0
