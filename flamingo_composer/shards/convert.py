@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import os
 import re
-import struct
 import zipfile
 import zlib
 from collections import Counter
@@ -35,6 +33,7 @@ from flamingo_composer.data.items import SkipSample
 from flamingo_composer.data.laion import LAION_IMAGE_FIELDS
 from flamingo_composer.data.mds import BYTES_RANGE_FIELD, LAION_MDS_COLUMNS, MMC4_MDS_COLUMNS, mmc4_doc_to_mds
 from flamingo_composer.data.mmc4 import parse_mmc4_json
+from flamingo_composer.shards.zip_salvage import LOCAL_MAGIC, salvaged_members
 
 MAX_EXAMPLES_PER_REASON = 3
 MAX_MISSING_LISTED = 50  # missing inputs named in the summary (as_dict() holds them all)
@@ -180,26 +179,47 @@ def iter_tar_samples(shard: str, report: ConversionReport) -> Iterator[dict[str,
         report.skip("duplicate_member", f"{shard}: {_first_arg(exc)}")
 
 
-def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
-    """(where, member stem, 0-based line number, line bytes) of a `.jsonl`, `.jsonl.gz` or zip of `.jsonl`
-    files (the form MMC4 is published in); member stem is "" unless the zip holds several files. Blank lines
-    are not records.
+def iter_jsonl_records(path: str, report: ConversionReport) -> Iterator[tuple[str, str, int, bytes]]:
+    """(where, member label, 0-based line number, line bytes) of a `.jsonl`, `.jsonl.gz` or zip of `.jsonl`
+    files (MMC4 is published in all three: the surviving mmc4-ff / mmc4-core-ff as plain jsonl and as zips of many
+    jsonl members). Blank lines are not records; the label keeps keys unique across a zip's members
+    (`member_label`).
 
-    A zip that lost its end (a cut download: no central directory) is still recognised by its first local
-    header: its members are read in order up to the damage, every complete line is yielded, and then
-    `zipfile.BadZipFile` names the file.
+    An archive inside a zip (zip or gzip) is counted (`nested_archive`) and named, never read as lines. A member
+    that breaks part way (bad CRC, damaged data) is counted (`corrupt_member`), its lines before kept, and the next
+    member read. A zip that lost its end (a cut download: no central directory) is recognised by its first local
+    header and streamed from its local headers (`zip_salvage`, bounded memory whatever its size): every complete
+    line up to the cut is yielded, then `zipfile.BadZipFile` names the file.
     """
-    if zipfile.is_zipfile(path):
+    if _is_whole_zip(path):
         with zipfile.ZipFile(path) as archive:
             members = sorted(name for name in archive.namelist() if not name.endswith("/"))
             if not members:
                 raise ValueError(f"zip archive {path!r} holds no file")
             for member in members:
-                label = os.path.basename(member).split(".")[0] if len(members) > 1 else ""
-                with archive.open(member) as handle:
-                    yield from _numbered_lines(f"{path}:{member}", label, handle)
+                where = f"{path}:{member}"
+                try:
+                    with archive.open(member) as handle:
+                        if _is_archive(member, handle.peek(4)[:4]):
+                            _skip_nested_archive(where, report)
+                            continue
+                        yield from _numbered_lines(where, member_label(path, member), handle)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+                    report.skip("corrupt_member", f"{where}: {type(err).__name__}: {err} (lines before it kept)")
     elif _starts_like_zip(path):
-        yield from _salvaged_zip_records(path)
+        read = 0
+        for member in salvaged_members(path):
+            if member.name.endswith("/"):
+                continue
+            where = f"{path}:{member.name}"
+            if _is_archive(member.name, member.head(4)):
+                _skip_nested_archive(where, report)
+                continue
+            read += 1
+            yield from _numbered_lines(where, member_label(path, member.name), member.lines())
+        raise zipfile.BadZipFile(
+            f"damaged zip archive (no central directory: cut or incomplete); read {read} member(s) up to the damage"
+        )
     elif path.endswith(".gz"):
         with gzip.open(path, "rb") as handle:
             yield from _numbered_lines(path, "", handle)
@@ -208,54 +228,46 @@ def iter_jsonl_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
             yield from _numbered_lines(path, "", handle)
 
 
-_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, version, flags, method, time, date, crc, sizes, lengths
-_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+def _is_whole_zip(path: str) -> bool:
+    """A zip whose central directory describes this file from its first byte. `zipfile.is_zipfile` alone also
+    accepts a cut zip whose last 64 KB hold the end record of a stored zip inside it (then that inner zip would be
+    read in its place)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            offsets = [info.header_offset for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return not offsets or min(offsets) == 0
+
+
+def member_label(path: str, member: str) -> str:
+    """The zip member's stem, part of its documents' keys; "" when it is the archive's own stem
+    (`docs_shard_7_v2.jsonl` in `docs_shard_7_v2.jsonl.zip`). The same whether or not the zip is cut."""
+    stem = os.path.basename(member).split(".")[0]
+    return "" if stem == os.path.basename(path).split(".")[0] else stem
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_archive(member: str, head: bytes) -> bool:
+    """A zip or gzip inside the zip, by name or by its first bytes."""
+    return member.lower().endswith((".zip", ".gz")) or head.startswith((LOCAL_MAGIC, _GZIP_MAGIC))
+
+
+def _skip_nested_archive(where: str, report: ConversionReport) -> None:
+    report.skip("nested_archive", f"{where}: an archive inside the zip is not read (extract it and convert its files)")
 
 
 def _starts_like_zip(path: str) -> bool:
     with open(path, "rb") as handle:
-        return handle.read(4) == _ZIP_LOCAL_MAGIC
+        return handle.read(4) == LOCAL_MAGIC
 
 
-def _salvaged_zip_records(path: str) -> Iterator[tuple[str, str, int, bytes]]:
-    """The complete lines of a damaged zip's members, read from their local headers in file order."""
-    data = Path(path).read_bytes()
-    offset, members = 0, []
-    while data[offset : offset + 4] == _ZIP_LOCAL_MAGIC and offset + _ZIP_LOCAL_HEADER.size <= len(data):
-        _, _, flags, method, _, _, _, packed_size, _, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack_from(data, offset)
-        name = data[offset + 30 : offset + 30 + name_len].decode("utf-8", "replace")
-        start = offset + 30 + name_len + extra_len
-        end = len(data) if flags & 0x08 else start + packed_size  # bit 3: sizes follow the data
-        if method == zipfile.ZIP_STORED:
-            payload, complete = data[start:end], end <= len(data) and not flags & 0x08
-        elif method == zipfile.ZIP_DEFLATED:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            try:
-                payload = inflater.decompress(data[start:end])
-            except zlib.error:
-                payload = b""
-            complete = inflater.eof
-        else:
-            raise zipfile.BadZipFile(f"{path}: damaged zip with a member packed by method {method}")
-        if not name.endswith("/"):
-            label = os.path.basename(name).split(".")[0] if members else ""  # keys stay unique past member 1
-            members.append(name)
-            if not complete:  # the last line was cut: keep only the lines that end before the damage
-                payload = payload[: payload.rfind(b"\n") + 1]
-            yield from _numbered_lines(f"{path}:{name}", label, io.BytesIO(payload))
-        if not complete or flags & 0x08:
-            break
-        offset = end
-    raise zipfile.BadZipFile(
-        f"damaged zip archive (no central directory: cut or incomplete); read {len(members)} member(s) "
-        "up to the damage"
-    )
-
-
-def _numbered_lines(
-    where: str, label: str, handle: io.BufferedIOBase
-) -> Iterator[tuple[str, str, int, bytes]]:
-    for number, line in enumerate(handle):
+def _numbered_lines(where: str, label: str, lines: Iterable[bytes]) -> Iterator[tuple[str, str, int, bytes]]:
+    for number, line in enumerate(lines):
         if line.strip():
             yield where, label, number, line
 
@@ -375,7 +387,7 @@ def raw_mmc4_documents(
         stem = os.path.basename(path).split(".")[0]
         image_dirs_of: dict[str, list[Path]] = {}  # per source: the file, or `path:member` of a zip
         try:
-            for source, label, number, line in iter_jsonl_records(path):
+            for source, label, number, line in iter_jsonl_records(path, report):
                 where = f"{source} line {number + 1}"
                 if source not in image_dirs_of:
                     member = source[len(path) + 1 :] if source.startswith(f"{path}:") else None
