@@ -13,23 +13,19 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 from shard_layouts import read_mds
-from tool_modules import load_tool
 
+from benchmarks import bench_data
+from flamingo_composer.cli import convert_wds
 from flamingo_composer.data.mds import BYTES_RANGE_FIELD, mmc4_doc_from_mds
 from flamingo_composer.shards.convert import convert_raw_mmc4, convert_wds_to_mds
 from flamingo_composer.shards.img2dataset import convert_img2dataset_to_mds
 from flamingo_composer.shards.synthetic import SyntheticConfig, make_mmc4_document, write_synthetic_dataset
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ["convert_wds_to_mds.py", "convert_mmc4_raw.py", "convert_img2dataset_to_mds.py", "bench_data.py"]
 
 CLEAN_DATA = SyntheticConfig(
     num_laion=30, num_laion_val=2, num_mmc4=12, num_mmc4_val=2, image_size=32,
@@ -301,7 +297,7 @@ def test_raw_mmc4_images_in_a_folder_named_after_the_zip_member(tmp_path):
     assert report.written == len(expected["docs"])
 
 def test_brace_range_converts_what_exists_and_lists_the_missing(synthetic, tmp_path, capsys):
-    tool = load_tool("convert_wds_to_mds")
+    tool = convert_wds
     tars = train_tars(synthetic, "laion")
     folder = tmp_path / "release"
     folder.mkdir()
@@ -428,20 +424,8 @@ def test_img2dataset_tar_and_files_forms_give_the_wds_conversion(synthetic, tmp_
 # ------------------------------------------------------------------------------------------------- CLIs
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-def test_every_tool_has_help(tool):
-    done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / tool), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage:") and "--" in done.stdout
-
-
 def test_cli_prints_a_summary_and_exits_non_zero_when_nothing_was_written(synthetic, tmp_path, capsys):
-    tool = load_tool("convert_wds_to_mds")
+    tool = convert_wds
     tar = str(train_tars(synthetic, "laion")[0])
     assert (
         tool.main(["--layout", "laion", "--input", tar, "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
@@ -465,7 +449,7 @@ def test_cli_prints_a_summary_and_exits_non_zero_when_nothing_was_written(synthe
 
 
 def test_bench_data_prints_one_json_line_per_configuration(synthetic, capsys):
-    bench = load_tool("bench_data")
+    bench = bench_data
     argv = ["--data", str(synthetic), "--formats", "wds", "mds", "--num-workers", "0", "--batches", "2",
             "--warmup", "0", "--laion-batch-size", "4", "--mmc4-batch-size", "2", "--image-size", "32",
             "--shuffle-buffer", "4"]  # fmt: skip

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from shard_layouts import META_SCHEMA, Img2datasetRow, jpeg_bytes, read_mds, write_img2dataset
 
+from flamingo_composer.cli.convert_img2dataset import main as img2dataset_main
 from flamingo_composer.shards.convert import ConversionReport
 from flamingo_composer.shards.img2dataset import convert_img2dataset_to_mds, iter_img2dataset_pairs
-from flamingo_composer.shards.pair_commands import img2dataset_main
 
 FORMS = ("webdataset", "files", "parquet")
 RED, BLUE = jpeg_bytes((200, 30, 30)), jpeg_bytes((30, 30, 200))

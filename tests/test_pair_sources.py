@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from shard_layouts import jpeg_bytes, read_mds
 
+from flamingo_composer.cli.convert_image_folder import main as image_folder_main
+from flamingo_composer.cli.convert_parquet_pairs import main as parquet_pairs_main
 from flamingo_composer.shards.convert import ConversionReport
 from flamingo_composer.shards.image_folder import convert_image_folder_to_mds
-from flamingo_composer.shards.pair_commands import image_folder_main, parquet_pairs_main
 from flamingo_composer.shards.parquet_pairs import convert_parquet_pairs_to_mds, iter_parquet_pairs
 
 RED, GREEN, BLUE = jpeg_bytes((200, 30, 30)), jpeg_bytes((30, 200, 30)), jpeg_bytes((30, 30, 200))

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Convert a folder of images with a captions CSV / JSONL to LAION MDS shards; see --help."""
-
-from __future__ import annotations
+"""`flamingo-convert-image-folder` under its old path."""
 
 import sys
 
-from flamingo_composer.shards.pair_commands import image_folder_main as main
+from flamingo_composer.cli.convert_image_folder import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Convert img2dataset output (webdataset, files or parquet form) to LAION MDS shards; see --help."""
-
-from __future__ import annotations
+"""`flamingo-convert-img2dataset` under its old path."""
 
 import sys
 
-from flamingo_composer.shards.pair_commands import img2dataset_main as main
+from flamingo_composer.cli.convert_img2dataset import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

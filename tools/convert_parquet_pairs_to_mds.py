@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Convert image-caption parquet (Hugging Face caption sets) to LAION MDS shards; see --help."""
-
-from __future__ import annotations
+"""`flamingo-convert-parquet-pairs` under its old path."""
 
 import sys
 
-from flamingo_composer.shards.pair_commands import parquet_pairs_main as main
+from flamingo_composer.cli.convert_parquet_pairs import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

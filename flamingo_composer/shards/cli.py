@@ -17,6 +17,14 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def output_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `add_output_args`' options, for `run_converter`."""
+    return {
+        "out": args.out, "compression": args.compression, "size_limit": args.size_limit,
+        "progress": not args.no_progress,
+    }  # fmt: skip
+
+
 def add_require_all_arg(parser: argparse.ArgumentParser) -> None:
     """--require-all: fail when any input of a brace range is missing (default: convert what exists, list the rest)."""
     parser.add_argument(
