@@ -289,6 +289,18 @@ def test_webdataset_sample_form_gives_the_same_row(rows, converted, tmp_path):
     first = next(s for s in samples if s["__key__"] == row["key"])
     assert all(torch.equal(processor(first, epoch=1, key=row["key"])[n], from_mds[n]) for n in from_mds)
 
+    # And the webdataset reader serves them to the loader.
+    data = DataConfig.from_plain({"docs": {
+        "kind": "interleaved", "format": "wds", "shards": str(tmp_path / "wds"), "batch_size": 3, "shuffle_buffer": 1,
+        "preprocess": {"layout": "natural", "min_image_bytes": MIN_BYTES},
+    }})  # fmt: skip
+    loader = build_dual_loader(data, tok, TRANSFORM, rank=0, world_size=1, pin_memory=False)
+    try:
+        batch = next(iter(loader))["docs"]
+    finally:
+        loader.close()
+    assert batch["input_ids"].shape == (3, 1024) and batch["skipped"] == {"consecutive_images": 1, "trailing_images": 1}
+
 
 def test_layout_config_resolves_max_tokens_and_rejects_matched_only_keys():
     assert MMC4PreprocessConfig().max_tokens == 256 and MMC4PreprocessConfig(layout="natural").max_tokens == 1024
