@@ -73,11 +73,12 @@ def ensure_synthetic_data(config: str, overrides: list[str]) -> None:
 
 
 class MemoryBatches:
-    """Endless copies of a few pre-built dual batches (fresh dicts each time: Composer moves and splits them)."""
+    """Endless copies of a few pre-built batches (fresh dicts each time: Composer moves and splits them), their
+    microbatches in the config's forward order."""
 
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-        lead = batches[0].get("laion", batches[0].get("mmc4"))
+    def __init__(self, batches: list[dict], forward_order: list[str] | None = None):
+        self.batches, self.forward_order = batches, forward_order
+        lead = next(iter(batches[0].values()))  # the first dataset: microbatch sizes count its rows
         self.batch_size = int(lead["input_ids"].shape[0])
 
     def __iter__(self):
@@ -89,8 +90,8 @@ class MemoryBatches:
 
 
 def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], count: int = 4) -> list[dict]:
-    """Dual batches of the config's shapes, token ids from the tokenizer, labels from the pipeline's collate."""
-    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    """Batches of the config's datasets and shapes (by kind), token ids from the tokenizer, labels from the
+    pipeline's collate."""
     from flamingo_composer.special_tokens import SpecialTokens
     from flamingo_composer.vocab import WORDS
 
@@ -108,34 +109,37 @@ def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], c
             torch.tensor([1] * len(ids) + [0] * (length - len(ids))),
         )
 
+    def pairs(dataset) -> list[dict]:
+        length, samples = dataset.preprocess.max_tokens, []
+        for _ in range(dataset.batch_size):
+            # Caption lengths vary as real ones do (padding to max_tokens follows, as the loader pads).
+            caption_words = int(torch.randint(3, length - 3, (), generator=gen))
+            ids, mask = padded([special.media, *text(caption_words), special.endofchunk, special.eos], length)
+            image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)  # (T_img=1, F=1, 3, H, W)
+            samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
+        return samples
+
+    def documents(dataset, index: int) -> list[dict]:
+        pre, samples = dataset.preprocess, []
+        for row in range(dataset.batch_size):
+            n_images = min(images_per_doc[(index + row) % len(images_per_doc)], pre.max_num_images)
+            chunk = max(4, (pre.max_tokens - 8) // n_images - 3)
+            ids = text(3)
+            for _ in range(n_images):
+                ids += [special.media, *text(chunk), special.endofchunk]
+            ids, mask = padded(ids + [special.eos], pre.max_tokens)
+            images = torch.zeros(pre.max_num_images, 1, 3, image_size, image_size)  # (T_img, F, 3, H, W)
+            images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
+            image_mask = torch.arange(pre.max_num_images) < n_images  # (T_img,)
+            samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
+        return samples
+
     batches = []
     for index in range(count):
         batch = {}
-        if cfg.data.laion.enabled:
-            length = cfg.data.laion.preprocess.max_tokens
-            samples = []
-            for _ in range(cfg.data.laion.batch_size):
-                # Caption lengths vary as real ones do (padding to max_tokens follows, as the loader pads).
-                caption_words = int(torch.randint(3, length - 3, (), generator=gen))
-                ids, mask = padded([special.media, *text(caption_words), special.endofchunk, special.eos], length)
-                image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)  # (T_img=1, F=1, 3, H, W)
-                samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
-            batch["laion"] = collate_laion(samples, special)
-        if cfg.data.mmc4.enabled:
-            pre = cfg.data.mmc4.preprocess
-            samples = []
-            for row in range(cfg.data.mmc4.batch_size):
-                n_images = min(images_per_doc[(index + row) % len(images_per_doc)], pre.max_num_images)
-                chunk = max(4, (pre.max_tokens - 8) // n_images - 3)
-                ids = text(3)
-                for _ in range(n_images):
-                    ids += [special.media, *text(chunk), special.endofchunk]
-                ids, mask = padded(ids + [special.eos], pre.max_tokens)
-                images = torch.zeros(pre.max_num_images, 1, 3, image_size, image_size)  # (T_img, F, 3, H, W)
-                images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
-                image_mask = torch.arange(pre.max_num_images) < n_images  # (T_img,)
-                samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
-            batch["mmc4"] = collate_mmc4(samples, special)
+        for name, dataset in cfg.data.enabled().items():
+            samples = pairs(dataset) if dataset.kind == "pairs" else documents(dataset, index)
+            batch[name] = dataset.kind_spec.collate(samples, special)
         batches.append(batch)
     return batches
 
@@ -270,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         image_size = vision_image_size(flamingo.vision_encoder)[0]
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
-        batches = MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc))
+        batches = MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc), cfg.data.forward_order())
         fit_kwargs["train_dataloader"] = build_dataspec(batches)
     if args.profile:
         trainer.fit(duration=f"{args.warmup}ba", **fit_kwargs)  # warm-up outside the profile

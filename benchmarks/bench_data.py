@@ -147,7 +147,7 @@ def load_manifest(root: Path) -> dict:
 
 def dataset_config(dataset: str, fmt: str, root: Path, manifest: dict, args, num_workers: int):
     """LAION or MMC4 loader config reading the synthetic training split in `fmt`."""
-    from flamingo_composer.data.config import LaionDatasetConfig, MMC4DatasetConfig
+    from flamingo_composer.data.config import DatasetConfig
     from flamingo_composer.data.mmc4 import MMC4PreprocessConfig
 
     if fmt not in manifest.get("formats", []):
@@ -161,11 +161,12 @@ def dataset_config(dataset: str, fmt: str, root: Path, manifest: dict, args, num
     if args.shuffle_buffer is not None and fmt == "wds":
         common["shuffle_buffer"] = args.shuffle_buffer
     if dataset == "laion":
-        return LaionDatasetConfig(batch_size=args.laion_batch_size, **common)
+        return DatasetConfig(kind="pairs", batch_size=args.laion_batch_size, **common)
     min_bytes = manifest.get("recommended", {}).get("mmc4.min_image_bytes", 0)
-    return MMC4DatasetConfig(
-        batch_size=args.mmc4_batch_size, preprocess=MMC4PreprocessConfig(min_image_bytes=min_bytes), **common
-    )
+    return DatasetConfig(
+        kind="interleaved", batch_size=args.mmc4_batch_size,
+        preprocess=MMC4PreprocessConfig(min_image_bytes=min_bytes), **common,
+    )  # fmt: skip
 
 
 def endless(loader) -> Iterator[dict]:
@@ -210,7 +211,7 @@ def bench_configuration(
     }
     for name, cfg in configs.items():
         log(f"[bench_data] {fmt} num_workers={num_workers}: {name} alone")
-        loader = build_dual_loader(DataConfig(**{name: cfg}), tokenizer, transform, rank=0, world_size=1)
+        loader = build_dual_loader(DataConfig({name: cfg}), tokenizer, transform, rank=0, world_size=1)
         run = measure(loader, args.warmup, args.batches)
         rate = run["samples"][name] / run["seconds"]
         result[name] = {
@@ -222,7 +223,7 @@ def bench_configuration(
             "skipped": dict(sorted(run["skipped"][name].items())),
         }
     log(f"[bench_data] {fmt} num_workers={num_workers}: laion + mmc4 (dual loader)")
-    loader = build_dual_loader(DataConfig(**configs), tokenizer, transform, rank=0, world_size=1)
+    loader = build_dual_loader(DataConfig(configs), tokenizer, transform, rank=0, world_size=1)
     run = measure(loader, args.warmup, args.batches)
     total = sum(run["samples"].values()) / run["seconds"]
     total_workers = 2 * num_workers if num_workers else 1  # with 0 workers, both run in the main process

@@ -123,8 +123,9 @@ def reference_worker(args: argparse.Namespace) -> dict:
         num_epochs=1, precision={"fp32": "fp32", "amp_bf16": "amp_bf16"}.get(cfg.precision, "fp32"), fsdp=False,
         fsdp_use_orig_params=False, rank=0, world_size=1, gradient_accumulation_steps=1, freeze_lm_embeddings=False,
         report_to_wandb=False, logging_steps=10**9, batch_size_laion=batch["laion"]["input_ids"].shape[0],
-        batch_size_mmc4=batch["mmc4"]["input_ids"].shape[0], loss_multiplier_laion=cfg.loss_multiplier_laion,
-        loss_multiplier_mmc4=cfg.loss_multiplier_mmc4,
+        batch_size_mmc4=batch["mmc4"]["input_ids"].shape[0],
+        loss_multiplier_laion=cfg.data["laion"].effective_loss_multiplier,
+        loss_multiplier_mmc4=cfg.data["mmc4"].effective_loss_multiplier,
     )  # fmt: skip
     ends: list[float] = []
 

@@ -326,7 +326,7 @@ def without_trailing_padding(batch: ReferenceBatch) -> ReferenceBatch:
 
 def ours_batch(pair: OraclePair, batch: ReferenceBatch, dtype: torch.dtype = torch.float32) -> dict:
     """The same tensors in our schema, labels from OUR masking (`flamingo_composer.data.dual_loader`)."""
-    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
     from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(pair.ours.tokenizer)
@@ -345,7 +345,7 @@ def ours_batch(pair: OraclePair, batch: ReferenceBatch, dtype: torch.dtype = tor
         }
         for i, (ids, mask) in enumerate(tokens)
     ]
-    out = {"laion": collate_laion(laion, special), "mmc4": collate_mmc4(mmc4, special)}
+    out = {"laion": PAIRS.collate(laion, special), "mmc4": INTERLEAVED.collate(mmc4, special)}
     for sub in out.values():
         sub["vision_x"] = sub["vision_x"].to(dtype)
     return out

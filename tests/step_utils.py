@@ -114,7 +114,7 @@ def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len:
     Token sequences follow SPEC 2's formats (`<image>caption<|endofchunk|>eos`, interleaved documents with a
     varying number of images and some empty image slots); labels come from the data pipeline's collate.
     """
-    from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
+    from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
     from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -146,7 +146,7 @@ def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len:
         images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
         image_mask = torch.arange(max_images) < n_images
         mmc4.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
-    return {"laion": collate_laion(laion, special), "mmc4": collate_mmc4(mmc4, special)}
+    return {"laion": PAIRS.collate(laion, special), "mmc4": INTERLEAVED.collate(mmc4, special)}
 
 
 def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
@@ -220,7 +220,7 @@ class BatchList:
 
     def __init__(self, batches: list[dict]):
         self.batches = batches
-        lead = batches[0]["laion" if "laion" in batches[0] else "mmc4"]
+        lead = next(iter(batches[0].values()))  # the first dataset: microbatch sizes count its rows
         self.batch_size = lead["input_ids"].shape[0]
 
     def __iter__(self):
@@ -238,7 +238,7 @@ def dual_dataspec(batches: list[dict]) -> DataSpec:
 
 
 def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = None, clip: float | None = 1.0,
-                     lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), multipliers=(0.2, 1.0),
+                     lr: float = 1e-4, weight_decay: float = 0.1, callbacks=(), loss_multipliers=None,
                      algorithms=None, parallelism_config=None, z_loss_weight: float = 0.0) -> Trainer:
     """A real Composer Trainer for one optimizer step of `flamingo` on `batch` (fp32, CPU), as run.py builds it."""
     from flamingo_composer.training.builders import build_optimizer
@@ -246,8 +246,7 @@ def one_step_trainer(flamingo, batch: dict, *, microbatch_size: int | None = Non
     from flamingo_composer.training.config import OptimizerConfig
     from flamingo_composer.training.loss import REQUIRED_TRAINER_KWARGS, StepTokenCounts
 
-    model = FlamingoComposerModel(flamingo, loss_multiplier_laion=multipliers[0], loss_multiplier_mmc4=multipliers[1],
-                                  z_loss_weight=z_loss_weight)  # fmt: skip
+    model = FlamingoComposerModel(flamingo, loss_multipliers, z_loss_weight=z_loss_weight)
     if parallelism_config is not None:
         from flamingo_composer.training.fsdp import install_fsdp_policies
 

@@ -60,9 +60,9 @@ def _hf_loss(flamingo, sub) -> float:
 
 
 def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
-    model = FlamingoComposerModel(bundle.model, loss_multiplier_laion=0.3, loss_multiplier_mmc4=0.7)
+    model = FlamingoComposerModel(bundle.model, {"laion": 0.3, "mmc4": 0.7})
     outputs = model(batch)
-    assert list(outputs) == ["laion", "mmc4"]  # LAION first, as the reference
+    assert list(outputs) == ["laion", "mmc4"]  # the batch's order: LAION first, as the reference
     for name in outputs:  # training: the LM's last hidden states; the loss projects only the supervised positions
         b, length = batch[name]["input_ids"].shape
         assert isinstance(outputs[name], FinalHidden) and outputs[name].hidden.shape == (b, length, 64)
@@ -73,6 +73,21 @@ def test_forward_runs_each_dataset_and_loss_is_the_weighted_sum(bundle, batch):
     assert losses["laion"].item() == pytest.approx(laion, rel=1e-6)
     assert losses["mmc4"].item() == pytest.approx(mmc4, rel=1e-6)
     assert losses["total"].item() == pytest.approx(0.3 * laion + 0.7 * mmc4, rel=1e-6)
+
+
+def test_three_named_datasets_give_the_weighted_sum_of_their_token_means(bundle, batch):
+    """Any names: each dataset's loss under its name, the total weighted by its multiplier, metrics per name."""
+    model = FlamingoComposerModel(bundle.model, {"cc": 0.5, "docs": 1.0, "laion": 0.3})
+    named = {"cc": batch["laion"], "docs": batch["mmc4"], "laion": dict(batch["laion"])}
+    named["laion"]["labels"] = batch["laion"]["labels"].roll(1, dims=0)  # another dataset: other targets
+    losses = step_losses(model, named)
+    assert set(losses) == {"total", "cc", "docs", "laion", "z_loss/cc", "z_loss/docs", "z_loss/laion"}
+    expected = {name: _hf_loss(bundle.model, sub) for name, sub in named.items()}
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-6), name
+    total = 0.5 * expected["cc"] + 1.0 * expected["docs"] + 0.3 * expected["laion"]
+    assert losses["total"].item() == pytest.approx(total, rel=1e-6)
+    assert {k.split("/")[0] for k in model.get_metrics(is_train=False)} == {"cc", "docs", "laion"}
 
 
 def test_an_absent_dataset_has_no_loss_key(bundle, batch):

@@ -43,7 +43,7 @@ def base_config(shards: dict[str, str]) -> dict:
 
 def write_yaml(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # config order: the order of `data:` matters
     return path
 
 
@@ -63,7 +63,7 @@ def test_valid_config_with_overrides_and_interpolation(tmp_path, shards):
     assert cfg.optimizer.lr == 0.5  # the override reached the interpolated value
     assert cfg.optimizer.betas == (0.9, 0.999) and isinstance(cfg.optimizer.betas, tuple)
     assert cfg.scheduler.t_warmup == "3ba" and cfg.max_duration == "10ba"
-    assert cfg.data.mmc4.batch_size == 1 and cfg.data.laion.batch_size == 4
+    assert cfg.data["mmc4"].batch_size == 1 and cfg.data["laion"].batch_size == 4
     assert cfg.model.tokenizer.builtin == "tiny"
     assert cfg.algorithms == {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}
     assert cfg.loggers == {"inmemory": {}}
@@ -130,7 +130,7 @@ def test_keys_of_the_other_format_are_errors_not_ignored(tmp_path_factory):
                              "data.mmc4.shuffle_block_size=64"])  # fmt: skip
     switched = _recipe("run.yaml", [f"variables.data_root={root}", "data.laion.format=wds", "data.laion.local=null",
                                     "data.laion.split=null", f"data.laion.shards={root}/wds/laion"])  # fmt: skip
-    assert switched.data.laion.shard_urls() == sorted(str(p) for p in (root / "wds" / "laion").glob("*.tar"))
+    assert switched.data["laion"].shard_urls() == sorted(str(p) for p in (root / "wds" / "laion").glob("*.tar"))
 
 
 def test_missing_reference_checkpoint_is_named(tmp_path, shards):
@@ -239,15 +239,15 @@ def test_released_model_recipes(name, lm, every, gpus):
     assert (cfg.model.vision.name, cfg.model.vision.pretrained) == ("ViT-L-14", "openai")
     assert cfg.model.lm.trust_remote_code and cfg.model.tokenizer.trust_remote_code  # as the reference loads them
     assert cfg.variables["num_gpus"] == gpus
-    assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size) == (64, 32)
+    assert (cfg.data["laion"].batch_size, cfg.data["mmc4"].batch_size) == (64, 32)
     steps = int(cfg.max_duration.removesuffix("ba"))
     assert steps == -(-60_000_000 // (32 * gpus)) == -(-120_000_000 // (64 * gpus))
     assert (cfg.optimizer.lr, cfg.optimizer.betas, cfg.optimizer.eps, cfg.optimizer.weight_decay) == (
         1e-4, (0.9, 0.999), 1e-8, 0.1
     )
     assert (cfg.scheduler.name, cfg.scheduler.t_warmup) == ("constant_with_warmup", "1875ba")
-    assert (cfg.loss_multiplier_laion, cfg.loss_multiplier_mmc4) == (0.2, 1.0)
-    assert cfg.data.mmc4.preprocess.sim_threshold == 0.24
+    assert cfg.data.loss_multipliers() == {"laion": 0.2, "mmc4": 1.0}
+    assert cfg.data["mmc4"].preprocess.sim_threshold == 0.24
     assert cfg.precision == "amp_bf16" and cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing
     assert cfg.algorithms["gradient_clipping"] == {"clipping_type": "norm", "clipping_threshold": 1.0}
     assert "wandb" in cfg.loggers and cfg.autoresume and cfg.save_folder
@@ -263,16 +263,102 @@ def test_gpu_smoke_and_main_recipes_validate(tmp_path_factory):
     assert isinstance(smoke.device_train_microbatch_size, int)
     main = _recipe("run.yaml", [f"variables.data_root={root}"])
     assert main.device == "cpu" and main.precision == "fp32" and main.fsdp_config is None
-    assert main.data.laion.enabled and main.data.mmc4.enabled and "file" in main.loggers
+    assert main.data["laion"].enabled and main.data["mmc4"].enabled and "file" in main.loggers
+    assert main.data.forward_order() == ["mmc4", "laion"]  # MMC4's microbatches first, as before
+    assert main.eval_loader["mmc4"].preprocess == main.data["mmc4"].preprocess  # inherited, not repeated
 
 
-def test_microbatch_size_checked_against_both_batch_sizes(tmp_path, shards):
+def test_microbatch_size_checked_against_every_batch_size(tmp_path, shards):
     data = base_config(shards)  # LAION 4, MMC4 2 per rank
     assert load_config(write_yaml(tmp_path, data), ["device_train_microbatch_size=2"]).device_train_microbatch_size == 2
     message = load_error(tmp_path, data, ["device_train_microbatch_size=3"])
-    assert message.startswith("device_train_microbatch_size:") and "laion batch_size=4" in message
+    assert message.startswith("device_train_microbatch_size: 3 does not cut data.laion.batch_size=4")
     message = load_error(tmp_path, data, ["device_train_microbatch_size=1"])  # 4 chunks cannot cut MMC4's 2
-    assert "mmc4 batch_size=2" in message and "microbatch_size=1" in message
+    assert "data.mmc4.batch_size=2 cannot be cut into the 4 equal chunks" in message
+    data["data"]["docs"] = {"kind": "interleaved", "shards": shards["mmc4"], "batch_size": 3}
+    message = load_error(tmp_path, data, ["device_train_microbatch_size=2"])  # 2 chunks: 2 and 1 MMC4, not 1.5
+    assert "data.docs.batch_size=3 cannot be cut into the 2 equal chunks" in message
+
+
+def test_named_datasets_of_a_kind(tmp_path, shards):
+    """Any names, each of a kind; laion and mmc4 default their kind; batch size and multiplier default by kind."""
+    data = base_config(shards)
+    data["data"] = {
+        "cc": {"kind": "pairs", "shards": shards["laion"], "loss_multiplier": 0.5},
+        "docs": {"kind": "interleaved", "shards": shards["mmc4"], "preprocess": {"max_tokens": 64}},
+        **data["data"],
+    }
+    cfg = load_config(write_yaml(tmp_path, data))
+    assert list(cfg.data) == ["cc", "docs", "laion", "mmc4"] and cfg.data.lead == "cc"
+    assert {name: d.kind for name, d in cfg.data.items()} == {
+        "cc": "pairs", "docs": "interleaved", "laion": "pairs", "mmc4": "interleaved"
+    }
+    assert cfg.data.loss_multipliers() == {"cc": 0.5, "docs": 1.0, "laion": 0.2, "mmc4": 1.0}  # kinds' defaults
+    assert cfg.data.batch_sizes() == {"cc": 16, "docs": 8, "laion": 4, "mmc4": 2}
+    assert cfg.data.forward_order() == ["docs", "mmc4", "cc", "laion"]  # interleaved kinds first, then config order
+    assert cfg.data["docs"].preprocess.max_tokens == 64 and cfg.data["mmc4"].preprocess.max_tokens == 256
+    removed = load_config(write_yaml(tmp_path, data), ["data.cc=null"])  # NAME: null removes a base's entry
+    assert list(removed.data) == ["docs", "laion", "mmc4"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"kind": "video"}, "data.cc.kind: unknown kind 'video'; the kinds: pairs, interleaved"),
+        ({}, "data.cc.kind: missing; dataset 'cc' must give its kind (pairs or interleaved)"),
+        ({"kind": "pairs", "preprocess": {"max_num_images": 2}}, "unknown key 'data.cc.preprocess.max_num_images'"),
+        ({"kind": "pairs", "preprocess": {"max_tokens": 1}}, "data.cc.preprocess.max_tokens: must be >= 2"),
+        ({"kind": "pairs", "loss_multiplier": -1}, "data.cc.loss_multiplier: must be >= 0"),
+    ],
+)
+def test_dataset_entry_errors_name_the_key(tmp_path, shards, entry, named):
+    data = base_config(shards)
+    data["data"]["cc"] = {"shards": shards["laion"], **entry}
+    assert named in load_error(tmp_path, data)
+
+
+def test_dataset_names_and_an_empty_data_section(tmp_path, shards):
+    data = base_config(shards)
+    data["data"]["total"] = {"kind": "pairs", "shards": shards["laion"]}
+    assert "data.total: not a dataset name" in load_error(tmp_path, data)
+    data["data"] = {"laion": {"shards": shards["laion"], "enabled": False}}
+    assert "data: no dataset is enabled" in load_error(tmp_path, data)
+
+
+def test_deprecated_loss_multipliers_map_onto_the_datasets(tmp_path, shards):
+    data = base_config(shards)
+    with pytest.warns(FutureWarning, match=r"loss_multiplier_laion is deprecated: write data.laion.loss_multiplier"):
+        cfg = load_config(write_yaml(tmp_path, data), ["loss_multiplier_laion=0.7"])
+    assert cfg.data.loss_multipliers() == {"laion": 0.7, "mmc4": 1.0} and cfg.loss_multiplier_laion is None
+    data["data"]["laion"]["loss_multiplier"] = 0.5
+    message = load_error(tmp_path, data, ["loss_multiplier_laion=0.7"])
+    assert "loss_multiplier_laion: set together with data.laion.loss_multiplier" in message
+    del data["data"]["mmc4"]
+    assert "loss_multiplier_mmc4: data has no dataset named 'mmc4'" in load_error(
+        tmp_path, data, ["loss_multiplier_mmc4=1.0"]
+    )
+
+
+def test_held_out_entries_inherit_the_training_preprocessing(tmp_path, shards):
+    data = base_config(shards)
+    data["data"]["docs"] = {"kind": "interleaved", "shards": shards["mmc4"], "batch_size": 2,
+                            "preprocess": {"max_tokens": 64, "min_image_bytes": 500}}  # fmt: skip
+    data["eval_loader"] = {
+        "docs": {"shards": shards["mmc4"], "preprocess": {"max_tokens": 32}},  # kind and min_image_bytes inherited
+        "laion": {"shards": shards["laion"]},
+    }
+    data["eval_subset_num_batches"] = 1
+    cfg = load_config(write_yaml(tmp_path, data))
+    held_out = cfg.eval_loader["docs"]
+    assert held_out.kind == "interleaved" and (held_out.preprocess.max_tokens, held_out.preprocess.min_image_bytes) == (
+        32, 500
+    )
+    assert cfg.data["docs"].preprocess.max_tokens == 64  # the training entry keeps its own
+    data["eval_loader"]["cc"] = {"kind": "pairs", "shards": shards["laion"]}
+    assert "eval_loader.cc: no training dataset of that name in data" in load_error(tmp_path, data)
+    del data["eval_loader"]["cc"]
+    data["eval_loader"]["docs"]["kind"] = "pairs"
+    assert "eval_loader.docs.kind: pairs, but data.docs is interleaved" in load_error(tmp_path, data)
 
 
 def test_model_level_activation_checkpointing(tmp_path, shards):

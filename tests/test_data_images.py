@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 
 from flamingo_composer.data import mmc4 as mmc4_module
 from flamingo_composer.data.dataspec import ExpandImages, build_dataspec, split_batch
-from flamingo_composer.data.dual_loader import build_dual_loader, collate_laion, collate_mmc4
+from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import received, send_by_value
+from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor, preprocess_mmc4
 from flamingo_composer.data.wds import WebDatasetItems
@@ -101,7 +102,7 @@ def laion_batch(tok, special, transform):
         (transform(decoded(photo(i))).flip(-1) if f else transform(decoded(photo(i))))[None, None]
         for i, f in enumerate(flips)
     ])  # (B, 1, 1, 3, H, W): the old pipeline, transform(image) in the worker
-    return collate_laion(samples, special), expected
+    return PAIRS.collate(samples, special), expected
 
 
 def mmc4_batch(tok, special, transform):
@@ -120,7 +121,7 @@ def mmc4_batch(tok, special, transform):
         for slot, data in enumerate(images):
             pixels = transform(decoded(data))  # (3, H, W)
             expected[row, slot, 0] = pixels.flip(-1) if f else pixels
-    return collate_mmc4(samples, special), expected
+    return INTERLEAVED.collate(samples, special), expected
 
 
 # ------------------------------------------------------------------------------- equal to the float pipeline
@@ -231,7 +232,7 @@ def test_workers_send_uint8_images_of_the_real_slots_only(root, tok):
         images, mask = sample["images"], sample["image_mask"]  # (n, 3, H, W), (T_img,)
         assert images.dtype == torch.uint8 and images.shape == (int(mask.sum()), 3, side, side)
         assert not any(t.is_floating_point() for t in sample.values())  # no float image tensor crosses
-    batch = collate_mmc4(samples, SpecialTokens.from_tokenizer(tok))
+    batch = INTERLEAVED.collate(samples, SpecialTokens.from_tokenizer(tok))
     real = int(batch["image_mask"].sum())
     assert real < batch["image_mask"].numel()  # this data has empty slots ...
     assert batch["images"].nbytes == real * 3 * side * side  # ... and none of them is sent: 1 byte per value

@@ -1,4 +1,5 @@
-"""Composer DataSpec of the dual batch: microbatch split, sample and token counts, microbatch-size checks."""
+"""Composer DataSpec of the loader's batch: microbatch split and order, sample and token counts, microbatch-size
+checks, for two and three named datasets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 from composer.core import DataSpec
 
 from flamingo_composer.data.dataspec import (
-    MICROBATCH_ORDER,
     build_dataspec,
     get_num_samples_in_batch,
     get_num_tokens_in_batch,
@@ -15,6 +15,8 @@ from flamingo_composer.data.dataspec import (
     validate_microbatch_size,
 )
 from flamingo_composer.data.dual_loader import DualBatchLoader
+
+FORWARD = ["mmc4", "laion"]  # the default kinds' forward order: interleaved, then pairs
 
 
 def _sub(rows: int, slots: int, length: int, offset: int) -> dict:
@@ -46,13 +48,6 @@ def _batch(laion_rows: int | None, mmc4_rows: int | None) -> dict:
     return batch
 
 
-def test_microbatch_order_names_every_dataset_once():
-    """The order is a second list of the dataset names: it must stay the same set as data/config.py's."""
-    from flamingo_composer.data.config import DATASETS
-
-    assert sorted(MICROBATCH_ORDER) == sorted(DATASETS) and MICROBATCH_ORDER[0] == "mmc4"
-
-
 @pytest.mark.parametrize(
     "laion_rows,mmc4_rows,microbatch,chunks",
     [(8, 4, 4, 2), (8, 4, 2, 4), (6, 3, 2, 3), (8, 4, 8, 1), (8, 2, 1, 8), (None, 4, 2, 2), (4, None, 1, 4)],
@@ -63,7 +58,7 @@ def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_ro
     # One dataset per microbatch, MMC4's first.
     assert all(len(piece) == 1 for piece in pieces)
     owners = [next(iter(piece)) for piece in pieces]
-    assert owners == sorted(owners, key=MICROBATCH_ORDER.index)
+    assert owners == sorted(owners, key=FORWARD.index)
     for name, sub in batch.items():
         present = [piece[name] for piece, owner in zip(pieces, owners) if owner == name]
         assert len(present) == min(chunks, sub["input_ids"].shape[0])
@@ -102,16 +97,31 @@ def test_sample_and_token_counts_cover_both_datasets():
     assert tokens["loss_generating"] == sum(int((sub["labels"][:, 1:] != -100).sum()) for sub in batch.values())
 
 
-def test_validate_microbatch_size_names_the_sizes():
-    validate_microbatch_size(64, 32, 16)  # 4 chunks: 16 LAION + 8 MMC4 each
-    validate_microbatch_size(None, 32, 8)  # MMC4 only: counts documents
-    validate_microbatch_size(64, None, 64)
-    with pytest.raises(ValueError, match=r"laion batch_size=64, mmc4 batch_size=32, microbatch_size=24"):
-        validate_microbatch_size(64, 32, 24)
-    with pytest.raises(ValueError, match=r"laion batch_size=8, mmc4 batch_size=6, microbatch_size=2"):
-        validate_microbatch_size(8, 6, 2)  # 4 LAION chunks cannot cut 6 MMC4 docs equally
+def test_split_batch_with_three_datasets_runs_them_in_the_given_order():
+    """Lead = the batch's first dataset (config order); microbatches in the forward order given."""
+    batch = {"cc": _sub(8, 1, 6, 0), "docs": _sub(4, 3, 10, 100), "laion": _sub(2, 1, 6, 200)}
+    pieces = split_batch(batch, 4, order=["docs", "cc", "laion"])  # 2 chunks each: 4 cc, 2 docs, 1 laion rows
+    assert [next(iter(piece)) for piece in pieces] == ["docs", "docs", "cc", "cc", "laion", "laion"]
+    assert [piece[name]["input_ids"].shape[0] for piece in pieces for name in piece] == [2, 2, 4, 4, 1, 1]
+    with pytest.raises(ValueError, match=r"\['laion'\] are not in the forward order"):
+        split_batch(batch, 4, order=["docs", "cc"])
+    with pytest.raises(ValueError, match="kind: missing; dataset 'cc'"):
+        split_batch(batch, 4)  # a hand-built batch without an order: only laion and mmc4 have a default kind
+
+
+def test_validate_microbatch_size_names_the_key():
+    validate_microbatch_size({"laion": 64, "mmc4": 32}, 16)  # 4 chunks: 16 LAION + 8 MMC4 each
+    validate_microbatch_size({"mmc4": 32}, 8)  # MMC4 only: counts documents
+    validate_microbatch_size({"laion": 64}, 64)
+    validate_microbatch_size({"cc": 8, "laion": 4, "docs": 2}, 4)  # 2 chunks of every batch
+    with pytest.raises(ValueError, match=r"24 does not cut data.laion.batch_size=64 into equal chunks"):
+        validate_microbatch_size({"laion": 64, "mmc4": 32}, 24)
+    with pytest.raises(ValueError, match=r"data.mmc4.batch_size=6 cannot be cut into the 4 equal chunks"):
+        validate_microbatch_size({"laion": 8, "mmc4": 6}, 2)  # 4 LAION chunks cannot cut 6 MMC4 docs equally
+    with pytest.raises(ValueError, match=r"data.docs.batch_size=3 cannot be cut into the 2 equal chunks"):
+        validate_microbatch_size({"cc": 8, "laion": 4, "docs": 3}, 4)
     with pytest.raises(ValueError, match="microbatch_size=0"):
-        validate_microbatch_size(8, 4, 0)
+        validate_microbatch_size({"laion": 8, "mmc4": 4}, 0)
 
 
 class _FixedBatcher:
@@ -127,17 +137,21 @@ class _FixedBatcher:
 
 def test_build_dataspec_wires_our_functions():
     loader = DualBatchLoader(
-        {"mmc4": _FixedBatcher(_sub(4, 3, 10, 0)), "laion": _FixedBatcher(_sub(8, 1, 6, 0))}, 3
-    )
+        {"laion": _FixedBatcher(_sub(8, 1, 6, 0)), "mmc4": _FixedBatcher(_sub(4, 3, 10, 0))}, 3,
+        forward_order=FORWARD,
+    )  # fmt: skip
     spec = build_dataspec(loader)
     assert isinstance(spec, DataSpec) and spec.dataloader is loader
-    assert loader.batch_size == 8 and len(loader) == 3
+    assert loader.batch_size == 8 and len(loader) == 3  # the first dataset's batch: what microbatches count
     batch = next(iter(spec.dataloader))
-    assert list(batch) == ["laion", "mmc4"]  # LAION first whatever the construction order
+    assert list(batch) == ["laion", "mmc4"]  # config order
     assert spec.get_num_samples_in_batch(batch) == 12
     assert spec.get_num_tokens_in_batch(batch) == get_num_tokens_in_batch(batch)["total"]
     assert spec.get_num_tokens_in_batch(batch, token_type="loss_generating") > 0
-    assert len(spec.split_batch(batch, 4)) == 2 * 2  # 2 MMC4 chunks, then 2 LAION chunks
+    pieces = spec.split_batch(batch, 4)
+    assert [next(iter(piece)) for piece in pieces] == ["mmc4", "mmc4", "laion", "laion"]  # the loader's order
+    with pytest.raises(ValueError, match="forward order"):
+        DualBatchLoader({"laion": _FixedBatcher(_sub(8, 1, 6, 0))}, 3, forward_order=FORWARD)
 
 
 def test_microbatches_drop_trailing_padding_columns_only():

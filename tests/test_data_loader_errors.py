@@ -69,7 +69,7 @@ def test_truncated_tar_and_failing_pipe_are_skipped_and_counted(root, tok, tmp_p
     truncated.write_bytes(data[: len(data) // 2])  # cut mid-member
     shards = [str(truncated), "pipe:false", f"pipe:cat {good}", "pipe:exit 3"]
     cfg = DataConfig(
-        laion=laion_config(root, "wds", shards=shards, shuffle=False, num_workers=2, epoch_size=16)
+        {"laion": laion_config(root, "wds", shards=shards, shuffle=False, num_workers=2, epoch_size=16)}
     )
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1, return_keys=True)
     with deadline(120, "reading broken shards"):
@@ -88,7 +88,7 @@ def test_nothing_usable_stops_with_a_clear_error_instead_of_spinning(root, tok, 
         broken, reason = str(tmp_path / broken), "empty_shards"
     else:
         reason = "shard_error"
-    cfg = DataConfig(mmc4=mmc4_config(root, "wds", shards=broken, epoch_size=10, max_consecutive_skips=5))
+    cfg = DataConfig({"mmc4": mmc4_config(root, "wds", shards=broken, epoch_size=10, max_consecutive_skips=5)})
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     with deadline(60, "a stream without samples"), pytest.raises(RuntimeError, match=reason):
         next(iter(loader))
@@ -207,7 +207,7 @@ def test_damaged_shards_are_counted_for_what_they_hold_and_named_once(root, tmp_
 def test_a_default_config_trains_past_damaged_shards_and_warns_once_per_shard(root, tok, tmp_path, caplog):
     """epoch_size unset: the loader counts the local shards itself; damage must not stop it at start-up."""
     shards = _damaged_shards(root, tmp_path)
-    cfg = DataConfig(laion=laion_config(root, "wds", shards=list(shards.values()), shuffle=False))
+    cfg = DataConfig({"laion": laion_config(root, "wds", shards=list(shards.values()), shuffle=False)})
     caplog.set_level(logging.WARNING)
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     assert len(loader) >= 1

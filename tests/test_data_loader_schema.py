@@ -1,4 +1,4 @@
-"""Dual-batch loader output: SPEC 2's schema, single-dataset runs, seeded order, config errors at build time."""
+"""Batch loader output: SPEC 2's schema, single-dataset runs, seeded order, config errors at build time."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from data_loader_helpers import (
 )
 from data_loader_helpers import image_transform as transform
 
-from flamingo_composer.data.config import DataConfig, LaionDatasetConfig, MMC4DatasetConfig
+from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.special_tokens import SpecialTokens
@@ -103,26 +103,26 @@ def test_order_is_fixed_by_the_seed(root, tok, fmt):
 
 def test_missing_local_shard_fails_at_build_naming_it(root):
     with pytest.raises(ValueError, match=r"train-000006.tar.*94 of 100 missing"):
-        LaionDatasetConfig(shards=f"{root}/wds/laion/train-{{000000..000099}}.tar")
+        DatasetConfig(kind="pairs", shards=f"{root}/wds/laion/train-{{000000..000099}}.tar")
     with pytest.raises(ValueError, match="empty"):
-        LaionDatasetConfig(shards=[])
+        DatasetConfig(kind="pairs", shards=[])
     with pytest.raises(ValueError, match="no shards"):
-        MMC4DatasetConfig(format="wds")
+        DatasetConfig(kind="interleaved", format="wds")
     with pytest.raises(ValueError, match="nowhere/index.json"):
-        MMC4DatasetConfig(format="mds", local=str(root / "nowhere"))
+        DatasetConfig(kind="interleaved", format="mds", local=str(root / "nowhere"))
     # Remote URLs and pipe: commands are only opened while training; a disabled dataset is not checked.
-    LaionDatasetConfig(shards=["pipe:false", "s3://bucket/shard-{0..3}.tar"])
-    LaionDatasetConfig(enabled=False, shards="/does/not/exist.tar")
-    with pytest.raises(ValueError, match="both datasets are disabled"):
-        DataConfig()
+    DatasetConfig(kind="pairs", shards=["pipe:false", "s3://bucket/shard-{0..3}.tar"])
+    DatasetConfig(kind="pairs", enabled=False, shards="/does/not/exist.tar")
+    with pytest.raises(ValueError, match="no dataset is enabled"):
+        DataConfig({"laion": DatasetConfig(kind="pairs", enabled=False)})
 
 
 def test_remote_webdataset_needs_epoch_size(root, tok):
-    cfg = DataConfig(laion=laion_config(root, "wds", shards=f"pipe:cat {root}/wds/laion/train-000000.tar"))
+    cfg = DataConfig({"laion": laion_config(root, "wds", shards=f"pipe:cat {root}/wds/laion/train-000000.tar")})
     with pytest.raises(ValueError, match="epoch_size"):
         build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     cfg = DataConfig(
-        mmc4=mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4)
+        {"mmc4": mmc4_config(root, "wds", shards=f"pipe:cat {root}/wds/mmc4/train-000000.tar", epoch_size=4)}
     )
     loader = build_dual_loader(cfg, tok, transform, rank=0, world_size=1)
     assert len(list(loader)) == len(loader) == 2

@@ -13,9 +13,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from flamingo_composer.data.dataspec import ExpandImages
-from flamingo_composer.data.dual_loader import collate_laion, collate_mmc4
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import SkipCounter, SkipSample, sample_rng
+from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
 from flamingo_composer.data.laion import LaionPreprocessConfig, preprocess_laion
 from flamingo_composer.data.masking import count_supervised_tokens
 from flamingo_composer.data.mds import (
@@ -186,7 +186,7 @@ def test_laion_from_fixture_raw_equals_reference_batch(reference):
         laion(base64.b64decode(image), caption, tokenizer, transform, rng=ScriptedRng(coin), random_flip=True)
         for image, caption in zip(raw["laion_images_png_base64"], raw["laion_captions"])
     ]
-    out = collate_laion(samples, special)
+    out = PAIRS.collate(samples, special)
     ref = batch["laion"]
     assert torch.equal(out["input_ids"], ref["lang_x"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
@@ -210,7 +210,7 @@ def test_mmc4_from_fixture_raw_equals_reference_batch(reference):
         )
         for i, (doc, flipped) in enumerate(zip(raw["mmc4_json"], raw["mmc4_flipped_per_doc"]))
     ]  # fmt: skip
-    out = collate_mmc4(samples, special)
+    out = INTERLEAVED.collate(samples, special)
     ref = batch["mmc4"]
     assert torch.equal(out["input_ids"], ref["lang_x"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
@@ -553,7 +553,7 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
         laion(jpeg(c), f"a {name} circle", tok, transform, max_tokens=8)
         for c, name in [(RED, "red"), (BLUE, "blue")]
     ]
-    batch = collate_laion(laion_samples, special, skipped={"corrupt_image": 2})
+    batch = PAIRS.collate(laion_samples, special, skipped={"corrupt_image": 2})
     assert batch["images"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["images"].dtype == torch.uint8
     assert batch["image_mask"].shape == (2, 1) and batch["image_mask"].all()
     assert model_vision_x(batch, transform).shape == (2, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -568,7 +568,7 @@ def test_collate_schema_labels_and_supervised_count(tok, special, transform):
             make_doc(["intro text .", "a red circle ."], [RED], [[0.1, 0.3]]), tok, transform, max_tokens=20
         ),
     ]
-    batch = collate_mmc4(docs, special)
+    batch = INTERLEAVED.collate(docs, special)
     assert batch["images"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)  # the real images only: 2 + 1
     assert batch["image_mask"].tolist() == [[True, True] + [False] * 4, [True] + [False] * 5]
     assert model_vision_x(batch, transform).shape == (2, 6, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -586,9 +586,9 @@ def test_collate_rejects_mismatched_samples(tok, special, transform):
     a = laion(jpeg(), "a red circle", tok, transform, max_tokens=8)
     b = laion(jpeg(), "a red circle", tok, transform, max_tokens=9)
     with pytest.raises(ValueError, match="input_ids"):
-        collate_laion([a, b], special)
+        PAIRS.collate([a, b], special)
     with pytest.raises(ValueError, match="no samples"):
-        collate_mmc4([], special)
+        INTERLEAVED.collate([], special)
 
 
 # ---------------------------------------------------------------- MDS layout

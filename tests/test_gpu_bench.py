@@ -24,7 +24,7 @@ def test_every_variant_is_a_valid_config_at_the_3b_shapes(tmp_path_factory):
     assert (lm["model_type"], lm["d_model"], lm["n_layers"]) == ("mpt", 2048, 24)
     assert levers.model.cross_attn_every_n_layers == 1
     assert levers.model.tokenizer.builtin == "tiny-50k" and levers.model.lm.name is None  # nothing from the hub
-    assert (levers.data.laion.batch_size, levers.data.mmc4.batch_size) == (64, 32)
+    assert (levers.data["laion"].batch_size, levers.data["mmc4"].batch_size) == (64, 32)
     assert levers.precision == "amp_bf16" and levers.fsdp_config.version == 2
     assert (levers.model.cross_attention, levers.model.frozen_dtype, levers.loss_chunk_tokens) == (
         "per_image", "bfloat16", 1024

@@ -46,7 +46,6 @@ def _overrides(data_root: Path) -> list[str]:
         "log_to_console=false",
         "scheduler.t_warmup=0",
         "optimizer.lr=5.0e-3",
-        "loss_multiplier_laion=1.0",  # the recipe's 0.2 only slows the LAION signal down
         "model.lm.config.initializer_range=0.3",
         "data.mmc4.batch_size=4",  # half the MMC4 cost per step: more steps fit in the time
         "model.vision.custom_config.vision_cfg.image_size=32",  # 32 px data, 16 patches of 8 px

@@ -80,7 +80,7 @@ def test_z_loss_weight_zero_gives_the_former_loss_and_gradients_bit_for_bit(kind
 def test_the_model_loss_at_weight_zero_is_the_former_one_bit_for_bit(family):
     bundle = build_flamingo(tiny_model_config(family))
     set_gates(bundle.model, 0.5)
-    model = FlamingoComposerModel(bundle.model, loss_multiplier_laion=0.3, loss_multiplier_mmc4=0.7)
+    model = FlamingoComposerModel(bundle.model, {"laion": 0.3, "mmc4": 0.7})
     batch = dual_batch(bundle.tokenizer)
     trainable = [p for p in bundle.model.parameters() if p.requires_grad]
     outputs = model(batch)
@@ -138,8 +138,9 @@ def test_z_loss_is_a_global_token_mean_per_dataset_and_enters_the_total_with_the
             supervised = sub["labels"][:, 1:] != -100
             means[name] = torch.logsumexp(logits[supervised], -1).square().mean().item()
     install_global_counts(batch)
-    plain = FlamingoComposerModel(bundle.model, 0.2, 1.0).loss(FlamingoComposerModel(bundle.model)(batch), batch)
-    weighted_model = FlamingoComposerModel(bundle.model, 0.2, 1.0, z_loss_weight=0.01)
+    multipliers = {"laion": 0.2, "mmc4": 1.0}
+    plain = FlamingoComposerModel(bundle.model, multipliers).loss(FlamingoComposerModel(bundle.model)(batch), batch)
+    weighted_model = FlamingoComposerModel(bundle.model, multipliers, z_loss_weight=0.01)
     weighted = weighted_model.loss(weighted_model(batch), batch)
     for name in ("laion", "mmc4"):  # logged at weight 0 too
         assert plain[f"z_loss/{name}"].item() == pytest.approx(means[name], rel=1e-5)

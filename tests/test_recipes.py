@@ -105,7 +105,7 @@ def test_current_backbone_recipes_validate_and_build_with_tiny_stand_ins(name):
     assert (model.lm.name, model.tokenizer.name, model.cross_attn_every_n_layers) == (lm_name, lm_name, every)
     assert (model.vision.source, model.vision.name) == tower
     assert model.frozen_dtype == "bfloat16" and cfg.precision == "amp_bf16" and cfg.fsdp_config is not None
-    assert (cfg.data.laion.batch_size, cfg.data.mmc4.batch_size, cfg.max_duration) == (64, 32, "234375ba")
+    assert (cfg.data["laion"].batch_size, cfg.data["mmc4"].batch_size, cfg.max_duration) == (64, 32, "234375ba")
 
     tiny = dataclasses.replace(
         model,

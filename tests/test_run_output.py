@@ -55,9 +55,9 @@ def test_default_job_prints_progress_and_a_summary_and_its_log_plots(short_run, 
     assert "[batch=" not in printed and "Train loss/train/total" not in printed  # no console metric dumps
     summary = captured.out[captured.out.index("run short-run:"):]
     assert f"run short-run: {STEPS} optimizer steps" in summary
-    assert re.search(r"train loss \(last step\): total [\d.]+, LAION [\d.]+, MMC4 [\d.]+", summary)
+    assert re.search(r"train loss \(last step\): total [\d.]+, laion [\d.]+, mmc4 [\d.]+", summary)
     assert re.search(
-        r"held-out \(last evaluation\): LAION cross-entropy [\d.]+, accuracy [\d.]+, MMC4 cross-entropy", summary
+        r"held-out \(last evaluation\): laion cross-entropy [\d.]+, accuracy [\d.]+, mmc4 cross-entropy", summary
     )
     assert f"checkpoint: {out / 'checkpoints' / f'ep0-ba{STEPS}-rank0.pt'}" in summary
     assert f"log:        {out / 'logs-rank0.txt'}" in summary

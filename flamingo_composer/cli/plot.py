@@ -4,11 +4,11 @@
 
 RUN_DIR is the run's folder (`runs/<run_name>/` after `make train`: its Composer file log `logs-rank0.txt`, one
 segment per start of the run, drawn as one run), or a W&B offline run folder (`wandb/offline-run-*`), or a folder
-holding one. Panels (those with data): train loss
-(total, LAION, MMC4); z-loss per dataset (mean logsumexp^2, logged at any weight); held-out cross-entropy and
-token accuracy per dataset (the `eval` loader); every other evaluator's metrics; the cross-attention gates,
-tanh(attn_gate) and tanh(ff_gate) per layer (the `xattn_gates` monitor); learning rate per parameter group;
-throughput (samples/s and tokens/s). Prints what it drew.
+holding one. Panels (those with data): train loss (total and one curve per dataset); z-loss per dataset (mean
+logsumexp^2, logged at any weight); held-out cross-entropy and token accuracy per dataset (the `eval` loader);
+every other evaluator's metrics; the cross-attention gates, tanh(attn_gate) and tanh(ff_gate) per layer (the
+`xattn_gates` monitor); learning rate per parameter group; throughput (samples/s and tokens/s). Prints what it
+drew.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ def _is_evaluator_metric(name: str) -> bool:
 
 
 PANELS = [
-    Panel(
-        "train loss", "cross-entropy (nats)", lambda n: n in ("loss/train/total", "loss/train/laion", "loss/train/mmc4")
-    ),
+    Panel("train loss", "cross-entropy (nats)", lambda n: n.startswith("loss/train/") and "/z_loss/" not in n),
     Panel("z-loss", "mean logsumexp(logits)^2", lambda n: n.startswith("loss/train/z_loss/")),
     Panel("held-out cross-entropy", "nats", lambda n: n.startswith("metrics/eval/") and "CrossEntropy" in n),
     Panel("held-out token accuracy", "accuracy", lambda n: n.startswith("metrics/eval/") and "Accuracy" in n),

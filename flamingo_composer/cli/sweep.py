@@ -10,7 +10,7 @@ The sweep file:
     overrides: [max_duration=200ba]      # optional dotted.key=value settings for every point
     grid:                                # dotted keys of the recipe -> the values to try (the product is swept)
       optimizer.lr: [1.0e-3, 5.0e-3]
-      loss_multiplier_laion: [0.2, 1.0]
+      data.laion.loss_multiplier: [0.2, 1.0]
       model.cross_attn_every_n_layers: [1, 2]
 
 Every point gets the run name `<name>-<index>` and keeps everything it writes under `<out>/<run name>/`

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from webdataset.shardlists import expand_urls
 
 from flamingo_composer.config_schema import ConfigError, from_dict
-from flamingo_composer.data.kinds import DatasetKind, forward_order, kind_named, kind_of
+from flamingo_composer.data.kinds import DEFAULT_KINDS, DatasetKind, forward_order, kind_named, kind_of
 
 
 def is_remote_url(url: str) -> bool:
@@ -305,7 +305,10 @@ def inherit_preprocessing(held_out: Any, training: Any) -> Any:
         if not isinstance(entry, Mapping) or not isinstance(source, Mapping):
             continue
         merged = dict(entry)
-        if "kind" in source and "kind" not in entry:
+        kind = source.get("kind", DEFAULT_KINDS.get(name))
+        if entry.get("kind", kind) != kind:
+            continue  # another kind's preprocessing does not apply: validation names the differing kind
+        if "kind" in source:
             merged["kind"] = source["kind"]
         own, inherited = entry.get("preprocess"), source.get("preprocess")
         if isinstance(inherited, Mapping) and (own is None or isinstance(own, Mapping)):

@@ -203,7 +203,7 @@ class FlamingoFlops:
         return t_img * valid.shape[-1]  # valid: (B, T_img, S)
 
     def per_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """{dataset: training FLOPs} of one per-rank batch `{'laion': sub, 'mmc4': sub}` (absent datasets omitted)."""
+        """{dataset: training FLOPs} of one per-rank batch `{name: sub}` (absent datasets omitted)."""
         flops: dict[str, float] = {}
         for name, sub in batch.items():
             if not isinstance(sub, Mapping) or "input_ids" not in sub:
