@@ -1,14 +1,13 @@
 """Natural-order interleaved parquet -> document shards (shards/interleaved_parquet.py) and the URL export for
 img2dataset (shards/image_urls.py): each corpus' columns and metadata alignment, the three image sources, wrong
-columns, and the two commands. Parquet, images and img2dataset output are written here by hand."""
+columns, the two commands (their --help: tests/test_commands.py) and the benchmark. Parquet, images and img2dataset
+output are written here by hand."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,12 +16,11 @@ import pytest
 from PIL import Image
 from shard_layouts import Img2datasetRow, read_mds, write_img2dataset
 
+from flamingo_composer.cli.convert_interleaved import main as convert_main
+from flamingo_composer.cli.export_image_urls import main as export_urls_main
 from flamingo_composer.data.documents import unpack_document
-from flamingo_composer.shards.document_commands import convert_main, export_urls_main
 from flamingo_composer.shards.image_urls import export_image_urls
 from flamingo_composer.shards.interleaved_parquet import convert_interleaved_parquet
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def jpeg(rgb: tuple[int, int, int]) -> bytes:
@@ -174,14 +172,6 @@ def test_convert_command_writes_and_prints_the_summary(tmp_path, capsys):
     assert "documents: 1 written, 0 skipped" in out and "documents/s" in out
     assert convert_main([*argv, "--image-dir", str(tmp_path), "--out", str(tmp_path / "none")]) == 1  # nothing found
     assert "not_downloaded: 1" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("tool", ["convert_interleaved_parquet.py", "export_image_urls.py"])
-def test_tools_have_help(tool):
-    done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / tool), "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0 and done.stdout.startswith("usage:") and "--preset" in done.stdout, done.stderr
 
 
 def test_bench_documents_reports_converter_and_loader_rates(capsys):

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Convert natural-order interleaved parquet (OBELICS, MINT-1T-HTML, OmniCorpus-CC) to document shards; see --help."""
-
-from __future__ import annotations
+"""`flamingo-convert-interleaved` under its tools/ path."""
 
 import sys
 
-from flamingo_composer.shards.document_commands import convert_main as main
+from flamingo_composer.cli.convert_interleaved import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Export the image URLs of natural-order interleaved parquet for img2dataset; see --help."""
-
-from __future__ import annotations
+"""`flamingo-export-image-urls` under its tools/ path."""
 
 import sys
 
-from flamingo_composer.shards.document_commands import export_urls_main as main
+from flamingo_composer.cli.export_image_urls import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())
