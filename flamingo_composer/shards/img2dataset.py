@@ -129,22 +129,26 @@ def _url_of(meta: bytes | None) -> str | None:
 
 
 def _files_pairs(folder: Path, report: ConversionReport) -> Iterator[ImagePair]:
-    """The `files` form: each subfolder's KEY.jpg + KEY.txt + KEY.json grouped by key, folders and keys sorted."""
+    """The `files` form: each subfolder's KEY.jpg + KEY.txt + KEY.json grouped by key, folders and keys sorted; a
+    sample's files are read only when it is given (a folder holds a whole shard)."""
     wanted = set(LAION_IMAGE_FIELDS) | {"txt", "json"}
     for directory, subdirs, names in os.walk(folder):
         subdirs.sort()
-        groups: dict[str, dict[str, Any]] = {}
+        groups: dict[str, dict[str, str]] = {}  # key -> {ext: file name}
         for name in sorted(names):
             stem, ext = tariterators.base_plus_ext(name)
-            if stem is None or ext.lower() not in wanted:
-                continue
-            with open(os.path.join(directory, name), "rb") as handle:
-                groups.setdefault(stem, {"__key__": stem})[ext.lower()] = handle.read()
-        for sample in groups.values():
-            if "txt" in sample or any(ext in sample for ext in LAION_IMAGE_FIELDS):  # not e.g. 00000_stats.json
-                pair = _sample_pair(sample, directory, report)
-                if pair is not None:
-                    yield pair
+            if stem is not None and ext.lower() in wanted:
+                groups.setdefault(stem, {})[ext.lower()] = name
+        for key, files in groups.items():
+            if "txt" not in files and not any(ext in files for ext in LAION_IMAGE_FIELDS):
+                continue  # not a sample, e.g. 00000_stats.json
+            sample: dict[str, Any] = {"__key__": key}
+            for ext, name in files.items():
+                with open(os.path.join(directory, name), "rb") as handle:
+                    sample[ext] = handle.read()
+            pair = _sample_pair(sample, directory, report)
+            if pair is not None:
+                yield pair
 
 
 def _parquet_pairs(path: Path, schema: pa.Schema, report: ConversionReport) -> Iterator[ImagePair]:
