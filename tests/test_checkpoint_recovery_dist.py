@@ -1,5 +1,6 @@
-"""Real kills of a 2-rank FSDP2 job (torchrun over gloo, `tests/dist_train.py` on run.yaml), `state_dict_type: full`
-(a monolithic `.pt` from rank 0, the format a kill during the save used to leave half-written).
+"""Real kills of a 2-rank FSDP2 job (torchrun over gloo, `tests/dist_train.py` on run.yaml plus a third named
+dataset), `state_dict_type: full` (a monolithic `.pt` from rank 0, the format a kill during the save used to leave
+half-written).
 
 Every process of the job is SIGKILLed 3 times at random moments while checkpoint writes are slowed (as a large
 model's save takes long, so most moments fall inside a write), then the same command finishes the run: it ends on
@@ -20,7 +21,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from train_helpers import REPO_ROOT, SYNTHETIC_MIN_IMAGE_BYTES, rank_launcher, small_data, subprocess_env
+from train_helpers import (
+    REPO_ROOT,
+    SYNTHETIC_MIN_IMAGE_BYTES,
+    THIRD,
+    rank_launcher,
+    small_data,
+    subprocess_env,
+    third_dataset_overrides,
+)
 
 # Each start is killed within a second after its 2nd or 3rd step (the save after a step takes longer than that),
 # so 3 starts get at most 9 of the 12 steps done: every kill hits a running job.
@@ -36,7 +45,7 @@ def overrides(data_root: Path, save_folder: Path, keep: int) -> list[str]:
         "data.mmc4.preprocess.max_tokens=64", f"data.mmc4.preprocess.min_image_bytes={SYNTHETIC_MIN_IMAGE_BYTES}",
         "eval_loader=null", "scheduler.t_warmup=1", "callbacks={}", "loggers={}", "save_interval=1",
         f"save_num_checkpoints_to_keep={keep}", "autoresume=true", "log_to_console=false",
-        f"save_folder={save_folder}", FULL, "device_train_microbatch_size=2",
+        f"save_folder={save_folder}", FULL, "device_train_microbatch_size=2", *third_dataset_overrides(data_root),
     ]  # fmt: skip
 
 
@@ -105,7 +114,8 @@ def test_fsdp2_full_killed_three_times_at_random_moments_ends_on_the_uninterrupt
 
     assert min(run["losses"]) > 1, output[-3000:]  # it continued from a checkpoint of the killed starts
     for step, logged in run["losses"].items():
-        assert logged["loss/train/total"] == reference["losses"][step]["loss/train/total"], step
+        for key in ("loss/train/total", f"loss/train/{THIRD}"):
+            assert logged[key] == reference["losses"][step][key], (step, key)
     assert run["trainable"].keys() == reference["trainable"].keys()
     for name, value in reference["trainable"].items():
         assert torch.equal(run["trainable"][name], value), name

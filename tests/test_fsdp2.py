@@ -1,5 +1,6 @@
 """FSDP2 for real, on CPU: 2 processes (torchrun, see `rank_launcher`) over gloo run `tests/dist_train.py`
-(train_from_config on run.yaml).
+(train_from_config on run.yaml with a third named dataset: laion and cc of kind pairs with their own loss
+multipliers, mmc4 interleaved).
 
 - FSDP2 (sharded state dicts, microbatching) gives DDP's per-step losses, pre-clip gradient norms, FLOPs and
   trainable parameters; every parameter is a DTensor shard; frozen parameters get no gradient.
@@ -20,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO_ROOT, SYNTHETIC_MIN_IMAGE_BYTES, rank_launcher, small_data, subprocess_env
+from train_helpers import (
+    REPO_ROOT,
+    SYNTHETIC_MIN_IMAGE_BYTES,
+    THIRD,
+    rank_launcher,
+    small_data,
+    subprocess_env,
+    third_dataset_overrides,
+)
 
 STEPS, KILL_AT = 6, 3
 LR = 5e-3  # run.yaml's optimizer.lr
@@ -37,6 +46,7 @@ def _overrides(data_root: Path, save_folder: Path, steps: int = STEPS) -> list[s
         "eval_loader.laion.batch_size=4", "eval_loader.mmc4.batch_size=4", "eval_interval=3",
         "eval_subset_num_batches=1", "algorithms.ema={half_life: 2ba}", "scheduler.t_warmup=1", "callbacks={}",
         "loggers={}", "save_interval=1", "autoresume=true", "log_to_console=false", f"save_folder={save_folder}",
+        *third_dataset_overrides(data_root),
     ]  # fmt: skip
 
 
@@ -69,7 +79,7 @@ def killed_and_resumed(tmp: Path, overrides: list[str], steps: int = STEPS, kill
 
 def assert_same_run(run: dict, reference: dict, steps) -> None:
     for step in steps:
-        for key in ("loss/train/total", "loss/train/laion", "loss/train/mmc4"):
+        for key in ("loss/train/total", "loss/train/laion", "loss/train/mmc4", f"loss/train/{THIRD}"):
             assert run["losses"][step][key] == pytest.approx(reference["losses"][step][key], rel=1e-5), (step, key)
     # Adam moves every weight by about lr per step whatever its gradient's size, so where a gradient is ~0 its
     # fp32 noise (summation order differs between the strategies) flips the step: a few entries differ by up to

@@ -1,8 +1,9 @@
 """Exact resume: a run stopped at step k and resumed with autoresume gives the losses of a run that never stopped.
 
-Through the real entry point (`train_from_config` on yamls/run.yaml), MDS or webdataset data with rejected samples
-(every 9th synthetic sample is broken) read by 2 DataLoader workers per dataset (webdataset: the readers' shard
-cursors travel through the Composer checkpoint). Both runs have the same max_duration, so
+Through the real entry point (`train_from_config` on yamls/run.yaml plus a third named dataset: laion and cc of
+kind pairs with their own loss multipliers, mmc4 interleaved), MDS or webdataset data with rejected samples
+(every 9th synthetic sample is broken) read by 2 DataLoader workers for laion and mmc4, none for cc (webdataset:
+the readers' shard cursors travel through the Composer checkpoint). Both runs have the same max_duration, so
 the schedule is the same; the interrupted one stops after k steps (`Trainer.fit(duration=...)`), which saves a
 checkpoint, and a fresh Trainer resumes from it.
 """
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from step_utils import LossRecorder
-from train_helpers import RUN_YAML, short_run_overrides, small_data
+from train_helpers import RUN_YAML, THIRD, short_run_overrides, small_data, third_dataset_overrides
 
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
 
 TOTAL_STEPS, STOP_AT = 6, 3
-KEYS = ("loss/train/total", "loss/train/laion", "loss/train/mmc4")
+KEYS = ("loss/train/total", "loss/train/laion", "loss/train/mmc4", f"loss/train/{THIRD}")
 
 
 def _webdataset(data_root: Path) -> list[str]:
@@ -41,7 +42,8 @@ def _config(data_root: Path, out: Path, fmt: str):
         "loggers={}",
         "callbacks.speed_monitor.window_size=1",
     ]
-    return load_config(RUN_YAML, overrides + (_webdataset(data_root) if fmt == "wds" else []))
+    webdataset = _webdataset(data_root) if fmt == "wds" else []
+    return load_config(RUN_YAML, overrides + webdataset + third_dataset_overrides(data_root, fmt))
 
 
 def _run(cfg, duration: str | None = None) -> list[tuple[int, dict[str, float]]]:
@@ -70,5 +72,8 @@ def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path_factory, tmp_path
     for step, losses in first + resumed:
         for key in KEYS:
             assert losses[key] == pytest.approx(straight[step][key], abs=1e-6), (step, key)
+    for _, losses in uninterrupted:  # each dataset's token mean under its name, weighted by its multiplier
+        weighted = losses["loss/train/laion"] + losses["loss/train/mmc4"] + 0.5 * losses[f"loss/train/{THIRD}"]
+        assert losses["loss/train/total"] == pytest.approx(weighted, rel=1e-5)
     # The losses move, so equal values are not a constant: the resumed run continues the trained weights.
     assert len({round(losses["loss/train/total"], 6) for _, losses in uninterrupted}) == TOTAL_STEPS

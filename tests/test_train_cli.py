@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO_ROOT, RUN_YAML, short_run_overrides, small_data, subprocess_env
+from train_helpers import (
+    REPO_ROOT,
+    RUN_YAML,
+    THIRD,
+    short_run_overrides,
+    small_data,
+    subprocess_env,
+    third_dataset_overrides,
+)
 
 COMPOSER = str(Path(sys.executable).parent / "composer")
 
@@ -49,15 +57,15 @@ def test_config_errors_exit_nonzero_before_training(data_root, tmp_path):
     assert not (REPO_ROOT / "runs" / "short-run").exists()
 
 
-def _check_run(out: Path, world_size: int, max_duration: int) -> None:
+def _check_run(out: Path, world_size: int, max_duration: int, datasets=("laion", "mmc4")) -> None:
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("ep*-ba*-rank0.pt"))
     assert checkpoints == [f"ep0-ba{b}-rank0.pt" for b in range(2, max_duration + 1, 2)]
     for rank in range(world_size):
         log_file = out / f"logs-rank{rank}.txt"
         if rank == 0:
-            laion = logged_values(log_file, "loss/train/laion")
-            mmc4 = logged_values(log_file, "loss/train/mmc4")
-            assert len(laion) == len(mmc4) == max_duration and all(v > 0 for v in laion + mmc4)
+            for name in datasets:  # each dataset's loss under its name
+                values = logged_values(log_file, f"loss/train/{name}")
+                assert len(values) == max_duration and all(v > 0 for v in values), name
             assert re.search(r"\]: data/skipped/(laion|mmc4)/\w+: [1-9]", log_file.read_text())  # bad_every=9
     state = torch.load(out / "checkpoints" / f"ep0-ba{max_duration}-rank0.pt", weights_only=False)["state"]
     keys = set(state["model"])
@@ -70,15 +78,16 @@ def _check_run(out: Path, world_size: int, max_duration: int) -> None:
     )
     assert state["timestamp"]["Timestamp"]["batch"] == max_duration
     positions = state["callbacks"]["DataPositionCallback"]["loader"]["positions"]
-    assert len(positions["laion"]) == len(positions["mmc4"]) == world_size
+    assert sorted(positions) == sorted(datasets) and all(len(positions[name]) == world_size for name in datasets)
 
 
-def test_composer_n1_runs_to_the_end(data_root, tmp_path):
-    result = run(
-        [COMPOSER, "-n", "1", "train.py", str(RUN_YAML), *short_run_overrides(data_root, tmp_path, 4)]
-    )
+def test_composer_n1_runs_to_the_end_with_three_named_datasets(data_root, tmp_path):
+    """run.yaml's laion and mmc4 plus a second pairs dataset with its own loss multiplier."""
+    overrides = [*short_run_overrides(data_root, tmp_path, 4), *third_dataset_overrides(data_root)]
+    result = run([COMPOSER, "-n", "1", "train.py", str(RUN_YAML), *overrides])
     assert result.returncode == 0, result.stderr[-3000:]
-    _check_run(tmp_path, world_size=1, max_duration=4)
+    _check_run(tmp_path, world_size=1, max_duration=4, datasets=("laion", "mmc4", THIRD))
+    assert f"{THIRD} " in result.stdout[result.stdout.index("train loss (last step)"):]  # the summary names it
     # Each of the package's log lines is printed once (not also by the root handler libraries install).
     output = (result.stdout + result.stderr).splitlines()
     ours = [line for line in output if "flamingo_composer." in line and "optimizer adamw" in line]

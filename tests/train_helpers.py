@@ -64,6 +64,27 @@ def short_run_overrides(data_root: Path, out_dir: Path, max_duration: int = 3) -
     ]
 
 
+# The multi-dataset runs add a third dataset to run.yaml's laion (pairs, multiplier 1.0) and mmc4 (interleaved): a
+# second pairs dataset with its own multiplier, seed and batch size, reading the synthetic pairs in another order.
+THIRD = "cc"
+
+
+def third_dataset_overrides(data_root: Path, fmt: str = "mds", *, batch_size: int = 2, num_workers: int = 0,
+                            loss_multiplier: float = 0.5) -> list[str]:  # fmt: skip
+    """Overrides that add the pairs dataset `THIRD` (after laion and mmc4 in config order: laion stays the lead)."""
+    key = f"data.{THIRD}"
+    if fmt == "wds":
+        count = len(list((data_root / "wds" / "laion").glob("train-*.tar")))
+        source = [f"{key}.format=wds", f"{key}.shards={data_root}/wds/laion/train-{{000000..{count - 1:06d}}}.tar",
+                  f"{key}.shuffle_buffer=8"]  # fmt: skip
+    else:
+        source = [f"{key}.format=mds", f"{key}.local={data_root}/mds/laion", f"{key}.split=train"]
+    return [
+        f"{key}.kind=pairs", *source, f"{key}.batch_size={batch_size}", f"{key}.num_workers={num_workers}",
+        f"{key}.loss_multiplier={loss_multiplier}", f"{key}.seed=3",
+    ]  # fmt: skip
+
+
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
