@@ -217,7 +217,7 @@ def test_the_dataspec_expands_with_the_loaders_transform(root, tok):
 def test_workers_send_uint8_images_of_the_real_slots_only(root, tok):
     """The items a worker hands the main process, and the collated batch: uint8, no empty slot."""
     cfg = data_config(root, "wds")
-    process = MMC4Processor(tok, small_transform, cfg.mmc4.preprocess, seed=0)
+    process = MMC4Processor(tok, small_transform, cfg["mmc4"].preprocess, seed=0)
     urls = sorted(str(p) for p in (root / "wds" / "mmc4").glob("train-*.tar"))
     items = WebDatasetItems(urls, process, seed=0, shuffle=False, shuffle_buffer=0, resample=False, rank=0,
                             world_size=1)  # fmt: skip
