@@ -21,7 +21,7 @@ from flamingo_composer.data.wds import WebDatasetItems, split_plan
 
 @pytest.fixture(scope="module")
 def process(root):
-    return LaionProcessor(tokenizer(), transform, data_config(root, "wds").laion.preprocess, seed=0)
+    return LaionProcessor(tokenizer(), transform, data_config(root, "wds")["laion"].preprocess, seed=0)
 
 
 def _keys(dataset, workers: int, count: int) -> list[str]:

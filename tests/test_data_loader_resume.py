@@ -82,7 +82,7 @@ def _items(dataset, workers: int, count: int, cursors: list | None = None) -> li
 @pytest.mark.parametrize("fmt", ["wds", "mds"])
 def test_item_stream_restarts_at_any_position(root, tok, fmt):
     """Workers restart in the right round-robin role for every start, odd ones included."""
-    process = LaionProcessor(tok, transform, data_config(root, fmt).laion.preprocess, seed=0)
+    process = LaionProcessor(tok, transform, data_config(root, fmt)["laion"].preprocess, seed=0)
 
     def items(start: int, cursors=None):
         if fmt == "mds":

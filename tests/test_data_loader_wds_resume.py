@@ -147,7 +147,7 @@ def test_changed_layout_logs_a_fallback_near_the_saved_progress(root, tok, tmp_p
 def test_sample_split_and_resampling_resume_exactly(root, tok, mode, workers):
     """Rank 1 of 3 over one 16-sample shard keeps every 3rd (x workers) raw sample, so the split's phase moves
     from pass to pass; resampling draws shards with replacement. Both continue exactly from a late cursor."""
-    process = LaionProcessor(tok, transform, data_config(root, "wds").laion.preprocess, seed=0)
+    process = LaionProcessor(tok, transform, data_config(root, "wds")["laion"].preprocess, seed=0)
     urls, world_size = (_shards(root, "val"), 3) if mode == "sample_split" else (_shards(root)[:2], 2)
 
     def items(start: int = 0, cursors=None):
@@ -193,7 +193,7 @@ def test_old_state_version_and_bad_cursors_are_named(root, tok):
 
 def test_a_cursor_after_the_last_sample_of_a_shard_points_at_the_next(root, tok, tmp_path, monkeypatch):
     """Resuming right after a shard's last item opens the next shard, not that one again to find its end."""
-    process = LaionProcessor(tok, transform, data_config(root, "wds").laion.preprocess, seed=0)
+    process = LaionProcessor(tok, transform, data_config(root, "wds")["laion"].preprocess, seed=0)
 
     def items(start: int = 0, cursors=None):
         return WebDatasetItems(_shards(root), process, seed=7, shuffle=True, shuffle_buffer=8, resample=False,
