@@ -5,8 +5,8 @@ Per query batch: the images are encoded once; the prompt (B, L) runs once with `
 first class token's log-probability (the last prompt position) and the cache; the class names then run in chunks of
 `rows` (query, class) rows, each row's cache the query's, repeated. A class name's score is the mean (the
 reference's `normalize_length=True`) of its tokens' log-probabilities. Every class token attends to the query's
-image, the last one of its prompt (text_time = the prompt's image count, as `Flamingo.generate` does for
-incremental steps), and to the prompt's real tokens only (its left padding stays masked). Positions continue from
+image, the last one of its prompt (as `Flamingo.generate` does for incremental steps: its latents alone are passed),
+and to the prompt's real tokens only (its left padding stays masked). Positions continue from
 the padded prompt length, as in a plain forward over prompt + class name: the cached and the uncached paths score
 the same numbers.
 
@@ -114,15 +114,21 @@ def class_log_likelihoods(
         prompt_cache = out.past_key_values
         del out
 
+        # Class tokens see only the query's image: its latents alone (one slot, image number 1, or none) give the
+        # same attention as all T_img slots behind the mask, without the cross-attention's keys and values of the
+        # demos' images for every (query, class) row.
+        query_media = media[torch.arange(b, device=media.device), (query_image - 1).clamp(min=0)][:, None]
+        query_time = (query_image > 0).long()  # (B,): 1 = the query's image, 0 = no image before the class name
+
     for chunk in _chunks(class_tokens, max(1, rows // b)):
         c = len(chunk)
         ids, mask = _padded([class_tokens[i] for i in chunk], pad_id)  # (c, n)
         ids, mask = ids.to(device).repeat(b, 1), mask.to(device).repeat(b, 1)  # (B*c, n): row = query * c + class
         n = ids.shape[1]
         row_mask = torch.cat([attention_mask.repeat_interleave(c, dim=0), mask.to(attention_mask.dtype)], dim=1)
-        row_media = media.repeat_interleave(c, dim=0)  # (B*c, T_img, n_lat, D)
         if use_cache:
-            text_time = query_image.repeat_interleave(c)[:, None].expand(-1, n)  # (B*c, n)
+            row_media = query_media.repeat_interleave(c, dim=0)  # (B*c, 1, n_lat, D)
+            text_time = query_time.repeat_interleave(c)[:, None].expand(-1, n)  # (B*c, n)
             with model.media_context.activate(MediaConditioning(media=row_media, text_time=text_time)):
                 logits = lm(input_ids=ids, attention_mask=row_mask, past_key_values=_expand_cache(prompt_cache, c),
                             use_cache=True).logits  # (B*c, n, V)  # fmt: skip
@@ -130,6 +136,7 @@ def class_log_likelihoods(
             rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]  # (B*c, n-1)
             token_logprobs = torch.cat([first, rest], dim=1)  # (B*c, n)
         else:
+            row_media = media.repeat_interleave(c, dim=0)  # (B*c, T_img, n_lat, D)
             full_ids = torch.cat([input_ids.repeat_interleave(c, dim=0), ids], dim=1)  # (B*c, L+n)
             text_time = media_text_time(full_ids, model.media_token_id)  # (B*c, L+n)
             with model.media_context.activate(MediaConditioning(media=row_media, text_time=text_time)):
