@@ -344,3 +344,15 @@ def zero_image_batch(tokenizer) -> dict:
 
 if __name__ == "__main__":
     _two_rank_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "halves")
+
+
+def device_vision_x(image_transform, sub: dict) -> torch.Tensor:
+    """A loader sub-batch's uint8 `images` as the model sees them (the DataSpec's device normalisation), in the
+    reference's padded form (B, T_img, 1, 3, H, W), to compare with the reference's float pipeline."""
+    from flamingo_composer.data.dataspec import NormalizeImages
+    from flamingo_composer.data.images import SplitImageTransform
+    from flamingo_composer.models.flamingo import padded_vision_x
+
+    transform = image_transform if isinstance(image_transform, SplitImageTransform) else None
+    normalize = NormalizeImages(transform or SplitImageTransform.of(image_transform))
+    return padded_vision_x(normalize({"sub": sub})["sub"]["images"], sub["image_mask"])

@@ -18,11 +18,11 @@ import torchvision.transforms as T
 from data_loader_helpers import IMAGE_SIDE, MAX_IMAGES, data_config
 from data_loader_helpers import image_transform as small_transform
 from PIL import Image
-from step_utils import tiny_bundle
+from step_utils import device_vision_x, tiny_bundle
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data import mmc4 as mmc4_module
-from flamingo_composer.data.dataspec import ExpandImages, build_dataspec, split_batch
+from flamingo_composer.data.dataspec import NormalizeImages, build_dataspec, split_batch
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import received, send_by_value
@@ -132,7 +132,7 @@ def test_uint8_then_device_normalisation_equals_the_float_pipeline(tok, special,
     make = laion_batch if dataset == "laion" else mmc4_batch
     sub, expected = make(tok, special, clip_transform)
     assert sub["images"].dtype == torch.uint8 and "vision_x" not in sub
-    vision_x = ExpandImages(SplitImageTransform.of(clip_transform))({dataset: sub})[dataset]["vision_x"]
+    vision_x = device_vision_x(clip_transform, sub)
     assert vision_x.dtype == torch.float32 and vision_x.shape == expected.shape
     torch.testing.assert_close(vision_x, expected, atol=1e-6, rtol=0)
     assert torch.equal(sub["image_mask"], expected.flatten(2).ne(0).any(-1))  # (B, T_img)
@@ -173,42 +173,43 @@ def test_split_keeps_every_image_with_its_row(tok, special, microbatch):
     laion, _ = laion_batch(tok, special, small_transform)
     mmc4, _ = mmc4_batch(tok, special, small_transform)
     batch = {"laion": laion, "mmc4": mmc4}
-    expand = ExpandImages(SplitImageTransform.of(small_transform))
-    whole = expand(batch)
+    whole = {name: device_vision_x(small_transform, sub) for name, sub in batch.items()}
     pieces = split_batch(batch, microbatch)
     for name, sub in batch.items():
         own = [piece[name] for piece in pieces if name in piece]  # one dataset per microbatch
         for part in own:  # every piece's images are exactly its rows' images
             assert part["images"].shape[0] == int(part["image_mask"].sum()), name
         assert sum(part["images"].shape[0] for part in own) == sub["images"].shape[0]
-        expanded = torch.cat([expand({name: part})[name]["vision_x"] for part in own])
-        assert torch.equal(expanded, whole[name]["vision_x"]), name  # each row kept its own images, in order
+        expanded = torch.cat([device_vision_x(small_transform, part) for part in own])
+        assert torch.equal(expanded, whole[name]), name  # each row kept its own images, in order
         width = min(part["input_ids"].shape[1] for part in own)  # microbatches drop trailing padding columns
         assert torch.equal(torch.cat([part["input_ids"][:, :width] for part in own]), sub["input_ids"][:, :width])
 
 
-def test_flops_of_the_compact_batch_equal_those_of_the_expanded_one(tok, special):
+def test_flops_of_the_compact_batch_equal_those_of_the_padded_one(tok, special):
     batch = {
         "laion": laion_batch(tok, special, small_transform)[0], "mmc4": mmc4_batch(tok, special, small_transform)[0]
     }
     flops = FlamingoFlops.of(tiny_bundle().model)
-    expanded = ExpandImages(SplitImageTransform.of(small_transform))(batch)
-    assert flops.per_batch(batch) == flops.per_batch(expanded)
+    padded = {name: {**sub, "vision_x": device_vision_x(small_transform, sub)} for name, sub in batch.items()}
+    for sub in padded.values():
+        del sub["images"]
+    assert flops.per_batch(batch) == flops.per_batch(padded)
 
 
-def test_the_dataspec_expands_with_the_loaders_transform(root, tok):
+def test_the_dataspec_normalises_with_the_loaders_transform(root, tok):
     loader = build_dual_loader(data_config(root, "mds"), tok, small_transform, rank=0, world_size=1)
     batch = next(iter(loader))
     loader.close()
     spec = build_dataspec(loader)
-    assert isinstance(spec.microbatch_transforms, ExpandImages)
+    assert isinstance(spec.microbatch_transforms, NormalizeImages)
     assert spec.microbatch_transforms.image_transform is loader.image_transform
     for piece in spec.split_batch(batch, 2):
         model_batch = spec.microbatch_transforms(piece)
         for name, sub in model_batch.items():
-            assert "images" not in sub and sub["vision_x"].shape[:2] == sub["image_mask"].shape, name
+            assert sub["images"].dtype == torch.float32 and sub["images"].shape[0] == len(sub["image_slots"]), name
     with pytest.raises(ValueError, match="no image transform"):
-        ExpandImages(None)(batch)
+        NormalizeImages(None)(batch)
 
 
 # ------------------------------------------------------------------------------- what workers send, pinned
@@ -246,7 +247,7 @@ def test_batches_are_pinned_exactly_when_cuda_is_there(root, tok):
     sub = next(iter(loader))["mmc4"]
     loader.close()
     tensors = [value for value in sub.values() if isinstance(value, torch.Tensor)]
-    assert len(tensors) == 5 and sub["image_mask"].shape[1] == MAX_IMAGES  # ids, mask, labels, images, image_mask
+    assert len(tensors) == 6 and sub["image_mask"].shape[1] == MAX_IMAGES  # + text_time, images, image_mask
     assert all(t.is_pinned() == torch.cuda.is_available() for t in tensors)
 
 
@@ -316,6 +317,6 @@ def test_device_expansion_on_the_gpu_equals_the_cpu_one(tok, special, clip_trans
     sub, expected = mmc4_batch(tok, special, clip_transform)
     pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sub.items()}
     on_gpu = {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in pinned.items()}
-    vision_x = ExpandImages(SplitImageTransform.of(clip_transform))({"mmc4": on_gpu})["mmc4"]["vision_x"]
+    vision_x = device_vision_x(clip_transform, on_gpu)
     assert vision_x.device.type == "cuda"
     torch.testing.assert_close(vision_x.cpu(), expected, atol=1e-6, rtol=0)

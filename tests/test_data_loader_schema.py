@@ -15,15 +15,15 @@ from data_loader_helpers import (
     mmc4_config,
 )
 from data_loader_helpers import image_transform as transform
+from step_utils import device_vision_x
 
 from flamingo_composer.data.config import DataConfig, DatasetConfig
-from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.special_tokens import SpecialTokens
 
 
 def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special: SpecialTokens,
-               expand: ExpandImages) -> None:
+               image_transform) -> None:
     # The loader's compact form: uint8 images of the real slots only.
     assert sub["image_mask"].shape == (batch_size, num_slots) and sub["image_mask"].dtype == torch.bool
     assert sub["images"].shape == (int(sub["image_mask"].sum()), 3, IMAGE_SIDE, IMAGE_SIDE)
@@ -32,7 +32,7 @@ def _check_sub(sub: dict, batch_size: int, num_slots: int, length: int, special:
         assert sub[name].shape == (batch_size, length) and sub[name].dtype == torch.long, name
     # The model's form (the DataSpec's device transform): image_mask marks exactly the slots holding an image,
     # one per surviving <image> token.
-    vision_x = expand({"x": sub})["x"]["vision_x"]
+    vision_x = device_vision_x(image_transform, sub)
     assert vision_x.shape == (batch_size, num_slots, 1, 3, IMAGE_SIDE, IMAGE_SIDE)
     assert vision_x.dtype == torch.float32
     filled = vision_x.flatten(2).abs().sum(-1) > 0  # (B, T_img)
@@ -53,7 +53,7 @@ def test_batches_follow_the_schema(root, tok, fmt):
     batches = list(itertools.islice(iter(loader), 3))
     loader.close()
     positions = {"laion": 0, "mmc4": 0}
-    expand = ExpandImages(loader.image_transform)
+    expand = loader.image_transform
     for batch in batches:
         assert set(batch) == {"laion", "mmc4"}
         _check_sub(batch["laion"], 4, 1, 32, special, expand)

@@ -10,9 +10,9 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from step_utils import device_vision_x
 from transformers import AutoTokenizer
 
-from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import SkipCounter, SkipSample, sample_rng
 from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
@@ -81,8 +81,8 @@ def model_pixels(out: dict, transform) -> torch.Tensor:
 
 
 def model_vision_x(batch: dict, transform) -> torch.Tensor:
-    """A collated sub-batch's zero-padded vision_x (B, T_img, 1, 3, H, W), made as the DataSpec makes it."""
-    return ExpandImages(SplitImageTransform.of(transform))({"sub": batch})["sub"]["vision_x"]
+    """A collated sub-batch's zero-padded vision_x (B, T_img, 1, 3, H, W), normalised as the DataSpec does it."""
+    return device_vision_x(transform, batch)
 
 
 class ScriptedRng:

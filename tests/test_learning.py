@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_utils import LossRecorder
+from step_utils import LossRecorder, device_vision_x
 from train_helpers import RUN_YAML
 
-from flamingo_composer.data.dataspec import ExpandImages
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.models.factory import build_flamingo
 from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
@@ -61,8 +60,11 @@ def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
     ])  # fmt: skip
     bundle = build_flamingo(cfg.model)
     loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform, for_eval=True)
-    to_model = ExpandImages(loader.image_transform)  # the DataSpec's device step: uint8 images -> vision_x
-    return [to_model(batch) for batch in itertools.islice(iter(loader), count)]
+    batches = list(itertools.islice(iter(loader), count))
+    for batch in batches:  # the model's images, in the padded form this test permutes
+        for sub in batch.values():
+            sub["vision_x"] = device_vision_x(loader.image_transform, sub)  # (B, T_img, 1, 3, H, W)
+    return batches
 
 
 def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:

@@ -133,8 +133,9 @@ def test_zero_gates_give_the_bare_lm_logits(family, shared):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family, shared):
-    """The training path (final hidden states, the fused head CE with the LM's logit steps) against the LM's own
-    loss from its full forward (HF's shifted token mean), on a batch with images and open gates."""
+    """The training path (final hidden states without the attention mask, the fused head CE with the LM's logit
+    steps) against the LM's own loss from its full forward with the mask (HF's shifted token mean), on a
+    right-padded batch with images and open gates."""
     model, _, tokenizer = shared(family)
     set_gates(model, 0.5)
     sub = dual_batch(tokenizer, seed=1)["mmc4"]
@@ -143,7 +144,8 @@ def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family, 
 
     own = model(**inputs, labels=sub["labels"]).loss  # the LM's forward and its own loss
     own_grads = torch.autograd.grad(own, trainable, allow_unused=True)
-    hidden = model(**inputs, final_hidden_states=True)  # (B, L, D)
+    # As training runs it: right-padded rows, no attention mask (no real token sees a later position).
+    hidden = model(**{**inputs, "attention_mask": None}, final_hidden_states=True)  # (B, L, D)
     supervised = (sub["labels"][:, 1:] != -100).sum()
     ours = head_cross_entropy_sum(hidden, sub["labels"], model.output_head, 16, model.logit_transform) / supervised
     our_grads = torch.autograd.grad(ours, trainable, allow_unused=True)

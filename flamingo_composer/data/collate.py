@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from flamingo_composer.data.host_indices import TEXT_TIME
+from flamingo_composer.models.cross_attention import media_text_time
 from flamingo_composer.special_tokens import SpecialTokens
 
 LabelRule = Callable[..., torch.Tensor]  # (input_ids (B, L), special, attention_mask (B, L)) -> labels (B, L)
@@ -34,9 +36,9 @@ def collate_samples(
     """Samples -> sub-batch; `skipped` = skip counts since the previous batch of this dataset.
 
     Preprocessed samples give `images` (N, 3, H, W) uint8, the real images only, row by row, with `image_mask`
-    (B, T_img) ((B, 1) for samples without one: a pair's single image); the DataSpec makes the model's float
-    `vision_x` from them on the device. Samples built by hand in the model's form (`vision_x`, no labels) give
-    `vision_x` and get their labels here from `labels_of`. Plus input_ids, attention_mask, labels (B, L),
+    (B, T_img) ((B, 1) for samples without one: a pair's single image); the DataSpec normalises them on the
+    device. Samples built by hand in the model's padded form (`vision_x`, no labels) give `vision_x` and get their
+    labels here from `labels_of`. Plus input_ids, attention_mask, labels, text_time (B, L) (`media_text_time`),
     skipped. `pin_memory`: every tensor in pinned memory, for asynchronous copies to the GPU.
     """
     if not samples:
@@ -47,7 +49,8 @@ def collate_samples(
         labels = field("labels")  # (B, L): masked once, per sample, in the workers
     else:
         labels = labels_of(input_ids, special, attention_mask)  # (B, L): hand-built samples
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    text_time = media_text_time(input_ids, special.media)  # (B, L): computed once, on the host
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, TEXT_TIME: text_time}
     if "images" in samples[0]:
         for i, sample in enumerate(samples):
             slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1

@@ -2,8 +2,9 @@
 
 On the host, `split_batch` cuts a per-rank batch into microbatches (one dataset per microbatch, see its
 docstring), and the sample and token counts tell Composer how to weight them. Composer then copies each
-microbatch to the device, where `ExpandImages` (the DataSpec's `microbatch_transforms`) turns the loader's compact
-uint8 `images` into the model's input: normalised, zero-padded `vision_x` (B, T_img, 1, 3, H, W).
+microbatch to the device, where `NormalizeImages` (the DataSpec's `microbatch_transforms`) turns the loader's
+compact uint8 `images` into the model's input: the same N images, normalised floats. Each microbatch also carries
+the indices the host computed for it (`host_indices`), so its step reads nothing back from the device.
 `validate_microbatch_size` checks a configured size before any data is read.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from composer.core import DataSpec
 
+from flamingo_composer.data.host_indices import TEXT_TIME, add_host_indices
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.kinds import default_kinds, forward_order
 from flamingo_composer.training.loss import count_supervised_tokens
@@ -87,10 +89,10 @@ def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
     }
     if "images" in sub:
         part["images"] = sub["images"][_image_span(sub, rows)]  # (N_rows, 3, H, W)
-    return _trim_padding(part)
+    return add_host_indices(_trim_padding(part))
 
 
-SEQUENCE_FIELDS = ("input_ids", "attention_mask", "labels")  # (B, L), right-padded
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "labels", TEXT_TIME)  # (B, L), right-padded
 
 
 def _trim_padding(part: dict[str, Any]) -> dict[str, Any]:
@@ -151,42 +153,32 @@ def get_num_tokens_in_batch(batch: Mapping[str, Any]) -> dict[str, int]:
     return {"total": total, "loss_generating": supervised}
 
 
-class ExpandImages:
-    """microbatch_transforms: each sub-batch's compact uint8 `images` -> the model's float `vision_x`.
+class NormalizeImages:
+    """microbatch_transforms: each sub-batch's compact uint8 `images` (N, 3, H, W) -> the model's float images.
 
     On the device, after Composer's `batch_to_device`: `/255` and the transform's Normalize on the N real images
-    only (`SplitImageTransform.normalize`), then a gather into (B, T_img, 1, 3, H, W) whose empty slots are zero.
-    The gather index comes from a cumulative sum of `image_mask`, so nothing waits for the device (no boolean
-    indexing, no `.item()`). A sub-batch that already has `vision_x` (hand-built batches) is left as it is.
+    (`SplitImageTransform.normalize`); which slot each fills travels as the host's `image_slots`. A sub-batch
+    without `images` (hand-built in the model's padded `vision_x` form) is left as it is.
     """
 
     def __init__(self, image_transform: SplitImageTransform | None):
         self.image_transform = image_transform
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: self.expand(sub) if "images" in sub else sub for name, sub in batch.items()}
+        return {name: self.normalize(sub) if "images" in sub else sub for name, sub in batch.items()}
 
-    def expand(self, sub: Mapping[str, Any]) -> dict[str, Any]:
+    def normalize(self, sub: Mapping[str, Any]) -> dict[str, Any]:
         if self.image_transform is None:
             raise ValueError(
                 "batch holds uint8 'images' but the DataSpec has no image transform to normalise them: build it "
                 "with build_dataspec(loader) on a loader from build_dual_loader"
             )
-        images, image_mask = sub["images"], sub["image_mask"]  # (N, 3, H, W) uint8, (B, T_img) bool
-        batch_size, slots = image_mask.shape
-        pixels = self.image_transform.normalize(images)  # (N, 3, H, W) float32
-        padded = torch.cat([pixels, pixels.new_zeros((1, *pixels.shape[1:]))])  # (N + 1, 3, H, W): row N = zeros
-        flat = image_mask.reshape(-1)  # (B * T_img,)
-        index = torch.where(flat, flat.long().cumsum(0) - 1, images.shape[0])  # (B * T_img,): image or zero row
-        vision_x = padded.index_select(0, index).view(batch_size, slots, 1, *pixels.shape[1:])  # (B, T_img, 1, 3, H, W)
-        out = {field: value for field, value in sub.items() if field != "images"}
-        out["vision_x"] = vision_x
-        return out
+        return {**sub, "images": self.image_transform.normalize(sub["images"])}  # (N, 3, H, W) float32
 
 
 def build_dataspec(loader: Iterable[dict]) -> DataSpec:
     """Composer DataSpec for the loader's batches: our split in the loader's `forward_order`, the sample/token
-    counts of every dataset, and the device image expansion with the loader's `image_transform` (none: the
+    counts of every dataset, and the device image normalisation with the loader's `image_transform` (none: the
     batches must carry `vision_x` already).
 
     `loader` is a DualBatchLoader or any iterable of batches with a `batch_size` (tests, benchmarks; their
@@ -198,5 +190,5 @@ def build_dataspec(loader: Iterable[dict]) -> DataSpec:
         split_batch=functools.partial(split_batch, order=order) if order is not None else split_batch,
         get_num_samples_in_batch=get_num_samples_in_batch,
         get_num_tokens_in_batch=get_num_tokens_in_batch,
-        microbatch_transforms=ExpandImages(getattr(loader, "image_transform", None)),
+        microbatch_transforms=NormalizeImages(getattr(loader, "image_transform", None)),
     )

@@ -8,7 +8,7 @@ and tracks the raw position (items consumed up to the last sample of the last ba
 
 A batch leaves here compact: SPEC 2's text tensors and `image_mask`, plus `images` (N, 3, H, W) uint8 holding
 only the N real images, row by row (no zero slots), in pinned memory on GPU machines; the DataSpec turns them
-into the model's float `vision_x` on the device (`dataspec.ExpandImages`).
+into the model's float images on the device (`dataspec.NormalizeImages`).
 
 Epochs: every source is an endless stream, and a loader epoch is a fixed number of batches,
 min over datasets of epoch_size / (world size * B) (epoch_size defaults to the dataset's sample count). So every

@@ -22,12 +22,16 @@ def media_text_time(input_ids: torch.Tensor, media_token_id: int) -> torch.Tenso
     return (input_ids == media_token_id).cumsum(dim=-1)
 
 
-def image_segments(text_time: torch.Tensor, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+Segments = tuple[torch.Tensor, torch.Tensor]  # (positions (B, T_img, S) long, valid (B, T_img, S) bool)
+
+
+def image_segments(text_time: torch.Tensor, num_images: int) -> Segments:
     """Where each image's text lies: text_time (B, L) -> (positions (B, T, S), valid (B, T, S)).
 
     text_time never decreases along a row, so the tokens of image t (1-based) are one contiguous run; S is the
-    longest run in the batch (one host sync), at least 1: with no run at all every entry is invalid, and the
-    attention still runs, so every parameter stays in the graph (DDP and FSDP expect the same on every rank).
+    longest run in the batch (a host read: training batches bring this, computed on the host), at least 1: with no
+    run at all every entry is invalid, and the attention still runs, so every parameter stays in the graph (DDP and
+    FSDP expect the same on every rank).
     positions[b, t - 1, s] is the s-th token of image t in row b.
     """
     b, length = text_time.shape
@@ -68,10 +72,14 @@ class MaskedCrossAttention(nn.Module):
         if qk_norm:
             self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor, segments: Segments | None = None
+    ) -> torch.Tensor:
         """x (B, L, D_lm), media (B, T_img, n, D_vis), text_time (B, L) -> (B, L, D_lm).
 
         Tokens with text_time == 0 (before the first `<image>`) or beyond the last media slot get zero output.
+        `segments`: `image_segments(text_time, T_img)` when the caller computed it on the host (training batches:
+        the per-image form then reads no value from the device); None: computed here.
         """
         if text_time.shape != x.shape[:2]:
             raise ValueError(f"text_time shape {tuple(text_time.shape)} does not match text shape {tuple(x.shape[:2])}")
@@ -82,9 +90,9 @@ class MaskedCrossAttention(nn.Module):
         if self.qk_norm:
             q, k = norm_heads(q, self.q_norm, self.heads), norm_heads(k, self.k_norm, self.heads)
         attend = self._attend_per_image if self.per_image else self._attend_masked
-        return self.to_out(attend(q, k, v, text_time))  # (B, L, D_lm)
+        return self.to_out(attend(q, k, v, text_time, segments))  # (B, L, D_lm)
 
-    def _attend_masked(self, q, k, v, text_time: torch.Tensor) -> torch.Tensor:
+    def _attend_masked(self, q, k, v, text_time: torch.Tensor, segments: Segments | None) -> torch.Tensor:
         b, t_img, n, inner = k.shape
         q = split_heads(q, self.heads)  # (B, h, L, d)
         k, v = (split_heads(t.reshape(b, t_img * n, inner), self.heads) for t in (k, v))  # (B, h, T*n, d)
@@ -96,9 +104,9 @@ class MaskedCrossAttention(nn.Module):
         out = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1)))  # (B, L, h*d)
         return out.masked_fill(~has_media.unsqueeze(-1), 0.0)  # (B, L, h*d)
 
-    def _attend_per_image(self, q, k, v, text_time: torch.Tensor) -> torch.Tensor:
+    def _attend_per_image(self, q, k, v, text_time: torch.Tensor, segments: Segments | None) -> torch.Tensor:
         b, t_img, _, inner = k.shape
-        positions, valid = image_segments(text_time, t_img)  # (B, T, S)
+        positions, valid = segments if segments is not None else image_segments(text_time, t_img)  # (B, T, S)
         index = positions.reshape(b, -1, 1).expand(-1, -1, inner)  # (B, T*S, h*d)
         q_seg = split_heads(q.gather(1, index).reshape(b, t_img, -1, inner), self.heads)  # (B, T, h, S, d)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, n, d)
@@ -120,10 +128,12 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))  # (1,)
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, media: torch.Tensor, text_time: torch.Tensor, segments: Segments | None = None
+    ) -> torch.Tensor:
         """x (B, L, D_lm), media (B, T_img, n, D_vis), text_time (B, L) -> (B, L, D_lm), in x's dtype: the LM's
         residual stream keeps its own dtype (bf16 frozen weights under autocast), not the fp32 gates'."""
         residual_dtype = x.dtype
-        x = self.attn(x, media, text_time) * self.attn_gate.tanh() + x  # (B, L, D_lm)
+        x = self.attn(x, media, text_time, segments) * self.attn_gate.tanh() + x  # (B, L, D_lm)
         x = self.ff(x) * self.ff_gate.tanh() + x  # (B, L, D_lm)
         return x.to(residual_dtype)

@@ -126,51 +126,69 @@ class Flamingo(nn.Module):
         self.vision_encoder.eval()
         return self
 
-    def encode_media(self, vision_x: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """vision_x (B, T_img, F, C, H, W) -> media latents (B, T_img, n, D); empty slots stay zero, never encoded.
+    def encode_media(
+        self,
+        vision_x: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
+        image_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The images of a batch -> media latents (B, T_img, n, D); empty slots stay zero, never encoded.
 
-        Occupied slots come from `image_mask` (B, T_img) or, when it is None, from slots that are not all zero.
+        Compact form (training): `images` (N, 3, H, W), the batch's real images in slot order, `image_mask`
+        (B, T_img), and `image_slots` (N,) the flat slot (b * T_img + t) of each image, computed on the host; nothing
+        here then depends on the data's values. Padded form (the reference's interface, evaluation): `vision_x`
+        (B, T_img, 1, C, H, W), its occupied slots from `image_mask` or, when None, the slots that are not all zero.
         """
-        if vision_x.dim() != 6:
-            raise ValueError(f"vision_x must be (B, T_img, F, C, H, W), got shape {tuple(vision_x.shape)}")
-        b, t_img, frames = vision_x.shape[:3]
-        if image_mask is None:
-            image_mask = vision_x.flatten(2).ne(0).any(dim=-1)  # (B, T_img)
-        elif image_mask.shape != (b, t_img):
-            raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != vision_x slots {(b, t_img)}")
-        image_mask = image_mask.to(device=vision_x.device, dtype=torch.bool)  # (B, T_img)
-        images = vision_x[image_mask]  # (N, F, C, H, W), N = occupied slots
-        n_images = images.shape[0]
-        tokens = patch_tokens(self.vision_encoder, images.flatten(0, 1))  # (N*F, v, D)
-        tokens = tokens.reshape(n_images, 1, frames, *tokens.shape[1:])  # (N, 1, F, v, D)
-        latents = self.perceiver(tokens)[:, 0]  # (N, n, D)
-        media = latents.new_zeros(b, t_img, *latents.shape[1:])  # (B, T_img, n, D)
-        return media.index_put((image_mask,), latents)  # (B, T_img, n, D)
+        if images is None:
+            images, image_mask = compact_images(vision_x, image_mask)
+        if image_mask is None or image_mask.dim() != 2 or images.dim() != 4:
+            raise ValueError(
+                "images must be (N, 3, H, W) with image_mask (B, T_img), got "
+                f"{tuple(images.shape)} and {None if image_mask is None else tuple(image_mask.shape)}"
+            )
+        b, t_img = image_mask.shape
+        if image_slots is None:  # reads the mask's values: the hand-built and evaluation path
+            image_slots = image_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+        latents = self.perceiver(patch_tokens(self.vision_encoder, images)[:, None, None])[:, 0]  # (N, n, D)
+        media = latents.new_zeros(b * t_img, *latents.shape[1:])  # (B * T_img, n, D)
+        return media.index_copy(0, image_slots.to(latents.device), latents).view(b, t_img, *latents.shape[1:])
 
     def forward(
         self,
-        vision_x: torch.Tensor,
-        input_ids: torch.Tensor,
+        vision_x: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         final_hidden_states: bool = False,
+        *,
+        images: torch.Tensor | None = None,
+        image_slots: torch.Tensor | None = None,
+        text_time: torch.Tensor | None = None,
+        text_segments: tuple[torch.Tensor, torch.Tensor] | None = None,
         **lm_kwargs,
     ):
         """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels.
+
+        Images come padded (`vision_x`) or compact (`images`, `image_slots`: see `encode_media`). Training batches
+        also bring what the host computed from the tokens, so the step reads nothing back from the device:
+        `text_time` (B, L) (`media_text_time`) and `text_segments` (`cross_attention.image_segments`).
 
         `final_hidden_states=True`: the LM's last hidden states (B, L, D) instead (final norm applied, before
         `output_head`, so `logit_transform.apply(output_head(h))` equals the logits), for a loss that projects only
         the positions it needs (never a (B, L, V) tensor). Called through this module (not a separate method) so
         FSDP's hooks run.
         """
-        if input_ids.dim() != 2 or vision_x.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"input_ids must be (B, L) with B = vision_x's batch {vision_x.shape[0]}, got {tuple(input_ids.shape)}"
-            )
-        media = self.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
-        text_time = media_text_time(input_ids, self.media_token_id)  # (B, L)
-        with self.media_context.activate(MediaConditioning(media=media, text_time=text_time)):
+        media = self.encode_media(vision_x, image_mask, images=images, image_slots=image_slots)  # (B, T_img, n, D)
+        if input_ids.dim() != 2 or media.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"input_ids must be (B, L) with B = the images' batch {media.shape[0]}, got "
+                             f"{tuple(input_ids.shape)}")  # fmt: skip
+        if text_time is None:
+            text_time = media_text_time(input_ids, self.media_token_id)  # (B, L)
+        conditioning = MediaConditioning(media=media, text_time=text_time, segments=text_segments)
+        with self.media_context.activate(conditioning):
             if final_hidden_states:
                 if self.output_head is None:
                     raise ValueError(
@@ -231,6 +249,35 @@ class Flamingo(nn.Module):
                 return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             del lm.prepare_inputs_for_generation  # back to the class method
+
+
+def compact_images(
+    vision_x: torch.Tensor | None, image_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's padded `vision_x` (B, T_img, 1, C, H, W) -> (images (N, C, H, W), image_mask (B, T_img)):
+    the occupied slots (`image_mask`, or the slots that are not all zero) in slot order. Boolean indexing: a host
+    read, fine at this interface, never on the training path."""
+    if vision_x is None or vision_x.dim() != 6 or vision_x.shape[2] != 1:
+        shape = None if vision_x is None else tuple(vision_x.shape)
+        raise ValueError(f"vision_x must be (B, T_img, 1, C, H, W) (one frame per image), got {shape}")
+    b, t_img = vision_x.shape[:2]
+    if image_mask is None:
+        image_mask = vision_x.flatten(2).ne(0).any(dim=-1)  # (B, T_img)
+    elif image_mask.shape != (b, t_img):
+        raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != vision_x slots {(b, t_img)}")
+    image_mask = image_mask.to(device=vision_x.device, dtype=torch.bool)  # (B, T_img)
+    return vision_x[:, :, 0][image_mask], image_mask  # (N, C, H, W), (B, T_img)
+
+
+def padded_vision_x(images: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of `compact_images`, for the reference's interface: images (N, C, H, W) in slot order and
+    image_mask (B, T_img) -> vision_x (B, T_img, 1, C, H, W), empty slots zero. The gather index is a cumulative
+    sum of the mask, so it reads nothing back from the device."""
+    b, t_img = image_mask.shape
+    padded = torch.cat([images, images.new_zeros((1, *images.shape[1:]))])  # (N + 1, C, H, W): row N = zeros
+    flat = image_mask.reshape(-1).to(images.device)  # (B * T_img,)
+    index = torch.where(flat, flat.long().cumsum(0) - 1, images.shape[0])  # (B * T_img,): its image or the zeros
+    return padded.index_select(0, index).view(b, t_img, 1, *images.shape[1:])  # (B, T_img, 1, C, H, W)
 
 
 def _head_in_forward(lm: nn.Module) -> bool:

@@ -190,10 +190,12 @@ def ensure_input_embedding_accessors(lm: nn.Module) -> nn.Module:
 
 @dataclass
 class MediaConditioning:
-    """The media of one call: latents (B, T_img, n, D_vis) and per-token image numbers (B, L) for this step."""
+    """The media of one call: latents (B, T_img, n, D_vis) and per-token image numbers (B, L) for this step, and
+    where each image's text lies when the host computed it (`cross_attention.image_segments`)."""
 
     media: torch.Tensor
     text_time: torch.Tensor | None = None
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class MediaContext:
@@ -278,6 +280,7 @@ class FlamingoLayer(nn.Module):
                 hidden_states,  # (B, L, D_lm)
                 conditioning.media,  # (B, T_img, n, D_vis)
                 conditioning.text_time,  # (B, L)
+                conditioning.segments,  # ((B, T_img, S), (B, T_img, S)) or None
                 enabled=self.gradient_checkpointing,
             )
             args = (hidden_states, *args)

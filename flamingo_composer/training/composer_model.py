@@ -17,6 +17,7 @@ from composer.models import ComposerModel
 from torch import nn
 from torchmetrics import Metric
 
+from flamingo_composer.data.host_indices import IMAGE_SLOTS, SUPERVISED_POSITIONS, TEXT_TIME, text_segments_of
 from flamingo_composer.data.kinds import default_loss_multipliers
 from flamingo_composer.training.flops import FlamingoFlops
 from flamingo_composer.training.loss import (
@@ -32,14 +33,17 @@ from flamingo_composer.training.loss import (
 
 __all__ = ["REQUIRED_TRAINER_KWARGS", "FinalHidden", "FlamingoComposerModel", "heldout_metric_names"]
 
-MODEL_INPUT_KEYS = ("vision_x", "input_ids", "attention_mask")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+IMAGE_KEYS = ("images", "vision_x")  # compact (with image_mask) or padded
 
 
 def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
     """Rows of sub-batch `name` (0 for a zero-row part); KeyError naming what is missing."""
     missing = [k for k in MODEL_INPUT_KEYS if k not in sub]
+    if not any(k in sub for k in IMAGE_KEYS):
+        missing.append(" or ".join(IMAGE_KEYS))
     if missing:
-        raise KeyError(f"batch['{name}'] lacks {missing} (needs {list(MODEL_INPUT_KEYS)})")
+        raise KeyError(f"batch['{name}'] lacks {missing} (needs {[*MODEL_INPUT_KEYS, ' or '.join(IMAGE_KEYS)]})")
     return int(sub["input_ids"].shape[0])
 
 
@@ -87,12 +91,20 @@ class FlamingoComposerModel(ComposerModel):
         return list(batch)
 
     def _forward_dataset(self, sub: Mapping[str, Any]) -> torch.Tensor | FinalHidden:
+        """Training batches are right-padded: no real token sees a later (padding) position, so the LM runs
+        without the attention mask (transformers' mask builder would read the mask back from the device to see
+        whether it can skip it). Evaluation passes it."""
         inputs = {
-            "vision_x": sub["vision_x"],  # (B, T_img, 1, 3, H, W)
             "input_ids": sub["input_ids"],  # (B, L)
-            "attention_mask": sub["attention_mask"],  # (B, L)
+            "attention_mask": None if self.training else sub["attention_mask"],  # (B, L)
             "image_mask": sub.get("image_mask"),  # (B, T_img) or None
+            "text_time": sub.get(TEXT_TIME),  # (B, L) or None
+            "text_segments": text_segments_of(sub),
         }
+        if "images" in sub:  # compact: (N, 3, H, W) floats and the slot of each
+            inputs.update(images=sub["images"], image_slots=sub.get(IMAGE_SLOTS))
+        else:  # hand-built in the padded form
+            inputs["vision_x"] = sub["vision_x"]  # (B, T_img, 1, 3, H, W)
         if self.training and self.model.output_head is not None:  # the loss projects the supervised positions
             return FinalHidden(self.model(**inputs, final_hidden_states=True))  # (B, L, D)
         return self.model(**inputs).logits  # (B, L, V)
@@ -119,11 +131,12 @@ class FlamingoComposerModel(ComposerModel):
         return microbatch_losses(outputs, batch, self.present_datasets(batch), self.loss_multipliers,
                                  self._token_sums, self.z_loss_weight)  # fmt: skip
 
-    def _token_sums(self, output: torch.Tensor | FinalHidden, labels: torch.Tensor) -> TokenLossSums:
+    def _token_sums(self, output: torch.Tensor | FinalHidden, sub: Mapping[str, Any]) -> TokenLossSums:
         if isinstance(output, FinalHidden):
-            return head_token_losses(output.hidden, labels, self.model.output_head, self.loss_chunk_tokens,
-                                     self.model.logit_transform, self.z_loss_weight)  # fmt: skip
-        return logits_token_losses(output, labels, self.z_loss_weight)  # (B, L, V) logits
+            return head_token_losses(output.hidden, sub["labels"], self.model.output_head, self.loss_chunk_tokens,
+                                     self.model.logit_transform, self.z_loss_weight,
+                                     sub.get(SUPERVISED_POSITIONS))  # fmt: skip
+        return logits_token_losses(output, sub["labels"], self.z_loss_weight)  # (B, L, V) logits
 
     # ------------------------------------------------------------------------------------------------ eval
 

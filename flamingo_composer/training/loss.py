@@ -57,6 +57,14 @@ def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (shifted_targets(labels) != IGNORE_INDEX).sum().long()
 
 
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, L) -> (N,) long: the flat positions b * L + t whose next token is a supervised target (the same
+    N as `count_supervised_tokens`). Its size depends on the values: the DataSpec computes it on the host for
+    every training microbatch (`SUPERVISED_POSITIONS`), so the loss reads nothing back from the device."""
+    predicts = F.pad(shifted_targets(labels) != IGNORE_INDEX, (0, 1), value=False)  # (B, L): last predicts nothing
+    return predicts.reshape(-1).nonzero().squeeze(1)  # (N,)
+
+
 def upcast_for_loss(tensor: torch.Tensor) -> torch.Tensor:
     """At least fp32, as transformers' loss (`logits.float()`): bf16/fp16 logits go up, float64 ones stay float64
     (a float64 parity run is float64 through the loss too)."""
@@ -249,6 +257,7 @@ def head_token_losses(
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     transform: LogitTransform = NO_TRANSFORM,
     z_weight: float = 0.0,
+    positions: torch.Tensor | None = None,
 ) -> TokenLossSums:
     """The token sums of `transform.apply(head(hidden))` (the LM's logits), computed only at supervised positions
     and `chunk_tokens` at a time.
@@ -258,11 +267,13 @@ def head_token_losses(
     tied heads whose only trained rows are the new tokens') goes through `LinearCrossEntropySum`: each chunk's
     logits live only inside its forward. A head that trains as a whole has each chunk's (n, V) logits recomputed
     in backward (activation checkpointing) instead. Either way the head's memory is one chunk's, in fp32 at most.
+    `positions`: `supervised_positions(labels)` when the host computed it (training); None: computed here.
     """
-    targets = shifted_targets(labels)  # (B, L-1)
-    supervised = targets != IGNORE_INDEX  # (B, L-1)
-    selected = hidden[:, :-1][supervised]  # (N, D): the positions that predict a supervised target
-    selected_targets = targets[supervised]  # (N,)
+    if positions is None:
+        positions = supervised_positions(labels)  # (N,)
+    positions = positions.to(hidden.device)
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D): they predict a target
+    selected_targets = labels.reshape(-1).index_select(0, positions + 1)  # (N,): the next token, same row
     total = upcast_for_loss(hidden.sum()) * 0  # 0 in the loss dtype, graph kept (DDP, FSDP)
     ce = z = total.detach()
     if selected.shape[0] == 0:
@@ -328,7 +339,7 @@ def microbatch_losses(
 ) -> dict[str, torch.Tensor]:
     """{'total', <dataset>, 'z_loss/<dataset>'} of one microbatch, for Composer (module docstring).
 
-    `names`: the datasets of `batch`; `outputs[name]`: what `sums_of(output, labels)` turns into `TokenLossSums`
+    `names`: the datasets of `batch`; `outputs[name]`: what `sums_of(output, sub_batch)` turns into `TokenLossSums`
     (a dataset without rows in this microbatch has no output and no key). The dataset keys hold the CE alone,
     the z keys the mean logsumexp^2, both global token means once Composer has summed them; 'total' is
     `sum_d m_d * (CE_d + z_weight * Z_d)`.
@@ -340,7 +351,7 @@ def microbatch_losses(
     values: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=device)  # promoted to the loss dtype by the first dataset's share
     for name in (n for n in names if n in outputs):
-        sums = sums_of(outputs[name], batch[name]["labels"])
+        sums = sums_of(outputs[name], batch[name])
         count = counts[name].clamp(min=1)
         objective_share = sums.objective / count.to(sums.objective.dtype)  # share of the global token mean
         values[name] = sums.ce / count.to(sums.ce.dtype)
