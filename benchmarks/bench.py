@@ -74,10 +74,11 @@ def ensure_synthetic_data(config: str, overrides: list[str]) -> None:
 
 class MemoryBatches:
     """Endless copies of a few pre-built batches (fresh dicts each time: Composer moves and splits them), their
-    microbatches in the config's forward order."""
+    microbatches in the config's forward order, their uint8 images normalised by `image_transform` on the device
+    as the loader's are."""
 
-    def __init__(self, batches: list[dict], forward_order: list[str] | None = None):
-        self.batches, self.forward_order = batches, forward_order
+    def __init__(self, batches: list[dict], forward_order: list[str] | None = None, image_transform=None):
+        self.batches, self.forward_order, self.image_transform = batches, forward_order, image_transform
         lead = next(iter(batches[0].values()))  # the first dataset: microbatch sizes count its rows
         self.batch_size = int(lead["input_ids"].shape[0])
 
@@ -90,14 +91,17 @@ class MemoryBatches:
 
 
 def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], count: int = 4) -> list[dict]:
-    """Batches of the config's datasets and shapes (by kind), token ids from the tokenizer, labels from the
-    pipeline's collate."""
+    """Batches of the config's datasets and shapes (by kind) in the loader's form: token ids from the tokenizer,
+    labels from the pipeline's collate, random uint8 images of the real slots only."""
     from flamingo_composer.special_tokens import SpecialTokens
     from flamingo_composer.vocab import WORDS
 
     special = SpecialTokens.from_tokenizer(tokenizer)
     words = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in WORDS])
     gen = torch.Generator().manual_seed(0)
+
+    def random_images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, image_size, image_size), generator=gen, dtype=torch.uint8)  # (n, 3, H, W)
 
     def text(n: int) -> list[int]:
         return words[torch.randint(len(words), (n,), generator=gen)].tolist()
@@ -115,8 +119,8 @@ def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], c
             # Caption lengths vary as real ones do (padding to max_tokens follows, as the loader pads).
             caption_words = int(torch.randint(3, length - 3, (), generator=gen))
             ids, mask = padded([special.media, *text(caption_words), special.endofchunk, special.eos], length)
-            image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)  # (T_img=1, F=1, 3, H, W)
-            samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
+            image = random_images(1)  # (1, 3, H, W)
+            samples.append({"input_ids": ids, "attention_mask": mask, "images": image})
         return samples
 
     def documents(dataset, index: int) -> list[dict]:
@@ -128,10 +132,9 @@ def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], c
             for _ in range(n_images):
                 ids += [special.media, *text(chunk), special.endofchunk]
             ids, mask = padded(ids + [special.eos], pre.max_tokens)
-            images = torch.zeros(pre.max_num_images, 1, 3, image_size, image_size)  # (T_img, F, 3, H, W)
-            images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
             image_mask = torch.arange(pre.max_num_images) < n_images  # (T_img,)
-            samples.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
+            samples.append({"input_ids": ids, "attention_mask": mask, "images": random_images(n_images),
+                            "image_mask": image_mask})  # fmt: skip
         return samples
 
     batches = []
@@ -269,12 +272,16 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     fit_kwargs = {}
     if args.data == "memory":
+        from flamingo_composer.data.images import SplitImageTransform
+        from flamingo_composer.models.towers import build_vision
         from flamingo_composer.models.vision import vision_image_size
 
         image_size = vision_image_size(flamingo.vision_encoder)[0]
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
-        batches = MemoryBatches(memory_batches(cfg, tokenizer, image_size, per_doc), cfg.data.forward_order())
+        transform = SplitImageTransform.of(build_vision(cfg.model.vision, on_meta=True)[1])
+        batches = memory_batches(cfg, tokenizer, image_size, per_doc)
+        batches = MemoryBatches(batches, cfg.data.forward_order(), transform)
         fit_kwargs["train_dataloader"] = build_dataspec(batches)
     if args.profile:
         trainer.fit(duration=f"{args.warmup}ba", **fit_kwargs)  # warm-up outside the profile

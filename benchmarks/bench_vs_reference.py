@@ -86,6 +86,9 @@ def reference_worker(args: argparse.Namespace) -> dict:
         resident_tensor_bytes,
         step_tensor_peak,
     )
+    from flamingo_composer.data.images import SplitImageTransform
+    from flamingo_composer.models.flamingo import padded_vision_x
+    from flamingo_composer.models.towers import build_vision
     from flamingo_composer.models.vision import vision_image_size
     from flamingo_composer.training.config import load_config
     from tests.reference_oracle import (
@@ -110,6 +113,9 @@ def reference_worker(args: argparse.Namespace) -> dict:
     image_size = vision_image_size(model.vision_encoder)[0]
     per_doc = [int(n) for n in args.images_per_doc.split(",")]
     batch = memory_batches(cfg, tokenizer, image_size, per_doc, count=1)[0]
+    normalize = SplitImageTransform.of(build_vision(cfg.model.vision, on_meta=True)[1]).normalize
+    for sub in batch.values():  # the reference takes padded float images: (B, T_img, 1, 3, H, W)
+        sub["vision_x"] = padded_vision_x(normalize(sub.pop("images")), sub["image_mask"])
     total = args.warmup + args.steps
     laion, mmc4 = batch["laion"], batch["mmc4"]
     # The reference loaders' layouts: LAION images (B, C, H, W) with (ids, mask); MMC4 images (B, T, C, H, W)

@@ -1,6 +1,6 @@
 """The image path of the data pipeline: workers send uint8 images of the real slots only, the DataSpec normalises
-and zero-pads them on the device into SPEC 2's vision_x, split_batch cuts them with their rows, and MMC4 images are
-decoded only once matching and truncation keep them."""
+them on the device (equal to SPEC 2's vision_x once padded), split_batch cuts them with their rows, and MMC4 images
+are decoded only once matching and truncation keep them."""
 
 from __future__ import annotations
 

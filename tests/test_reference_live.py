@@ -179,7 +179,8 @@ def test_bench_vs_reference_stops_with_the_failed_sides_own_error():
     failing = [sys.executable, "-c", "import sys; sys.exit('data.laion.local: MDS index not found')"]
     with pytest.raises(SystemExit, match=r"(?s)exited 1:.*data\.laion\.local: MDS index not found"):
         bench.run_worker(failing, env={})
-    assert bench.side_command("reference", bench.parse_args(["--config", "x.yaml"]))[2] == "--reference-worker"
+    command = bench.side_command("reference", bench.parse_args(["--config", "x.yaml"]))
+    assert command[1:4] == ["-m", "benchmarks.bench_vs_reference", "--reference-worker"]
 
 
 def test_runtime_package_never_imports_the_reference():
