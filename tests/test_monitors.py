@@ -31,7 +31,7 @@ class NaNImages(Callback):
 
     def before_forward(self, state, logger):
         if int(state.timestamp.batch) + 1 == self.step and self.dataset in state.batch:
-            state.batch[self.dataset]["vision_x"].fill_(float("nan"))
+            state.batch[self.dataset]["images"].fill_(float("nan"))  # (N, 3, H, W), normalised on the device
 
 
 def test_a_nan_in_a_batch_stops_the_run_naming_step_dataset_and_last_checkpoint(data_root, tmp_path):
