@@ -353,6 +353,5 @@ def device_vision_x(image_transform, sub: dict) -> torch.Tensor:
     from flamingo_composer.data.images import SplitImageTransform
     from flamingo_composer.models.flamingo import padded_vision_x
 
-    transform = image_transform if isinstance(image_transform, SplitImageTransform) else None
-    normalize = NormalizeImages(transform or SplitImageTransform.of(image_transform))
+    normalize = NormalizeImages(SplitImageTransform.of(image_transform))
     return padded_vision_x(normalize({"sub": sub})["sub"]["images"], sub["image_mask"])

@@ -442,8 +442,8 @@ class MdsSink:
         return sorted(str(p) for p in self.out.iterdir() if p.name != "index.json")
 
 
-class WdsMmc4Sink:
-    """webdataset ShardWriter for MMC4 documents (`KEY.json` with image_base64, the reference layout)."""
+class WdsSink:
+    """webdataset ShardWriter of samples (`{"__key__": ..., extension: bytes}`) into `out/shard-NNNNNN.tar`."""
 
     def __init__(self, out: Path, *, maxcount: int):
         import webdataset
@@ -454,8 +454,8 @@ class WdsMmc4Sink:
         self.writer = webdataset.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, verbose=0)
         self.count = 0
 
-    def write(self, key: str, doc: dict) -> None:
-        self.writer.write({"__key__": key, "json": json.dumps(doc).encode("utf-8")})
+    def write_sample(self, sample: dict[str, Any]) -> None:
+        self.writer.write(sample)
         self.count += 1
 
     def close(self) -> list[str]:
@@ -543,8 +543,11 @@ def convert_raw_mmc4(
     report = ConversionReport()
     files = expand_inputs(inputs, suffixes=(".jsonl", ".jsonl.gz", ".zip"), report=report, require_all=require_all)
     if output_format == "wds":
-        wds_sink = WdsMmc4Sink(Path(out), maxcount=docs_per_shard)
-        write = wds_sink.write
+        wds_sink = WdsSink(Path(out), maxcount=docs_per_shard)
+
+        def write(key: str, doc: dict) -> None:  # KEY.json with image_base64: the reference's MMC4 shard layout
+            wds_sink.write_sample({"__key__": key, "json": json.dumps(doc).encode("utf-8")})
+
         close = wds_sink.close
     else:
         mds_sink = MdsSink(Path(out), MMC4_MDS_COLUMNS, compression=compression, size_limit=size_limit)

@@ -32,7 +32,7 @@ import pyarrow as pa
 from flamingo_composer.data.documents import StoredImage, check_positions, pack_document, wds_sample
 from flamingo_composer.data.items import SkipSample
 from flamingo_composer.data.mds import DOCUMENT_MDS_COLUMNS
-from flamingo_composer.shards.convert import ConversionReport, MdsSink, _progress, _require_empty_dir, expand_inputs
+from flamingo_composer.shards.convert import ConversionReport, MdsSink, WdsSink, _progress, expand_inputs
 from flamingo_composer.shards.img2dataset import iter_img2dataset_pairs
 from flamingo_composer.shards.interleaved_presets import PRESETS, ParquetPreset
 from flamingo_composer.shards.parquet_rows import iter_parquet_rows, read_schema
@@ -233,31 +233,6 @@ def iter_document_rows(
 # Outputs and the conversion.
 
 
-class WdsDocumentSink:
-    """webdataset ShardWriter of documents (`KEY.document.json` + `KEY.image_bytes`)."""
-
-    def __init__(self, out: Path, *, maxcount: int):
-        import webdataset
-
-        _require_empty_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.out, self.count = out, 0
-        self.writer = webdataset.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, verbose=0)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.writer.write(wds_sample(row))
-        self.count += 1
-
-    def close(self) -> list[str]:
-        self.writer.close()
-        shards = sorted(self.out.glob("shard-*.tar"))
-        if self.count == 0:  # ShardWriter opens its first shard eagerly
-            for shard in shards:
-                shard.unlink()
-            return []
-        return [str(p) for p in shards]
-
-
 def convert_interleaved_parquet(
     inputs: list[str],
     out: str | os.PathLike,
@@ -295,14 +270,14 @@ def convert_interleaved_parquet(
             index = Img2datasetIndex(img2dataset_dir, report.index, workdir)
         resolver = ImageResolver(index, image_dir)
         if output_format == "mds":
-            sink: MdsSink | WdsDocumentSink = MdsSink(
-                Path(out), DOCUMENT_MDS_COLUMNS, compression=compression, size_limit=size_limit
-            )
+            sink = MdsSink(Path(out), DOCUMENT_MDS_COLUMNS, compression=compression, size_limit=size_limit)
+            write = sink.write
         else:
-            sink = WdsDocumentSink(Path(out), maxcount=docs_per_shard)
+            sink = WdsSink(Path(out), maxcount=docs_per_shard)
+            write = lambda row: sink.write_sample(wds_sample(row))  # noqa: E731  (KEY.document.json + image bytes)
         with _progress(progress, f"{preset} parquet -> {output_format}") as bar:
             for row in iter_document_rows(schemas, preset, resolver, report):
-                sink.write(row)
+                write(row)
                 report.written += 1
                 bar.update(1)
         report.outputs = sink.close()
