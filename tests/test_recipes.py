@@ -138,3 +138,52 @@ def test_the_siglip2_recipe_tower_gives_256_tokens_of_width_1152():
     assert shape.flops_per_image > 2 * 400e6 * 256  # about 2 x 400M weights x 256 tokens, plus attention
     assert [c.__name__ for c in vision_block_classes(tower)] == ["Block"]
     assert transform.transforms[-1].mean == (0.5, 0.5, 0.5)  # SigLIP's normalisation, from the tower's config
+
+
+def test_the_mixing_recipe_reads_pairs_obelics_documents_and_mmc4_documents(tmp_path_factory, tmp_path):
+    """yamls/mix-datacomp-obelics-mmc4ff.yaml on stand-ins of its three sources (the synthetic pairs and MMC4
+    documents, OBELICS-layout parquet converted by the documented command): one batch holds all three, in the
+    recipe's forward order, each with its own preprocessing."""
+    import itertools
+
+    from train_helpers import small_data
+
+    from flamingo_composer.data.dual_loader import build_dual_loader
+    from flamingo_composer.models.embeddings import add_flamingo_tokens
+    from flamingo_composer.models.factory import TokenizerConfig, build_tokenizer
+    from flamingo_composer.models.tiny import tiny_vision_config
+    from flamingo_composer.models.towers import build_vision
+    from flamingo_composer.shards.interleaved_parquet import convert_interleaved_parquet
+    from flamingo_composer.shards.synthetic_documents import write_synthetic_documents
+
+    synthetic = small_data(tmp_path_factory)
+    root = tmp_path / "mds"
+    for name, source in (("datacomp", "laion"), ("mmc4-ff", "mmc4")):
+        (root / name).mkdir(parents=True)
+        (root / name / "train").symlink_to(synthetic / "mds" / source / "train")
+    write_synthetic_documents(tmp_path / "obelics.parquet", tmp_path / "images", num_documents=12, words=200)
+    report = convert_interleaved_parquet([str(tmp_path / "obelics.parquet")], root / "obelics" / "train",
+                                         preset="obelics", image_dir=tmp_path / "images", progress=False)
+    assert report.written == 12
+
+    small = ["batch_size=2", "num_workers=0", "preprocess.min_image_bytes=500"]
+    overrides = [f"variables.data_root={root}", "data.datacomp.batch_size=4", "data.datacomp.num_workers=0",
+                 "device_train_microbatch_size=2", "device=cpu", "precision=fp32", "fsdp_config=null",
+                 *[f"data.{name}.{o}" for name in ("obelics", "mmc4ff") for o in small]]  # fmt: skip
+    cfg = load_config(REPO_ROOT / "yamls" / "mix-datacomp-obelics-mmc4ff.yaml", overrides)
+    assert list(cfg.data) == ["datacomp", "obelics", "mmc4ff"]
+    assert [cfg.data[n].kind for n in cfg.data] == ["pairs", "interleaved", "interleaved"]
+    assert cfg.data["obelics"].preprocess.layout == "natural" and cfg.data["obelics"].preprocess.max_tokens == 1024
+    assert cfg.data.forward_order() == ["obelics", "mmc4ff", "datacomp"]
+    assert {n: cfg.data[n].effective_loss_multiplier for n in cfg.data} == {"datacomp": 0.2, "obelics": 1.0,
+                                                                            "mmc4ff": 1.0}  # fmt: skip
+
+    tokenizer = build_tokenizer(TokenizerConfig(builtin="tiny"))
+    add_flamingo_tokens(tokenizer)
+    _, transform = build_vision(tiny_vision_config(), on_meta=True)
+    loader = build_dual_loader(cfg.data, tokenizer, transform, rank=0, world_size=1)
+    batch = next(itertools.islice(iter(loader), 1))
+    loader.close()
+    assert list(batch) == ["datacomp", "obelics", "mmc4ff"]
+    assert [batch[n]["input_ids"].shape for n in batch] == [(4, 32), (2, 1024), (2, 256)]
+    assert all(bool(batch[n]["image_mask"].any(1).all()) for n in batch)  # every row holds an image
