@@ -22,8 +22,6 @@ SEGMENT_POSITIONS = "segment_positions"  # (B, T_img, S) long: the s-th token of
 SEGMENT_VALID = "segment_valid"  # (B, T_img, S) bool: which of those entries are tokens of the run
 SUPERVISED_POSITIONS = "supervised_positions"  # (N_sup,) long: flat positions b * L + t predicting a target
 
-HOST_INDEX_FIELDS = (IMAGE_SLOTS, SEGMENT_POSITIONS, SEGMENT_VALID, SUPERVISED_POSITIONS)
-
 
 def add_host_indices(part: dict[str, Any]) -> dict[str, Any]:
     """The indices above for one microbatch `part` (CPU tensors: input_ids, labels, image_mask, text_time).
