@@ -69,3 +69,17 @@ def test_the_recorder_sees_the_syncs_of_the_padded_image_form():
         bundle.model(sub["vision_x"], sub["input_ids"], sub["attention_mask"], image_mask=sub["image_mask"])
     ops = {op for op, _ in recorder.ops}
     assert "index" in ops and "_local_scalar_dense" in ops and "nonzero" in ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_host_indices_of_a_pinned_batch_are_pinned():
+    """A pageable host tensor's copy to the GPU waits for the device: the host's indices follow the batch's pinning."""
+    from flamingo_composer.data.host_indices import IMAGE_SLOTS, SUPERVISED_POSITIONS
+
+    bundle = build_flamingo(tiny_model_config("gpt_neox"))
+    batch = loader_form(dual_batch(bundle.tokenizer))
+    pinned = {name: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sub.items()}
+              for name, sub in batch.items()}  # fmt: skip
+    for microbatch in split_batch(pinned, 2):
+        for sub in microbatch.values():
+            assert sub[IMAGE_SLOTS].is_pinned() and sub[SUPERVISED_POSITIONS].is_pinned()

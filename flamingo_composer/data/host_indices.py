@@ -27,8 +27,10 @@ def add_host_indices(part: dict[str, Any]) -> dict[str, Any]:
     """The indices above for one microbatch `part` (CPU tensors: input_ids, labels, image_mask, text_time).
 
     Without `text_time` (a batch not made by the collate) only the image slots and the supervised positions are
-    added. Shapes: see the field names.
+    added. Shapes: see the field names. When the microbatch is in pinned memory (GPU machines), so are they: a
+    copy from pageable memory would wait for the device like any other sync.
     """
+    before = set(part)
     image_mask = part.get("image_mask")
     if image_mask is not None:
         part[IMAGE_SLOTS] = image_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
@@ -37,6 +39,9 @@ def add_host_indices(part: dict[str, Any]) -> dict[str, Any]:
             part[SEGMENT_POSITIONS], part[SEGMENT_VALID] = positions, valid
     if "labels" in part:
         part[SUPERVISED_POSITIONS] = supervised_positions(part["labels"])  # (N_sup,)
+    if part["input_ids"].is_pinned():
+        for field in set(part) - before:
+            part[field] = part[field].pin_memory()
     return part
 
 
