@@ -4,9 +4,10 @@
 
 The Trainer is built by the training entry point (`train_from_config`: model, optimizer, schedule, clipping,
 precision, microbatching exactly as a run), checkpoints and loggers switched off. `--data memory` (default)
-feeds in-memory batches of the config's shapes (LAION and MMC4 batch sizes, `max_tokens`, `max_num_images`,
-the ViT's image size; `--images-per-doc` real images per MMC4 document; LAION captions of 3 to max_tokens - 4
-words, MMC4 documents filling max_tokens), labelled by the data pipeline's collate; `--data loader` reads the
+feeds in-memory batches of the config's shapes (`data/fake_batches.py`, the tests' builder too: each dataset's
+batch size, `max_tokens`, `max_num_images`, the ViT's image size; `--images-per-doc` real images per document;
+captions of 2 to max_tokens - 4 words, documents filling max_tokens), labelled by the data pipeline's collate,
+uint8 images normalised on the device as the loader's are; `--data loader` reads the
 config's data through the real loaders (decoding included).
 
 Printed: samples/s per dataset, tokens/s, the frozen-aware FLOP/s (training/flops.py) and the same machine's
@@ -88,63 +89,6 @@ class MemoryBatches:
             batch = self.batches[step % len(self.batches)]
             yield {name: dict(sub) for name, sub in batch.items()}
             step += 1
-
-
-def memory_batches(cfg, tokenizer, image_size: int, images_per_doc: list[int], count: int = 4) -> list[dict]:
-    """Batches of the config's datasets and shapes (by kind) in the loader's form: token ids from the tokenizer,
-    labels from the pipeline's collate, random uint8 images of the real slots only."""
-    from flamingo_composer.special_tokens import SpecialTokens
-    from flamingo_composer.vocab import WORDS
-
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    words = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in WORDS])
-    gen = torch.Generator().manual_seed(0)
-
-    def random_images(n: int) -> torch.Tensor:
-        return torch.randint(0, 256, (n, 3, image_size, image_size), generator=gen, dtype=torch.uint8)  # (n, 3, H, W)
-
-    def text(n: int) -> list[int]:
-        return words[torch.randint(len(words), (n,), generator=gen)].tolist()
-
-    def padded(ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ids[:length]
-        return (
-            torch.tensor(ids + [special.pad] * (length - len(ids))),
-            torch.tensor([1] * len(ids) + [0] * (length - len(ids))),
-        )
-
-    def pairs(dataset) -> list[dict]:
-        length, samples = dataset.preprocess.max_tokens, []
-        for _ in range(dataset.batch_size):
-            # Caption lengths vary as real ones do (padding to max_tokens follows, as the loader pads).
-            caption_words = int(torch.randint(3, length - 3, (), generator=gen))
-            ids, mask = padded([special.media, *text(caption_words), special.endofchunk, special.eos], length)
-            image = random_images(1)  # (1, 3, H, W)
-            samples.append({"input_ids": ids, "attention_mask": mask, "images": image})
-        return samples
-
-    def documents(dataset, index: int) -> list[dict]:
-        pre, samples = dataset.preprocess, []
-        for row in range(dataset.batch_size):
-            n_images = min(images_per_doc[(index + row) % len(images_per_doc)], pre.max_num_images)
-            chunk = max(4, (pre.max_tokens - 8) // n_images - 3)
-            ids = text(3)
-            for _ in range(n_images):
-                ids += [special.media, *text(chunk), special.endofchunk]
-            ids, mask = padded(ids + [special.eos], pre.max_tokens)
-            image_mask = torch.arange(pre.max_num_images) < n_images  # (T_img,)
-            samples.append({"input_ids": ids, "attention_mask": mask, "images": random_images(n_images),
-                            "image_mask": image_mask})  # fmt: skip
-        return samples
-
-    batches = []
-    for index in range(count):
-        batch = {}
-        for name, dataset in cfg.data.enabled().items():
-            samples = pairs(dataset) if dataset.kind == "pairs" else documents(dataset, index)
-            batch[name] = dataset.kind_spec.collate(samples, special)
-        batches.append(batch)
-    return batches
 
 
 # -------------------------------------------------------------------------------------------------- timing
@@ -272,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     fit_kwargs = {}
     if args.data == "memory":
+        from flamingo_composer.data.fake_batches import fake_batch, fake_datasets_of
         from flamingo_composer.data.images import SplitImageTransform
         from flamingo_composer.models.towers import build_vision
         from flamingo_composer.models.vision import vision_image_size
@@ -280,7 +225,8 @@ def run(args: argparse.Namespace) -> dict:
         per_doc = [int(n) for n in args.images_per_doc.split(",")]
         tokenizer = composer_model_tokenizer(cfg)
         transform = SplitImageTransform.of(build_vision(cfg.model.vision, on_meta=True)[1])
-        batches = memory_batches(cfg, tokenizer, image_size, per_doc)
+        shapes = fake_datasets_of(cfg.data, per_doc)
+        batches = [fake_batch(tokenizer, shapes, image_size=image_size, index=i) for i in range(4)]
         batches = MemoryBatches(batches, cfg.data.forward_order(), transform)
         fit_kwargs["train_dataloader"] = build_dataspec(batches)
     if args.profile:

@@ -46,9 +46,9 @@ def synthetic_inputs(bundle, texts: list[str], images_per_prompt: int, device, d
 
     height, width = vision_image_size(bundle.model.vision_encoder)
     generator = torch.Generator().manual_seed(0)
-    vision_x = torch.randn(len(texts), images_per_prompt, 1, 3, height, width, generator=generator)
-    image_mask = torch.ones(len(texts), images_per_prompt, dtype=torch.bool)
-    inputs = {"vision_x": vision_x.to(device, dtype), "image_mask": image_mask.to(device)}
+    images = torch.randn(len(texts) * images_per_prompt, 3, height, width, generator=generator)  # (N, 3, H, W)
+    image_mask = torch.ones(len(texts), images_per_prompt, dtype=torch.bool)  # (B, T)
+    inputs = {"images": images.to(device, dtype), "image_mask": image_mask.to(device)}
     inputs.update({k: v.to(device) for k, v in tokenize_prompts(bundle.tokenizer, texts).items()})
     return inputs
 

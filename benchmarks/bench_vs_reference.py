@@ -5,7 +5,7 @@
 Each pair runs, in fresh processes and in alternating order, (a) the reference's real `train_one_epoch` on its
 model built from the config's `model:` section by `tests/reference_oracle.py` (same ViT, LM and tokenizer files;
 the reference's fixed perceiver sizes) and (b) ours: `benchmarks/bench.py` (the training entry point with its real
-Trainer). Both see the same in-memory batch shapes and tokens (`bench.memory_batches`: the config's LAION and MMC4
+Trainer). Both see the same in-memory batch shapes and tokens (`data/fake_batches.py`: the config's LAION and MMC4
 batch sizes and lengths, `--images-per-doc` real images per MMC4 document, the rest of the slots empty), the same
 optimizer settings, fp32 on CPU (or the config's device). Prints one JSON line: each pair's step times and ratio
 (reference / ours: > 1 means ours is faster), their median, both peak memories (max RSS of the process, or CUDA
@@ -80,14 +80,10 @@ def reference_worker(args: argparse.Namespace) -> dict:
     from torch.nn.parallel import DistributedDataParallel
     from transformers import get_constant_schedule_with_warmup
 
-    from benchmarks.bench import (
-        ensure_synthetic_data,
-        memory_batches,
-        resident_tensor_bytes,
-        step_tensor_peak,
-    )
+    from benchmarks.bench import ensure_synthetic_data, resident_tensor_bytes, step_tensor_peak
+    from flamingo_composer.data.fake_batches import fake_batch, fake_datasets_of
     from flamingo_composer.data.images import SplitImageTransform
-    from flamingo_composer.models.flamingo import padded_vision_x
+    from flamingo_composer.models.reference_images import padded_vision_x
     from flamingo_composer.models.towers import build_vision
     from flamingo_composer.models.vision import vision_image_size
     from flamingo_composer.training.config import load_config
@@ -112,7 +108,7 @@ def reference_worker(args: argparse.Namespace) -> dict:
     model.to(device)
     image_size = vision_image_size(model.vision_encoder)[0]
     per_doc = [int(n) for n in args.images_per_doc.split(",")]
-    batch = memory_batches(cfg, tokenizer, image_size, per_doc, count=1)[0]
+    batch = fake_batch(tokenizer, fake_datasets_of(cfg.data, per_doc), image_size=image_size)
     normalize = SplitImageTransform.of(build_vision(cfg.model.vision, on_meta=True)[1]).normalize
     for sub in batch.values():  # the reference takes padded float images: (B, T_img, 1, 3, H, W)
         sub["vision_x"] = padded_vision_x(normalize(sub.pop("images")), sub["image_mask"])

@@ -325,30 +325,40 @@ def without_trailing_padding(batch: ReferenceBatch) -> ReferenceBatch:
 
 
 def ours_batch(pair: OraclePair, batch: ReferenceBatch, dtype: torch.dtype = torch.float32) -> dict:
-    """The same tensors in our schema, labels from OUR masking (`flamingo_composer.data.dual_loader`)."""
+    """The same tensors in our schema, labels from OUR masking (`flamingo_composer.data.dual_loader`): compact
+    float `images` (N, 3, H, W) with `image_mask` (B, T_img); `reference_vision_x(sub)` gives the reference's
+    padded form of them back."""
     from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
     from flamingo_composer.special_tokens import SpecialTokens
 
     special = SpecialTokens.from_tokenizer(pair.ours.tokenizer)
     images, (ids, mask) = batch.laion
     laion = [
-        {"input_ids": ids[i], "attention_mask": mask[i], "vision_x": images[i].reshape(1, 1, *images.shape[1:])}
+        {"input_ids": ids[i], "attention_mask": mask[i], "images": images[i : i + 1]}  # (1, 3, H, W)
         for i in range(ids.shape[0])
     ]
     doc_images, tokens = batch.mmc4
-    mmc4 = [
-        {
+    mmc4 = []
+    for i, (ids, mask) in enumerate(tokens):
+        image_mask = doc_images[i].flatten(1).ne(0).any(-1)  # (T,): the reference pads a document with zero images
+        mmc4.append({
             "input_ids": ids[0],
             "attention_mask": mask[0],
-            "vision_x": doc_images[i].unsqueeze(1),  # (T, 1, 3, H, W)
-            "image_mask": doc_images[i].flatten(1).ne(0).any(-1),  # (T,)
-        }
-        for i, (ids, mask) in enumerate(tokens)
-    ]
+            "images": doc_images[i][image_mask],  # (n_i, 3, H, W)
+            "image_mask": image_mask,
+        })
     out = {"laion": PAIRS.collate(laion, special), "mmc4": INTERLEAVED.collate(mmc4, special)}
     for sub in out.values():
-        sub["vision_x"] = sub["vision_x"].to(dtype)
+        sub["images"] = sub["images"].to(dtype)
     return out
+
+
+def reference_vision_x(sub: dict) -> torch.Tensor:
+    """A sub-batch's compact images in the reference's padded form: vision_x (B, T_img, 1, 3, H, W), empty slots
+    zero (what the reference's own batch holds)."""
+    from flamingo_composer.models.reference_images import padded_vision_x
+
+    return padded_vision_x(sub["images"], sub["image_mask"])
 
 
 # -------------------------------------------------------------------------------------------------- step

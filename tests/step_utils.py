@@ -44,18 +44,25 @@ def reference_bundle():
     return bundle
 
 
-def greedy_steps(model, vision_x, ids, mask, steps: int):
+def full_images(batch: int, slots: int, size: int = 32, *, seed: int | None = None):
+    """Random float images for every slot: images (batch * slots, 3, size, size), image_mask (batch, slots)."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    images = torch.randn(batch * slots, 3, size, size, generator=gen)
+    return images, torch.ones(batch, slots, dtype=torch.bool)
+
+
+def greedy_steps(model, images, image_mask, ids, mask, steps: int):
     """Exactly `steps` greedy tokens through the KV cache, with each step's logits (`out.logits[k]`: (B, V))."""
-    return model.generate(vision_x, ids, mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+    return model.generate(images, image_mask, ids, mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                           output_logits=True, return_dict_in_generate=True)  # fmt: skip
 
 
-def assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, **tolerance) -> None:
+def assert_cached_steps_equal_full_forwards(model, images, image_mask, ids, out, **tolerance) -> None:
     """Each cached step's logits = a full forward (no cache) over the prompt and the tokens generated so far."""
     with torch.no_grad():
         for k, logits in enumerate(out.logits):
             prefix = out.sequences[:, : ids.shape[1] + k]
-            full = model(vision_x, prefix, torch.ones_like(prefix)).logits[:, -1]  # (B, V)
+            full = model(images, image_mask, prefix, torch.ones_like(prefix)).logits[:, -1]  # (B, V)
             torch.testing.assert_close(logits, full, **tolerance)
 
 
@@ -84,15 +91,17 @@ def tiny_bundle(seed: int = 0, gate: float = 0.5, **overrides):
 
 
 def reference_batch() -> dict:
-    """The fixture's batch in our schema (`lang_x` -> `input_ids`, image masks)."""
+    """The fixture's batch in our schema (`lang_x` -> `input_ids`, its padded `vision_x` made compact)."""
+    from flamingo_composer.models.reference_images import compact_images
+
     raw = torch.load(REFERENCE_FIXTURE / "batch.pt", weights_only=True)
     batch = {}
     for name in ("laion", "mmc4"):
         sub = raw[name]
-        vision_x = sub["vision_x"]  # (B, T_img, 1, 3, H, W)
+        images, image_mask = compact_images(sub["vision_x"])  # (N, 3, H, W), (B, T_img)
         batch[name] = {
-            "vision_x": vision_x,
-            "image_mask": vision_x.flatten(2).ne(0).any(-1),  # (B, T_img)
+            "images": images,
+            "image_mask": image_mask,
             "input_ids": sub["lang_x"],
             "attention_mask": sub["attention_mask"],
             "labels": sub["labels"],
@@ -101,52 +110,18 @@ def reference_batch() -> dict:
     return batch
 
 
-def _word_ids(tokenizer) -> list[int]:
-    from flamingo_composer.vocab import WORDS
-
-    return [tokenizer.convert_tokens_to_ids(w) for w in WORDS]
-
-
 def dual_batch(tokenizer, *, laion_rows: int = 4, mmc4_rows: int = 2, laion_len: int = 16, mmc4_len: int = 48,
-               image_size: int = 32, max_images: int = 3, seed: int = 0) -> dict:
-    """A collated {'laion', 'mmc4'} batch whose rows hold different numbers of supervised tokens.
+               image_size: int = 32, max_images: int = 3, seed: int = 0, float_images: bool = True) -> dict:
+    """A collated {'laion', 'mmc4'} batch whose rows hold different numbers of supervised tokens, images in the
+    model's float form, or the loader's uint8 (`data/fake_batches.py`; documents with 1 to `max_images` images,
+    some slots empty)."""
+    from flamingo_composer.data.fake_batches import FakeDataset, fake_batch
 
-    Token sequences follow SPEC 2's formats (`<image>caption<|endofchunk|>eos`, interleaved documents with a
-    varying number of images and some empty image slots); labels come from the data pipeline's collate.
-    """
-    from flamingo_composer.data.kinds import INTERLEAVED, PAIRS
-    from flamingo_composer.special_tokens import SpecialTokens
-
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    words = torch.tensor(_word_ids(tokenizer))
-    gen = torch.Generator().manual_seed(seed)
-
-    def pad(ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ids[:length]
-        mask = [1] * len(ids) + [0] * (length - len(ids))
-        return torch.tensor(ids + [special.pad] * (length - len(ids))), torch.tensor(mask)
-
-    def rand_words(n: int) -> list[int]:
-        return words[torch.randint(len(words), (n,), generator=gen)].tolist()
-
-    laion = []
-    for row in range(laion_rows):
-        caption = rand_words(2 + (3 * row + 1) % (laion_len - 5))
-        ids, mask = pad([special.media, *caption, special.endofchunk, special.eos], laion_len)
-        image = torch.randn(1, 1, 3, image_size, image_size, generator=gen)
-        laion.append({"input_ids": ids, "attention_mask": mask, "vision_x": image})
-    mmc4 = []
-    for row in range(mmc4_rows):
-        n_images = 1 + row % max_images
-        ids = rand_words(2 + row)  # text before the first image (unsupervised)
-        for k in range(n_images):
-            ids += [special.media, *rand_words(3 + (row + 2 * k) % 5), special.endofchunk]
-        ids, mask = pad(ids + [special.eos], mmc4_len)
-        images = torch.zeros(max_images, 1, 3, image_size, image_size)
-        images[:n_images] = torch.randn(n_images, 1, 3, image_size, image_size, generator=gen)
-        image_mask = torch.arange(max_images) < n_images
-        mmc4.append({"input_ids": ids, "attention_mask": mask, "vision_x": images, "image_mask": image_mask})
-    return {"laion": PAIRS.collate(laion, special), "mmc4": INTERLEAVED.collate(mmc4, special)}
+    shapes = {
+        "laion": FakeDataset("pairs", laion_rows, laion_len),
+        "mmc4": FakeDataset("interleaved", mmc4_rows, mmc4_len, max_images, tuple(range(1, max_images + 1))),
+    }
+    return fake_batch(tokenizer, shapes, image_size=image_size, seed=seed, float_images=float_images)
 
 
 def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
@@ -154,28 +129,40 @@ def text_only_rows(tokenizer, batch: dict, rows: slice) -> dict:
     word, no image in any slot (their labels are then all ignored, as SPEC 2's masking says)."""
     from flamingo_composer.data.masking import mmc4_labels
     from flamingo_composer.special_tokens import SpecialTokens
+    from flamingo_composer.vocab import WORDS
 
     special = SpecialTokens.from_tokenizer(tokenizer)
     sub = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch["mmc4"].items()}
     ids = sub["input_ids"][rows]  # (R, L) view
-    ids[ids == special.media] = _word_ids(tokenizer)[0]
-    sub["vision_x"][rows] = 0.0
+    ids[ids == special.media] = tokenizer.convert_tokens_to_ids(WORDS[0])
+    image_rows = sub["image_mask"].nonzero()[:, 0]  # (N,): the row of each image
+    dropped = torch.zeros(len(sub["image_mask"]), dtype=torch.bool)
+    dropped[rows] = True
+    sub["images"] = sub["images"][~dropped[image_rows]]  # (N', 3, H, W)
     sub["image_mask"][rows] = False
     sub["labels"] = mmc4_labels(sub["input_ids"], special, sub["attention_mask"])
     return {"mmc4": sub}
 
 
+def device_vision_x(image_transform, sub: dict) -> torch.Tensor:
+    """A loader sub-batch's uint8 `images` as the model sees them (the DataSpec's device normalisation), in the
+    reference's padded form (B, T_img, 1, 3, H, W), to compare with the reference's float pipeline."""
+    from flamingo_composer.data.dataspec import NormalizeImages
+    from flamingo_composer.data.images import SplitImageTransform
+    from flamingo_composer.models.reference_images import padded_vision_x
+
+    normalize = NormalizeImages(SplitImageTransform.of(image_transform))
+    return padded_vision_x(normalize({"sub": sub})["sub"]["images"], sub["image_mask"])
+
+
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
-    """Rank `rank`'s share of a global batch (contiguous rows)."""
+    """Rank `rank`'s share of a global batch (contiguous rows, with their images)."""
+    from flamingo_composer.data.dataspec import select_rows
+
     out = {}
     for name, sub in batch.items():
-        part = {}
-        for key, value in sub.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                part[key] = value.tensor_split(world_size)[rank]
-            else:
-                part[key] = value
-        out[name] = part
+        rows = torch.arange(sub["input_ids"].shape[0]).tensor_split(world_size)[rank]
+        out[name] = select_rows(sub, slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0))
     return out
 
 
@@ -344,14 +331,3 @@ def zero_image_batch(tokenizer) -> dict:
 
 if __name__ == "__main__":
     _two_rank_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "halves")
-
-
-def device_vision_x(image_transform, sub: dict) -> torch.Tensor:
-    """A loader sub-batch's uint8 `images` as the model sees them (the DataSpec's device normalisation), in the
-    reference's padded form (B, T_img, 1, 3, H, W), to compare with the reference's float pipeline."""
-    from flamingo_composer.data.dataspec import NormalizeImages
-    from flamingo_composer.data.images import SplitImageTransform
-    from flamingo_composer.models.flamingo import padded_vision_x
-
-    normalize = NormalizeImages(SplitImageTransform.of(image_transform))
-    return padded_vision_x(normalize({"sub": sub})["sub"]["images"], sub["image_mask"])

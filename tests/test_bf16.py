@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from step_utils import dual_batch, set_gates, step_losses
+from step_utils import dual_batch, full_images, set_gates, step_losses
 
 from flamingo_composer.models import build_flamingo, tiny_model_config
 from flamingo_composer.models.factory import cast_frozen_weights
@@ -79,11 +79,11 @@ def test_generation_runs_under_bf16_with_bf16_frozen_weights(family):
     set_gates(model, 1.0)
     fp32 = copy.deepcopy(model).float()  # the same weights, fp32 throughout
     batch = bundle.tokenizer(["<image> a red circle <|endofchunk|> <image> the"], return_tensors="pt")
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with bf16_autocast():
-        out = model.generate(vision_x, batch.input_ids, batch.attention_mask, **kwargs)
-    reference = fp32.generate(vision_x, batch.input_ids, batch.attention_mask, **kwargs)
+        out = model.generate(images, image_mask, batch.input_ids, batch.attention_mask, **kwargs)
+    reference = fp32.generate(images, image_mask, batch.input_ids, batch.attention_mask, **kwargs)
     assert out.sequences.shape == (1, batch.input_ids.shape[1] + 3)
     first, expected = out.logits[0].float(), reference.logits[0]  # (1, V): the prompt's next-token logits
     assert torch.isfinite(first).all()

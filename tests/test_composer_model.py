@@ -50,11 +50,11 @@ def batch(bundle):
 def _hf_loss(flamingo, sub) -> float:
     with torch.no_grad():
         out = flamingo(
-            vision_x=sub["vision_x"],
+            images=sub["images"],
+            image_mask=sub["image_mask"],
             input_ids=sub["input_ids"],
             attention_mask=sub["attention_mask"],
             labels=sub["labels"],
-            image_mask=sub["image_mask"],
         )
     return out.loss.item()
 
@@ -332,7 +332,7 @@ def test_output_head_of_the_final_hidden_states_gives_the_logits(family):
     set_gates(bundle.model, 0.5)
     bundle.model.eval()  # GPT-2 and OPT configs have dropout: compare deterministic forwards
     sub = dual_batch(bundle.tokenizer)["mmc4"]
-    inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
+    inputs = {k: sub[k] for k in ("images", "image_mask", "input_ids", "attention_mask")}
     with torch.no_grad():
         logits = bundle.model(**inputs).logits  # (B, L, V)
         hidden = bundle.model(**inputs, final_hidden_states=True)  # (B, L, D)
@@ -492,12 +492,12 @@ def test_per_image_cross_attention_model_equals_the_masked_model():
         forms = {m.per_image for m in bundle.model.modules() if isinstance(m, MaskedCrossAttention)}
         assert forms == {per_image}  # every block built in the configured form
     sub = dual_batch(models[0].tokenizer)["mmc4"]
-    inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
+    inputs = {k: sub[k] for k in ("images", "image_mask", "input_ids", "attention_mask")}
     with torch.no_grad():
         masked, per_image = (bundle.model(**inputs).logits for bundle in models)
     torch.testing.assert_close(per_image, masked, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the images matter to these logits (the comparison is not of image-blind outputs)
-        other = models[1].model(**{**inputs, "vision_x": inputs["vision_x"].flip(0)}).logits
+        other = models[1].model(**{**inputs, "images": inputs["images"].flip(0)}).logits
     assert (other - per_image).abs().max() > 1e-3
 
 

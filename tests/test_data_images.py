@@ -18,7 +18,7 @@ import torchvision.transforms as T
 from data_loader_helpers import IMAGE_SIDE, MAX_IMAGES, data_config
 from data_loader_helpers import image_transform as small_transform
 from PIL import Image
-from step_utils import device_vision_x, tiny_bundle
+from step_utils import device_vision_x
 from torch.utils.data import DataLoader
 
 from flamingo_composer.data import mmc4 as mmc4_module
@@ -32,7 +32,6 @@ from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor, pre
 from flamingo_composer.data.wds import WebDatasetItems
 from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.special_tokens import SpecialTokens
-from flamingo_composer.training.flops import FlamingoFlops
 from flamingo_composer.vocab import build_tiny_tokenizer
 
 SIZE = 224
@@ -184,17 +183,6 @@ def test_split_keeps_every_image_with_its_row(tok, special, microbatch):
         assert torch.equal(expanded, whole[name]), name  # each row kept its own images, in order
         width = min(part["input_ids"].shape[1] for part in own)  # microbatches drop trailing padding columns
         assert torch.equal(torch.cat([part["input_ids"][:, :width] for part in own]), sub["input_ids"][:, :width])
-
-
-def test_flops_of_the_compact_batch_equal_those_of_the_padded_one(tok, special):
-    batch = {
-        "laion": laion_batch(tok, special, small_transform)[0], "mmc4": mmc4_batch(tok, special, small_transform)[0]
-    }
-    flops = FlamingoFlops.of(tiny_bundle().model)
-    padded = {name: {**sub, "vision_x": device_vision_x(small_transform, sub)} for name, sub in batch.items()}
-    for sub in padded.values():
-        del sub["images"]
-    assert flops.per_batch(batch) == flops.per_batch(padded)
 
 
 def test_the_dataspec_normalises_with_the_loaders_transform(root, tok):

@@ -20,16 +20,19 @@ FORWARD = ["mmc4", "laion"]  # the default kinds' forward order: interleaved, th
 
 
 def _sub(rows: int, slots: int, length: int, offset: int) -> dict:
-    """A sub-batch whose rows are numbered offset, offset+1, ... in every tensor (to trace them)."""
+    """A sub-batch whose rows are numbered offset, offset+1, ... in every tensor (to trace them); row i holds
+    1 + i % slots images, each filled with its row's number."""
     ids = torch.arange(offset, offset + rows)
     input_ids = ids[:, None].repeat(1, length)  # (B, L)
     attention_mask = torch.ones(rows, length, dtype=torch.long)
     attention_mask[:, length - 1 - (ids % 2)] = 0  # rows differ in padding
     labels = input_ids.clone()
     labels[:, : 1 + ids[0] % 3] = -100
+    image_mask = torch.arange(slots)[None] <= (torch.arange(rows) % slots)[:, None]  # (B, T_img)
+    image_rows = ids.repeat_interleave(image_mask.sum(1))  # (N,)
     return {
-        "vision_x": ids.float()[:, None, None, None, None, None].expand(rows, slots, 1, 3, 2, 2).clone(),
-        "image_mask": torch.ones(rows, slots, dtype=torch.bool),
+        "images": image_rows.float()[:, None, None, None].expand(-1, 3, 2, 2).clone(),  # (N, 3, 2, 2)
+        "image_mask": image_mask,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -62,8 +65,11 @@ def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_ro
     for name, sub in batch.items():
         present = [piece[name] for piece, owner in zip(pieces, owners) if owner == name]
         assert len(present) == min(chunks, sub["input_ids"].shape[0])
-        for field in ("vision_x", "image_mask"):
+        for field in ("images", "image_mask"):
             assert torch.equal(torch.cat([part[field] for part in present]), sub[field]), (name, field)
+        for part in present:  # each part holds its own rows' images
+            rows_of_images = part["input_ids"][:, 0].repeat_interleave(part["image_mask"].sum(1))  # (N_part,)
+            assert torch.equal(part["images"][:, 0, 0, 0], rows_of_images.float()), name
         start = 0
         for part in present:  # text: the part's rows, without the columns that are padding in all of them
             rows, width = slice(start, start + part["input_ids"].shape[0]), part["input_ids"].shape[1]
@@ -74,7 +80,7 @@ def test_split_batch_gives_each_dataset_its_own_microbatches(laion_rows, mmc4_ro
         for part in present:  # the step's global counts travel in every microbatch
             assert part["global_supervised_tokens"] is sub["global_supervised_tokens"]
             assert "skipped" not in part and "position" not in part  # the full batch's bookkeeping
-            assert part["vision_x"].shape[1:] == sub["vision_x"].shape[1:]
+            assert part["images"].shape[1:] == sub["images"].shape[1:]
     lead = "laion" if laion_rows else "mmc4"
     assert all(piece[lead]["input_ids"].shape[0] <= microbatch for piece in pieces if lead in piece)
     assert sum(get_num_samples_in_batch(piece) for piece in pieces) == get_num_samples_in_batch(batch)

@@ -113,7 +113,7 @@ def test_hateful_memes_roc_auc_equals_the_reference(setup):
 def test_cached_equals_uncached_on_padded_batches(setup):
     """Three prompts of 1, 2 and 4 demos (left-padded to the longest), five class names of 1-5 tokens, chunks of 4
     and 64 rows: reusing the prompt's cache gives the full forward's numbers."""
-    from flamingo_composer.eval.generation import images_to_vision_x, tokenize_prompts
+    from flamingo_composer.eval.generation import stack_images, tokenize_prompts
 
     pair = setup["pair"]
     task = build_task(EvaluatorConfig(
@@ -121,9 +121,10 @@ def test_cached_equals_uncached_on_padded_batches(setup):
         test=EvalSplitConfig(**setup["data"]["imagenet_val"]), shots=[4], class_names=setup["class_names"],
     ), pair.ours.tokenizer, pair.ours.image_transform)  # fmt: skip
     prompts = [task.prompt(query, demos, len(demos)) for query, demos in ((0, [6]), (1, [0, 2]), (2, [1, 3, 4, 5]))]
-    vision_x, image_mask = images_to_vision_x([[task._image(p) for p in paths] for _, paths in prompts])
+    images, image_mask = stack_images([[task._image(p) for p in paths] for _, paths in prompts])
+    assert images.shape[0] == 2 + 3 + 5 and image_mask.sum(1).tolist() == [2, 3, 5]  # demos + query each
     inputs = {
-        "vision_x": vision_x,
+        "images": images,
         "image_mask": image_mask,
         **tokenize_prompts(pair.ours.tokenizer, [t for t, _ in prompts]),
     }

@@ -269,7 +269,7 @@ def _vqav2_args(split_paths):
 def test_generation_encodes_images_once_and_uses_the_kv_cache():
     pytest.importorskip("easy_vqa")
     from flamingo_composer.eval.config import EvalSplitConfig, EvaluatorConfig
-    from flamingo_composer.eval.generation import generate_text
+    from flamingo_composer.eval.generation import MODEL_INPUTS, generate_text
     from flamingo_composer.eval.tasks import FewShotTask
     from flamingo_composer.models.factory import TokenizerConfig, build_flamingo
     from flamingo_composer.models.tiny import tiny_model_config
@@ -283,7 +283,7 @@ def test_generation_encodes_images_once_and_uses_the_kv_cache():
     )
     task = FewShotTask(cfg, bundle.tokenizer, bundle.image_transform)
     batch = task.make_batch(2, 0, range(4))
-    assert batch["vision_x"].shape[:3] == (4, 3, 1) and bool(batch["image_mask"].all())
+    assert batch["images"].shape[0] == 4 * 3 and batch["image_mask"].shape == (4, 3) and bool(batch["image_mask"].all())
     assert bool((batch["attention_mask"][:, -1] == 1).all())  # left padding: every prompt ends at the right
 
     model = bundle.model
@@ -292,7 +292,7 @@ def test_generation_encodes_images_once_and_uses_the_kv_cache():
     hook_l = model.lang_encoder.register_forward_pre_hook(
         lambda m, a, kw: step_lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
     )
-    inputs = {k: batch[k] for k in ("vision_x", "image_mask", "input_ids", "attention_mask")}
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
     try:
         texts = generate_text(model, bundle.tokenizer, **inputs, settings=task.settings)  # 3 beams
     finally:

@@ -14,17 +14,9 @@ from step_utils import dual_batch, set_gates, text_only_rows
 from flamingo_composer.data.dataspec import NormalizeImages, split_batch
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.models import build_flamingo, tiny_model_config
+from flamingo_composer.models.reference_images import compact_images, padded_vision_x
 from flamingo_composer.training.composer_model import FlamingoComposerModel
 from flamingo_composer.training.loss import install_global_counts
-
-
-def loader_form(batch: dict) -> dict:
-    """The hand-built batch as the loader sends it: the real images only, uint8 (N, 3, H, W)."""
-    for sub in batch.values():
-        vision_x = sub.pop("vision_x")  # (B, T_img, 1, 3, H, W)
-        real = vision_x[:, :, 0][sub["image_mask"]]  # (N, 3, H, W)
-        sub["images"] = (real.clamp(-1, 1) * 127 + 128).to(torch.uint8)
-    return batch
 
 
 def recorded_step(model, bundle, batch: dict) -> tuple[list, dict]:
@@ -51,22 +43,25 @@ CASES = [("gpt_neox", "per_image"), ("gpt_neox", "masked"), ("llama", "per_image
 def test_a_training_step_makes_no_host_sync(family, form):
     bundle = build_flamingo(tiny_model_config(family, cross_attention=form))
     set_gates(bundle.model, 0.5)
-    batch = dual_batch(bundle.tokenizer)
-    no_images = text_only_rows(bundle.tokenizer, dual_batch(bundle.tokenizer, mmc4_rows=2), slice(0, 2))
-    assert not no_images["mmc4"]["image_mask"].any()
-    for step in (loader_form(batch), loader_form(no_images)):
+    batch = dual_batch(bundle.tokenizer, float_images=False)  # the loader's form: uint8 images
+    no_images = text_only_rows(bundle.tokenizer, dual_batch(bundle.tokenizer, float_images=False), slice(0, 2))
+    assert not no_images["mmc4"]["image_mask"].any() and len(no_images["mmc4"]["images"]) == 0
+    for step in (batch, no_images):
         recorded, losses = recorded_step(bundle.model, bundle, step)
         assert recorded == [], recorded
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
-def test_the_recorder_sees_the_syncs_of_the_padded_image_form():
-    """What the recorder would flag: the reference's padded `vision_x` selects its images by boolean mask, and an
-    attention mask passed to the LM is read back by transformers' mask builder."""
+def test_the_recorder_sees_the_syncs_the_training_path_avoids():
+    """What the recorder flags: the reference's padded `vision_x` made compact (boolean-mask indexing), image slots
+    read from the mask (the evaluation path's `nonzero`), and an attention mask passed to the LM (read back by
+    transformers' mask builder)."""
     bundle = build_flamingo(tiny_model_config("gpt_neox"))
     sub = dual_batch(bundle.tokenizer)["mmc4"]
+    vision_x = padded_vision_x(sub["images"], sub["image_mask"])  # (B, T_img, 1, 3, H, W)
     with HostSyncRecorder() as recorder:
-        bundle.model(sub["vision_x"], sub["input_ids"], sub["attention_mask"], image_mask=sub["image_mask"])
+        images, image_mask = compact_images(vision_x, sub["image_mask"])
+        bundle.model(images, image_mask, sub["input_ids"], sub["attention_mask"])
     ops = {op for op, _ in recorder.ops}
     assert "index" in ops and "_local_scalar_dense" in ops and "nonzero" in ops
 
@@ -77,7 +72,7 @@ def test_host_indices_of_a_pinned_batch_are_pinned():
     from flamingo_composer.data.host_indices import IMAGE_SLOTS, SUPERVISED_POSITIONS
 
     bundle = build_flamingo(tiny_model_config("gpt_neox"))
-    batch = loader_form(dual_batch(bundle.tokenizer))
+    batch = dual_batch(bundle.tokenizer, float_images=False)
     pinned = {name: {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in sub.items()}
               for name, sub in batch.items()}  # fmt: skip
     for microbatch in split_batch(pinned, 2):

@@ -25,6 +25,7 @@ from train_helpers import RUN_YAML
 
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.models.factory import build_flamingo
+from flamingo_composer.models.reference_images import compact_images
 from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
@@ -68,18 +69,21 @@ def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
 
 
 def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:
+    """The loss with `vision_x` (B, T_img, 1, 3, H, W), possibly permuted, in the slots of `sub`'s image_mask."""
+    images, image_mask = compact_images(vision_x, sub["image_mask"])  # (N, 3, H, W), (B, T_img)
     out = flamingo(
-        vision_x=vision_x,
+        images,
+        image_mask,
         input_ids=sub["input_ids"],
         attention_mask=sub["attention_mask"],
         labels=sub["labels"],
-        image_mask=sub["image_mask"],
     )
     return out.loss.item()
 
 
 def _rows(sub: dict, rows: list[int]) -> dict:
-    return {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in sub.items()}
+    """The per-row fields `_loss` reads, of `rows` (the loader's compact `images` are per image, not per row)."""
+    return {k: sub[k][rows] for k in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels")}
 
 
 def image_use_gaps(flamingo, batches: list[dict]) -> dict[str, tuple[float, float]]:

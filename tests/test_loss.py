@@ -133,8 +133,8 @@ def test_z_loss_is_a_global_token_mean_per_dataset_and_enters_the_total_with_the
     with torch.no_grad():
         for name in ("laion", "mmc4"):
             sub = batch[name]
-            logits = bundle.model(sub["vision_x"], sub["input_ids"], sub["attention_mask"],
-                                  image_mask=sub["image_mask"]).logits[:, :-1]  # fmt: skip
+            logits = bundle.model(sub["images"], sub["image_mask"], sub["input_ids"],
+                                  sub["attention_mask"]).logits[:, :-1]  # fmt: skip
             supervised = sub["labels"][:, 1:] != -100
             means[name] = torch.logsumexp(logits[supervised], -1).square().mean().item()
     install_global_counts(batch)

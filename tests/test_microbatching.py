@@ -65,8 +65,8 @@ def test_logged_losses_are_global_token_means(batch, full_batch_step):
     with torch.no_grad():
         for name in ("laion", "mmc4"):
             sub = batch[name]
-            out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"],
-                           attention_mask=sub["attention_mask"], labels=sub["labels"], image_mask=sub["image_mask"])
+            out = flamingo(images=sub["images"], image_mask=sub["image_mask"], input_ids=sub["input_ids"],
+                           attention_mask=sub["attention_mask"], labels=sub["labels"])
             means[name] = out.loss.item()  # HF: mean over the batch's supervised shifted targets
     assert losses["loss/train/laion"] == pytest.approx(means["laion"], rel=1e-6)
     assert losses["loss/train/mmc4"] == pytest.approx(means["mmc4"], rel=1e-6)
@@ -83,8 +83,8 @@ def test_averaging_microbatch_means_would_differ(batch, full_batch_step):
     for chunk in chunks:
         for name, sub in chunk.items():
             mult = {"laion": 0.2, "mmc4": 1.0}[name]
-            out = flamingo(vision_x=sub["vision_x"], input_ids=sub["input_ids"],
-                           attention_mask=sub["attention_mask"], labels=sub["labels"], image_mask=sub["image_mask"])
+            out = flamingo(images=sub["images"], image_mask=sub["image_mask"], input_ids=sub["input_ids"],
+                           attention_mask=sub["attention_mask"], labels=sub["labels"])
             (mult * out.loss / 2).backward()  # mean of the dataset's two microbatch means
     naive = {f"model.{n}": p.grad for n, p in flamingo.named_parameters() if p.grad is not None}
     full_grads, _ = full_batch_step

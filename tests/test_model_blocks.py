@@ -14,21 +14,22 @@ IMAGE = 99  # media token id used in these block-level tests
 
 
 def reference_perceiver_attention(attn, media, latents):
-    """SPEC 1's perceiver attention written with an explicit softmax (the reference's einsum form)."""
+    """SPEC 1's perceiver attention written with an explicit softmax (the reference's einsum form), one image per
+    row: media (N, v, D), latents (N, n, D) -> (N, n, D)."""
     h = attn.heads
     media, latents = attn.norm_media(media), attn.norm_latents(latents)
     q = attn.to_q(latents)
     k, v = attn.to_kv(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
 
-    def heads(t):  # (b, T, n, h*d) -> (b, h, T, n, d)
-        b, t_, n, hd = t.shape
-        return t.reshape(b, t_, n, h, hd // h).permute(0, 3, 1, 2, 4)
+    def heads(t):  # (N, n, h*d) -> (N, h, n, d)
+        b, n, hd = t.shape
+        return t.reshape(b, n, h, hd // h).permute(0, 2, 1, 3)
 
     q, k, v = heads(q), heads(k), heads(v)
-    sim = torch.einsum("bhtid,bhtjd->bhtij", q * q.shape[-1] ** -0.5, k)
-    out = torch.einsum("bhtij,bhtjd->bhtid", sim.softmax(dim=-1), v)
-    b, _, t_, n, d = out.shape
-    return attn.to_out(out.permute(0, 2, 3, 1, 4).reshape(b, t_, n, h * d))
+    sim = torch.einsum("bhid,bhjd->bhij", q * q.shape[-1] ** -0.5, k)
+    out = torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
+    b, _, n, d = out.shape
+    return attn.to_out(out.permute(0, 2, 1, 3).reshape(b, n, h * d))
 
 
 def reference_masked_cross_attention(attn, x, media, input_ids):
@@ -71,13 +72,13 @@ def test_perceiver_shapes_names_and_reference_math():
     assert not any("1.1.bias" in name or "1.3.bias" in name for name in names)
     assert perceiver.layers[0][0].to_kv.weight.shape == (2 * 32, 32)  # inner 4 heads x 8 = 32, k and v
 
-    x = torch.randn(2, 3, 1, 6, 32)  # (B, T_img, F, v, D)
+    x = torch.randn(6, 6, 32)  # (N, v, D): 6 images of 6 patch tokens
     out = perceiver(x)
-    assert out.shape == (2, 3, 5, 32)
+    assert out.shape == (6, 5, 32)
 
     # Same computation with an explicit softmax, step by step.
-    latents = perceiver.latents.expand(2, 3, 5, 32)
-    media = x.reshape(2, 3, 6, 32)
+    latents = perceiver.latents.expand(6, 5, 32)
+    media = x
     for attn, ff in perceiver.layers:
         latents = reference_perceiver_attention(attn, media, latents) + latents
         latents = ff(latents) + latents
@@ -86,12 +87,12 @@ def test_perceiver_shapes_names_and_reference_math():
 
 def test_perceiver_resamples_each_image_independently():
     perceiver = PerceiverResampler(dim=16, depth=2, dim_head=8, heads=2, num_latents=4)
-    x = torch.randn(1, 3, 1, 5, 16)
+    x = torch.randn(3, 5, 16)  # (N, v, D)
     changed = x.clone()
-    changed[0, 1] += torch.randn(5, 16)  # not a constant shift, which norm_media would remove
+    changed[1] += torch.randn(5, 16)  # not a constant shift, which norm_media would remove
     a, b = perceiver(x), perceiver(changed)
-    assert not torch.allclose(a[0, 1], b[0, 1])
-    torch.testing.assert_close(a[0, [0, 2]], b[0, [0, 2]], atol=0, rtol=0)
+    assert not torch.allclose(a[1], b[1])
+    torch.testing.assert_close(a[[0, 2]], b[[0, 2]], atol=0, rtol=0)
 
 
 def test_media_text_time_counts_image_tokens_inclusive():

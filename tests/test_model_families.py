@@ -9,6 +9,7 @@ import torch
 from step_utils import (
     assert_cached_steps_equal_full_forwards,
     dual_batch,
+    full_images,
     greedy_steps,
     set_gates,
     step_losses,
@@ -119,16 +120,16 @@ def test_zero_gates_give_the_bare_lm_logits(family, shared):
     model, bare, tokenizer = shared(family)
     set_gates(model, 0.0)
     ids, mask = encode(tokenizer, ["a red circle <image> the blue square <|endofchunk|> <image> two stars"])
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     with torch.no_grad():
-        ours = model(vision_x, ids, mask).logits
+        ours = model(images, image_mask, ids, mask).logits
         reference = bare(input_ids=ids, attention_mask=mask).logits
     assert ours.shape == (1, ids.shape[1], len(tokenizer))
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     # ...and the images do matter once the gates open.
     set_gates(model, 1.0)
     with torch.no_grad():
-        assert (model(vision_x, ids, mask).logits - reference).abs().max() > 1e-3
+        assert (model(images, image_mask, ids, mask).logits - reference).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -139,7 +140,7 @@ def test_the_training_loss_equals_the_lm_own_loss_in_value_and_gradient(family, 
     model, _, tokenizer = shared(family)
     set_gates(model, 0.5)
     sub = dual_batch(tokenizer, seed=1)["mmc4"]
-    inputs = dict(vision_x=sub["vision_x"], input_ids=sub["input_ids"], attention_mask=sub["attention_mask"])
+    inputs = {k: sub[k] for k in ("images", "image_mask", "input_ids", "attention_mask")}
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     own = model(**inputs, labels=sub["labels"]).loss  # the LM's forward and its own loss
@@ -187,14 +188,14 @@ def test_kv_cache_step_logits_equal_full_forwards_and_follow_the_images(family, 
         ["<image> a red circle <|endofchunk|> <image> the", "<image> two <|endofchunk|> <image> a blue star"],
     )
     ids, mask = ids[:, :6], mask[:, :6]
-    vision_x = torch.randn(2, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(2, 2)  # (4, 3, 32, 32): row 0's two images, then row 1's
     steps = 4
-    out = greedy_steps(model, vision_x, ids, mask, steps)
+    out = greedy_steps(model, images, image_mask, ids, mask, steps)
     assert out.sequences.shape == (2, ids.shape[1] + steps)
     assert len(out.logits) == steps
-    assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, atol=1e-4, rtol=1e-4)
+    assert_cached_steps_equal_full_forwards(model, images, image_mask, ids, out, atol=1e-4, rtol=1e-4)
 
-    swapped = greedy_steps(model, vision_x[:, [1, 0]], ids, mask, steps)
+    swapped = greedy_steps(model, images[[1, 0, 3, 2]], image_mask, ids, mask, steps)  # each row's two swapped
     for k in range(steps):
         assert (swapped.logits[k] - out.logits[k]).abs().max() > 1e-4, f"step {k} ignores the images"
     assert model.media_context.current is None
@@ -217,9 +218,9 @@ def test_export_then_import_round_trips(family, shared):
         if a.requires_grad:
             assert torch.equal(a, b), name
     ids, _ = encode(tokenizer, ["a <image> red circle <|endofchunk|> <image> two"])
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(vision_x, ids).logits, trained(vision_x, ids).logits)
+        torch.testing.assert_close(fresh(images, image_mask, ids).logits, trained(images, image_mask, ids).logits)
 
 
 def test_beam_search_expands_media_per_beam():
@@ -227,7 +228,7 @@ def test_beam_search_expands_media_per_beam():
     set_gates(model, 1.0)
     ids, mask = encode(tokenizer, ["<image> a red", "<image> the blue"])
     out = model.generate(
-        torch.randn(2, 1, 1, 3, 32, 32),
+        *full_images(2, 1),
         ids,
         mask,
         max_new_tokens=3,
@@ -243,7 +244,7 @@ def test_flamingo_layer_passes_other_outputs_through(family):
     model, bare, tokenizer = build_with_bare_lm(family)
     ids, mask = encode(tokenizer, ["<image> a red circle"])
     with torch.no_grad():
-        ours = model(torch.randn(1, 1, 1, 3, 32, 32), ids, mask, output_hidden_states=True, use_cache=True)
+        ours = model(*full_images(1, 1), ids, mask, output_hidden_states=True, use_cache=True)
         reference = bare(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=True)
     assert len(ours.hidden_states) == len(reference.hidden_states) == 3
     for a, b in zip(ours.hidden_states, reference.hidden_states):
@@ -316,5 +317,5 @@ def test_a_head_the_fused_loss_cannot_reproduce_is_refused_unless_training_on_th
     composer_model = FlamingoComposerModel(model).train()
     model.eval()  # no dropout, to compare with the LM's own loss
     loss = step_losses(composer_model, {"laion": sub})["laion"]
-    own = model(sub["vision_x"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]).loss
+    own = model(sub["images"], sub["image_mask"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]).loss
     torch.testing.assert_close(loss, own)

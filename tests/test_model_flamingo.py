@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from step_utils import set_gates
+from step_utils import full_images, set_gates
 
 from flamingo_composer.models import Flamingo, build_flamingo, tiny_model_config
+from flamingo_composer.models.reference_images import compact_images
 from flamingo_composer.models.vision import patch_tokens
 
 
@@ -37,13 +38,13 @@ def test_model_level_media_mask_only_later_tokens_see_image_j():
     ids, mask = encode(tokenizer, ["a red <image> circle on the <image> blue square and <image> a star"])
     positions = image_positions(ids, model.special_token_ids["media"])
     assert len(positions) == 3
-    vision_x = torch.randn(1, 3, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 3)  # (3, 3, 32, 32), (1, 3)
     with torch.no_grad():
-        base = model(vision_x, ids, mask).logits[0]  # (L, V)
+        base = model(images, image_mask, ids, mask).logits[0]  # (L, V)
         for j, pos in enumerate(positions):
-            changed = vision_x.clone()
-            changed[0, j] = torch.randn_like(changed[0, j])
-            diff = (model(changed, ids, mask).logits[0] - base).abs().amax(dim=-1)  # (L,)
+            changed = images.clone()
+            changed[j] = torch.randn_like(changed[j])
+            diff = (model(changed, image_mask, ids, mask).logits[0] - base).abs().amax(dim=-1)  # (L,)
             assert torch.all(diff[:pos] == 0), f"tokens before image {j + 1}'s <image> saw it"
             assert diff[pos] > 1e-5 and diff[-1] > 1e-5, f"image {j + 1} did not reach its text"
 
@@ -56,7 +57,7 @@ def test_forward_returns_hf_output_with_shifted_loss_over_len_tokenizer():
     labels = ids.clone()
     labels[:, 0] = -100
     labels[1, 3:] = -100
-    out = model(torch.randn(2, 1, 1, 3, 32, 32), ids, mask, labels=labels)
+    out = model(*full_images(2, 1), ids, mask, labels=labels)
     assert out.logits.shape == (2, ids.shape[1], len(tokenizer))
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, len(tokenizer)), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
@@ -93,7 +94,7 @@ def test_only_perceiver_blocks_and_new_rows_train_and_frozen_weights_never_move(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
     )
     ids, mask = encode(tokenizer, ["<image> a red circle <|endofchunk|> <image> blue <|endofchunk|>"])
-    out = model(torch.randn(1, 2, 1, 3, 32, 32), ids, mask, labels=ids)
+    out = model(*full_images(1, 2), ids, mask, labels=ids)
     out.loss.backward()
     assert all(p.grad is None for p in model.vision_encoder.parameters())
     assert embedding.new_token_rows.grad.abs().sum(dim=-1).gt(0).all()
@@ -124,10 +125,18 @@ def test_empty_image_slots_are_not_encoded_and_change_nothing():
     ids, mask = encode(
         tokenizer, ["<image> a red circle <image> a blue star", "<image> a green ring and more text"]
     )
-    vision_x = torch.randn(2, 3, 1, 3, 32, 32)
+    vision_x = torch.randn(2, 3, 1, 3, 32, 32)  # the reference's padded form
     vision_x[0, 2] = 0  # row 0 has 2 images, row 1 has 1
     vision_x[1, 1:] = 0
     image_mask = torch.tensor([[True, True, False], [True, False, False]])
+    images = vision_x[:, :, 0][image_mask]  # (3, 3, 32, 32): the real images in slot order
+    every_image = vision_x[:, :, 0].flatten(0, 1)  # (6, 3, 32, 32): the empty slots' zeros as images
+    all_slots = torch.ones(2, 3, dtype=torch.bool)
+    # The padded form's occupied slots, from the mask or from the slots that are not all zero.
+    for compact, mask_of in (compact_images(vision_x, image_mask), compact_images(vision_x)):
+        assert torch.equal(compact, images) and torch.equal(mask_of, image_mask)
+    with pytest.raises(ValueError, match="image_mask shape"):  # a mask for other slots than vision_x's
+        compact_images(vision_x, torch.ones(2, 2, dtype=torch.bool))
 
     encoded = []
     hook = model.vision_encoder.register_forward_pre_hook(
@@ -135,14 +144,14 @@ def test_empty_image_slots_are_not_encoded_and_change_nothing():
     )
     try:
         with torch.no_grad():
-            from_mask = model(vision_x, ids, mask, image_mask=image_mask).logits
+            from_mask = model(images, image_mask, ids, mask).logits
             assert encoded == [3]
-            from_zeros = model(vision_x, ids, mask).logits
+            from_zeros = model(*compact_images(vision_x), ids, mask).logits
             assert encoded == [3, 3]
-            every_slot = model(vision_x, ids, mask, image_mask=torch.ones(2, 3, dtype=torch.bool)).logits
+            every_slot = model(every_image, all_slots, ids, mask).logits
             assert encoded == [3, 3, 6]
-            media = model.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
-            media_all = model.encode_media(vision_x, torch.ones(2, 3, dtype=torch.bool))
+            media = model.encode_media(images, image_mask)  # (B, T_img, n, D)
+            media_all = model.encode_media(every_image, all_slots)
     finally:
         hook.remove()
     assert torch.equal(from_mask, from_zeros)
@@ -154,12 +163,15 @@ def test_empty_image_slots_are_not_encoded_and_change_nothing():
 def test_media_context_is_per_call():
     model, tokenizer = build_with_tokenizer()
     ids, mask = encode(tokenizer, ["<image> a red circle"])
-    model(torch.randn(1, 1, 1, 3, 32, 32), ids, mask)
+    model(*full_images(1, 1), ids, mask)
     assert model.media_context.current is None
     with pytest.raises(RuntimeError, match="without media conditioning"):
         model.lang_encoder(input_ids=ids)  # nothing left behind by the previous call
-    with pytest.raises(ValueError):
-        model(torch.randn(1, 1, 1, 3, 32, 32), ids, mask, image_mask=torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError):  # an image mask for 2 rows, the text has 1
+        model(*full_images(2, 1), ids, mask)
+    assert model.media_context.current is None
+    with pytest.raises(ValueError, match="1 images for 2 filled image slots"):  # the mask marks 2, 1 given
+        model(torch.randn(1, 3, 32, 32), torch.ones(1, 2, dtype=torch.bool), ids, mask)
     assert model.media_context.current is None
 
 
@@ -192,17 +204,17 @@ def test_generate_stops_at_endofchunk_by_default():
     model, tokenizer = build_with_tokenizer()
     model.eval()
     ids, mask = encode(tokenizer, ["<image> a red circle"])
-    vision_x = torch.randn(1, 1, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 1)
     eoc = model.special_token_ids["endofchunk"]
     with torch.no_grad():
-        first = model(vision_x, ids, mask).logits[0, -1]
+        first = model(images, image_mask, ids, mask).logits[0, -1]
         assert first.max() > 0
         head = model.lang_encoder.get_output_embeddings().weight
         head[eoc] = 50 * head[first.argmax()]  # make <|endofchunk|> the greedy choice
-    out = model.generate(vision_x, ids, mask, max_new_tokens=5, do_sample=False)
+    out = model.generate(images, image_mask, ids, mask, max_new_tokens=5, do_sample=False)
     assert out[0, ids.shape[1] :].tolist() == [eoc]
     longer = model.generate(
-        vision_x, ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=model.special_token_ids["eos"]
+        images, image_mask, ids, mask, max_new_tokens=5, do_sample=False, eos_token_id=model.special_token_ids["eos"]
     )
     assert longer.shape[1] > out.shape[1] and longer[0, ids.shape[1]] == eoc
 
@@ -222,9 +234,8 @@ def test_gradient_checkpointing_gives_equal_gradients_over_two_forwards():
             "the page <image> a star <|endofchunk|> <image> big",
         ],
     )
-    laion_x = torch.randn(2, 1, 1, 3, 32, 32)
-    mmc4_x = torch.randn(2, 3, 1, 3, 32, 32)
-    mmc4_x[:, 2] = 0
+    laion_x = full_images(2, 1)
+    mmc4_x = (torch.randn(4, 3, 32, 32), torch.tensor([[True, True, False], [True, True, False]]))  # slot 2 empty
 
     grads, calls = {}, {}
     for label, model in (("plain", plain), ("ckpt", ckpt)):
@@ -235,8 +246,8 @@ def test_gradient_checkpointing_gives_equal_gradients_over_two_forwards():
         handle = block.register_forward_pre_hook(
             lambda *_, count=count: count.append(1)
         )  # recomputation stops early
-        laion = model(laion_x, laion_ids, laion_mask, labels=laion_ids)  # LAION, then MMC4, then one backward
-        mmc4 = model(mmc4_x, mmc4_ids, mmc4_mask, labels=mmc4_ids)
+        laion = model(*laion_x, laion_ids, laion_mask, labels=laion_ids)  # LAION, then MMC4, then one backward
+        mmc4 = model(*mmc4_x, mmc4_ids, mmc4_mask, labels=mmc4_ids)
         (0.2 * laion.loss + mmc4.loss).backward()
         handle.remove()
         calls[label] = len(count)
@@ -253,6 +264,6 @@ def test_deepcopy_gets_its_own_media_context():
     assert clone.media_context is not model.media_context
     assert all(layer.media_context is clone.media_context for layer in clone.lang_encoder.gpt_neox.layers)
     ids, mask = encode(tokenizer, ["<image> a red circle"])
-    vision_x = torch.randn(1, 1, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 1)
     with torch.no_grad():
-        assert torch.equal(clone(vision_x, ids, mask).logits, model(vision_x, ids, mask).logits)
+        assert torch.equal(clone(images, image_mask, ids, mask).logits, model(images, image_mask, ids, mask).logits)

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from step_utils import assert_cached_steps_equal_full_forwards, greedy_steps, set_gates
+from step_utils import assert_cached_steps_equal_full_forwards, full_images, greedy_steps, set_gates
 from tiny_remote_lm import MosaicGPT, MosaicGPTConfig, MPTConfig, MPTForCausalLM
 from transformers import PreTrainedModel
 
@@ -123,9 +123,9 @@ def test_structure_keys_and_trainable_parameters(remote_dirs, variant):
 def test_zero_gates_equal_the_bare_lm_and_the_tied_logits_use_the_trained_rows(remote_dirs, variant):
     model, bare, tokenizer = build_with_bare_lm(remote_dirs, variant)
     ids, mask = encode(tokenizer, "a red circle <image> the blue square <|endofchunk|> <image> two stars")
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     with torch.no_grad():
-        ours = model(vision_x, ids, mask, labels=ids)
+        ours = model(images, image_mask, ids, mask, labels=ids)
         reference = bare(input_ids=ids, attention_mask=mask, labels=ids)
     assert ours.logits.shape == (1, ids.shape[1], len(tokenizer))
     torch.testing.assert_close(ours.logits, reference.logits, atol=1e-6, rtol=0)
@@ -135,7 +135,7 @@ def test_zero_gates_equal_the_bare_lm_and_the_tied_logits_use_the_trained_rows(r
     rows = torch.randn(2, 64)
     set_new_token_rows(model, bare, rows)
     with torch.no_grad():
-        moved = model(vision_x, ids, mask, labels=ids)
+        moved = model(images, image_mask, ids, mask, labels=ids)
         reference = bare(input_ids=ids, attention_mask=mask, labels=ids)
     new_ids = model.lang_encoder.get_input_embeddings().new_token_ids
     assert (moved.logits[..., new_ids] - ours.logits[..., new_ids]).abs().min() > 1e-4
@@ -152,12 +152,12 @@ def test_step_changes_only_the_new_token_rows_through_the_tied_head(remote_dirs,
     embedding = model.lang_encoder.get_input_embeddings()
     # No new token in the input: the rows can only get a gradient through the tied head.
     ids, mask = encode(tokenizer, "a red circle on the blue square")
-    vision_x = torch.zeros(1, 1, 1, 3, 32, 32)
+    images, image_mask = torch.zeros(0, 3, 32, 32), torch.zeros(1, 1, dtype=torch.bool)  # one empty slot
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     rows_before = embedding.new_token_rows.detach().clone()
     with torch.no_grad():
-        logits_before = model(vision_x, ids, mask).logits
-    loss = model(vision_x, ids, mask, labels=ids).loss
+        logits_before = model(images, image_mask, ids, mask).logits
+    loss = model(images, image_mask, ids, mask, labels=ids).loss
     loss.backward()
     assert embedding.new_token_rows.grad.abs().min() > 0
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
@@ -168,7 +168,7 @@ def test_step_changes_only_the_new_token_rows_through_the_tied_head(remote_dirs,
     assert (embedding.new_token_rows - rows_before).abs().min() > 0
     set_gates(model, 0.0)  # the ff gates moved too: close them to compare with the bare LM
     with torch.no_grad():
-        logits_after = model(vision_x, ids, mask).logits
+        logits_after = model(images, image_mask, ids, mask).logits
     new_ids = embedding.new_token_ids
     other = torch.ones(logits_after.shape[-1], dtype=torch.bool)
     other[new_ids] = False
@@ -187,12 +187,12 @@ def test_generate_with_kv_cache_uses_the_images_and_the_trained_rows(remote_dirs
     with torch.no_grad():
         model.lang_encoder.get_input_embeddings().new_token_rows.normal_()
     ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> the")
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     steps = 4
-    out = greedy_steps(model, vision_x, ids, mask, steps)
+    out = greedy_steps(model, images, image_mask, ids, mask, steps)
     assert out.sequences.shape == (1, ids.shape[1] + steps)
-    assert_cached_steps_equal_full_forwards(model, vision_x, ids, out, atol=1e-5, rtol=0)
-    swapped = greedy_steps(model, vision_x.flip(1), ids, mask, steps)
+    assert_cached_steps_equal_full_forwards(model, images, image_mask, ids, out, atol=1e-5, rtol=0)
+    swapped = greedy_steps(model, images.flip(0), image_mask, ids, mask, steps)  # one row: its 2 images swapped
     assert (swapped.logits[0] - out.logits[0]).abs().max() > 1e-3
     # With the gates closed, each generated step is the bare LM's, given the same new rows.
     set_gates(model, 0.0)
@@ -200,7 +200,7 @@ def test_generate_with_kv_cache_uses_the_images_and_the_trained_rows(remote_dirs
     with torch.no_grad():
         reference = bare(input_ids=ids, attention_mask=mask).logits[:, -1]  # (1, V)
     torch.testing.assert_close(
-        greedy_steps(model, vision_x, ids, mask, steps).logits[0], reference, atol=1e-5, rtol=1e-5
+        greedy_steps(model, images, image_mask, ids, mask, steps).logits[0], reference, atol=1e-5, rtol=1e-5
     )
     assert torch._C._len_torch_function_stack() == 0
 
@@ -238,10 +238,11 @@ def test_released_checkpoint_layout_loads(remote_dirs, variant, tmp_path):
     assert len(report.aliases_folded) == sum(".gated_cross_attn_layer." in k for k in checkpoint)
     assert torch.equal(target.lang_encoder.get_input_embeddings().new_token_rows, embedding.new_token_rows)
     ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> two stars")
-    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    images, image_mask = full_images(1, 2)
     with torch.no_grad():
         torch.testing.assert_close(
-            target(vision_x, ids, mask).logits, source(vision_x, ids, mask).logits, atol=1e-6, rtol=0
+            target(images, image_mask, ids, mask).logits, source(images, image_mask, ids, mask).logits, atol=1e-6,
+            rtol=0,
         )
 
 
@@ -289,9 +290,7 @@ def test_activation_checkpointing_gives_the_same_gradients(remote_dirs):
         set_gates(model, 0.5)
         model.train()
         ids, mask = encode(tokenizer, "<image> a red circle <|endofchunk|> <image> two stars <|endofchunk|>")
-        model(
-            torch.randn(1, 2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ids, mask, labels=ids
-        ).loss.backward()
+        model(*full_images(1, 2, seed=0), ids, mask, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

@@ -68,8 +68,8 @@ def test_the_images_reach_the_language_model_through_each_kind_of_tower():
         set_gates(model, 1.0)
         ids = bundle.tokenizer(["<image> a red circle"], return_tensors="pt").input_ids
         with torch.no_grad():
-            a = model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits
-            b = model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits
+            a = model(torch.randn(1, 3, 32, 32), torch.ones(1, 1, dtype=torch.bool), ids).logits
+            b = model(torch.randn(1, 3, 32, 32), torch.ones(1, 1, dtype=torch.bool), ids).logits
         assert (a - b).abs().max() > 1e-4, tower
 
 

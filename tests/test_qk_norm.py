@@ -41,7 +41,7 @@ def test_qk_norm_puts_trainable_layernorms_on_queries_and_keys_and_they_train():
             assert norm.weight.requires_grad and norm.bias.requires_grad
     assert not any(hasattr(m, "q_norm") for m in plain.model.modules())
     sub = dual_batch(plain.tokenizer)["mmc4"]
-    inputs = {k: sub[k] for k in ("vision_x", "input_ids", "attention_mask", "image_mask")}
+    inputs = {k: sub[k] for k in ("images", "image_mask", "input_ids", "attention_mask")}
     with torch.no_grad():
         assert (normed.model(**inputs).logits - plain.model(**inputs).logits).abs().max() > 1e-3  # they act
     grads, _ = run_one_step(normed.model, dual_batch(normed.tokenizer), clip=None)

@@ -50,8 +50,10 @@ def fp32_case(request, tmp_path_factory):
     with torch.no_grad():
         logits = {
             name: (
-                pair.reference.eval()(sub["vision_x"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]),
-                pair.ours.model.eval()(sub["vision_x"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"]),
+                pair.reference.eval()(oracle.reference_vision_x(sub), sub["input_ids"], sub["attention_mask"],
+                                      labels=sub["labels"]),
+                pair.ours.model.eval()(sub["images"], sub["image_mask"], sub["input_ids"], sub["attention_mask"],
+                                       labels=sub["labels"]),
             )
             for name, sub in ours.items()
         }
@@ -232,12 +234,13 @@ def test_exported_run_checkpoint_loads_into_the_reference_with_equal_logits(tmp_
     reference.vision_encoder.load_state_dict(trained.vision_encoder.state_dict())  # the frozen CLIP, as released
     batch = oracle.ours_batch(pair, oracle.reference_batch(pair, seed=3))
     sub = batch["mmc4"]
+    vision_x = oracle.reference_vision_x(sub)  # (B, T_img, 1, 3, H, W): the reference's form of sub["images"]
     with torch.no_grad():
-        before = reference(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
+        before = reference(vision_x, sub["input_ids"], sub["attention_mask"]).logits
         result = reference.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True), strict=False)
         assert result.unexpected_keys == []
-        after = reference(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
-        ours = trained(sub["vision_x"], sub["input_ids"], sub["attention_mask"]).logits
+        after = reference(vision_x, sub["input_ids"], sub["attention_mask"]).logits
+        ours = trained(sub["images"], sub["image_mask"], sub["input_ids"], sub["attention_mask"]).logits
     scale = ours.abs().max().item()
     assert (before - ours).abs().max() > 1e-3 * scale  # the run moved the weights: the load is what matches them
     torch.testing.assert_close(after, ours, rtol=0, atol=1e-5 * scale)

@@ -26,6 +26,7 @@ from flamingo_composer.models.reference_checkpoint import (
     convert_reference_checkpoint,
     load_reference_state_dict,
 )
+from flamingo_composer.models.reference_images import compact_images
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "openflamingo-tiny-gptneox"
@@ -97,7 +98,7 @@ def losses(model, batch, datasets=("laion", "mmc4")) -> dict[str, float]:
     with torch.no_grad():
         return {
             name: model(
-                sub["vision_x"], sub["lang_x"], sub["attention_mask"], labels=sub["labels"]
+                *compact_images(sub["vision_x"]), sub["lang_x"], sub["attention_mask"], labels=sub["labels"]
             ).loss.item()
             for name, sub in ((name, batch[name]) for name in datasets)
         }
@@ -116,7 +117,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def generation_inputs(batch, expected):
-    """generation_check: the first two LAION images as one (1, 2, 1, 3, 64, 64) input, the given prompt."""
+    """generation_check: the first two LAION images as one (1, 2, 1, 3, 64, 64) input, the given prompt. The
+    images stay in the reference's padded form (`compact_images` makes them our model's)."""
     vision_x = batch["laion"]["vision_x"][:2].reshape(1, 2, 1, 3, 64, 64)  # (1, T_img=2, F, C, H, W)
     input_ids = torch.tensor([expected["generation_check"]["prompt_ids"]])  # (1, P)
     return vision_x, input_ids, torch.ones_like(input_ids)
@@ -151,7 +153,7 @@ def test_losses_and_logits_match_reference(parity_model, batch, expected, datase
     model, _ = parity_model
     sub = batch[dataset]
     with torch.no_grad():
-        out = model(sub["vision_x"], sub["lang_x"], sub["attention_mask"], labels=sub["labels"])
+        out = model(*compact_images(sub["vision_x"]), sub["lang_x"], sub["attention_mask"], labels=sub["labels"])
     assert out.logits.shape == tuple(expected[dataset]["logits"]["shape"])  # (B, L, len(tokenizer) = 621)
     torch.testing.assert_close(out.logits, sub["logits"], atol=1e-4, rtol=0)
     assert out.loss.item() == pytest.approx(expected[dataset]["loss"], rel=1e-5)
@@ -162,7 +164,7 @@ def test_greedy_generation_matches_reference(parity_model, batch, expected, use_
     model, _ = parity_model
     vision_x, input_ids, attention_mask = generation_inputs(batch, expected)
     out = model.generate(
-        vision_x,
+        *compact_images(vision_x),  # images (2, 3, 64, 64), image_mask (1, 2)
         input_ids,
         attention_mask,
         max_new_tokens=6,
@@ -180,9 +182,9 @@ def test_cached_step_logits_equal_full_forward_logits(parity_model, batch, expec
     vision_x, input_ids, attention_mask = generation_inputs(batch, expected)
     prompt_len = input_ids.shape[1]
 
-    def cached_steps(images):
+    def cached_steps(vision_x):
         out = model.generate(
-            images,
+            *compact_images(vision_x),
             input_ids,
             attention_mask,
             max_new_tokens=6,
@@ -196,7 +198,7 @@ def test_cached_step_logits_equal_full_forward_logits(parity_model, batch, expec
 
     sequences, step_logits = cached_steps(vision_x)
     with torch.no_grad():
-        full = model(vision_x, sequences, torch.ones_like(sequences)).logits  # (1, P + 6, V)
+        full = model(*compact_images(vision_x), sequences, torch.ones_like(sequences)).logits  # (1, P + 6, V)
     torch.testing.assert_close(step_logits, full[:, prompt_len - 1 : -1], atol=1e-4, rtol=0)
     # The images matter for these steps: swapping the two images changes the cached-step logits.
     _, swapped_logits = cached_steps(vision_x.flip(1))

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from flamingo_composer.eval.generation import (
         GenerationSettings,
         generate_text,
-        images_to_vision_x,
         load_image,
+        stack_images,
         tokenize_prompts,
     )
     from flamingo_composer.models.factory import build_flamingo
@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    vision_x, image_mask = images_to_vision_x([images])  # (1, T, 1, 3, H, W), (1, T)
+    stacked, image_mask = stack_images([images])  # (T, 3, H, W), (1, T)
     tokens = tokenize_prompts(bundle.tokenizer, [prompt])
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, greedy=args.greedy
     )
     text = generate_text(
-        model, bundle.tokenizer, vision_x=vision_x.to(device), image_mask=image_mask.to(device),
+        model, bundle.tokenizer, images=stacked.to(device), image_mask=image_mask.to(device),
         input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device), settings=settings,
     )[0]  # fmt: skip
     print(text)

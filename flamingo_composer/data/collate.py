@@ -37,9 +37,10 @@ def collate_samples(
 
     Preprocessed samples give `images` (N, 3, H, W) uint8, the real images only, row by row, with `image_mask`
     (B, T_img) ((B, 1) for samples without one: a pair's single image); the DataSpec normalises them on the
-    device. Samples built by hand in the model's padded form (`vision_x`, no labels) give `vision_x` and get their
-    labels here from `labels_of`. Plus input_ids, attention_mask, labels, text_time (B, L) (`media_text_time`),
-    skipped. `pin_memory`: every tensor in pinned memory, for asynchronous copies to the GPU.
+    device. Samples built by hand without labels (`data/fake_batches.py`) get theirs here from `labels_of`; their
+    images may be the model's floats already (the DataSpec then leaves them). Plus input_ids, attention_mask,
+    labels, text_time (B, L) (`media_text_time`), skipped. `pin_memory`: every tensor in pinned memory, for
+    asynchronous copies to the GPU.
     """
     if not samples:
         raise ValueError(f"collate ({kind}): no samples to collate")
@@ -51,25 +52,18 @@ def collate_samples(
         labels = labels_of(input_ids, special, attention_mask)  # (B, L): hand-built samples
     text_time = media_text_time(input_ids, special.media)  # (B, L): computed once, on the host
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, TEXT_TIME: text_time}
-    if "images" in samples[0]:
-        for i, sample in enumerate(samples):
-            slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
-            if sample["images"].dtype != torch.uint8 or sample["images"].shape[0] != slots:
-                raise ValueError(
-                    f"collate ({kind}): sample {i} has images {tuple(sample['images'].shape)} "
-                    f"{sample['images'].dtype} for {slots} image slots (expected uint8, one per slot)"
-                )
-        batch["images"] = field("images", cat=True)  # (N, 3, H, W) uint8: the real images, row by row
-        if "image_mask" in samples[0]:
-            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
-        else:
-            batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): one image per pair
-    else:  # hand-built samples in the model's form (tests, benchmarks/bench.py)
-        batch["vision_x"] = field("vision_x").float()  # (B, T_img, 1, 3, H, W)
-        if "image_mask" in samples[0]:
-            batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
-        else:
-            batch["image_mask"] = torch.ones(batch["vision_x"].shape[:2], dtype=torch.bool)  # (B, T_img)
+    for i, sample in enumerate(samples):
+        slots = int(sample["image_mask"].sum()) if "image_mask" in sample else 1
+        if sample["images"].dim() != 4 or sample["images"].shape[0] != slots:
+            raise ValueError(
+                f"collate ({kind}): sample {i} has images {tuple(sample['images'].shape)} for {slots} image slots "
+                "(expected (slots, 3, H, W), one image per filled slot)"
+            )
+    batch["images"] = field("images", cat=True)  # (N, 3, H, W): the real images, row by row (uint8 from the loader)
+    if "image_mask" in samples[0]:
+        batch["image_mask"] = field("image_mask").bool()  # (B, T_img)
+    else:
+        batch["image_mask"] = torch.ones((len(samples), 1), dtype=torch.bool)  # (B, 1): one image per pair
     if pin_memory:
         batch = {name: t if t.is_pinned() else t.pin_memory() for name, t in batch.items()}
     batch["skipped"] = dict(skipped or {})

@@ -78,17 +78,19 @@ def _image_span(sub: Mapping[str, Any], rows: slice) -> slice:
     return slice(start, start + int(per_row[rows].sum()))
 
 
-def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
-    """The rows `rows` of a sub-batch (and their images), with its whole-batch values (the step's global
-    supervised-token counts, training/loss.py); per-batch bookkeeping (`skipped`, `position`, `keys`) stays with
-    the full batch, which the callbacks read."""
-    part = {
-        field: value[rows] if _is_row_tensor(field, value) else value
-        for field, value in sub.items()
-        if field not in PER_BATCH_KEYS
-    }
+def select_rows(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+    """The rows `rows` of a sub-batch with their compact images; values that are not per row (the step's global
+    supervised-token counts, `skipped`) as they are."""
+    part = {field: value[rows] if _is_row_tensor(field, value) else value for field, value in sub.items()}
     if "images" in sub:
         part["images"] = sub["images"][_image_span(sub, rows)]  # (N_rows, 3, H, W)
+    return part
+
+
+def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+    """A microbatch: `select_rows` of the sub-batch, trimmed, with its host indices. Per-batch bookkeeping
+    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
+    part = select_rows({field: value for field, value in sub.items() if field not in PER_BATCH_KEYS}, rows)
     return add_host_indices(_trim_padding(part))
 
 
@@ -157,15 +159,15 @@ class NormalizeImages:
     """microbatch_transforms: each sub-batch's compact uint8 `images` (N, 3, H, W) -> the model's float images.
 
     On the device, after Composer's `batch_to_device`: `/255` and the transform's Normalize on the N real images
-    (`SplitImageTransform.normalize`); which slot each fills travels as the host's `image_slots`. A sub-batch
-    without `images` (hand-built in the model's padded `vision_x` form) is left as it is.
+    (`SplitImageTransform.normalize`); which slot each fills travels as the host's `image_slots`. Images that are
+    floats already (hand-built batches in the model's form, `data/fake_batches.py`) are left as they are.
     """
 
     def __init__(self, image_transform: SplitImageTransform | None):
         self.image_transform = image_transform
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: self.normalize(sub) if "images" in sub else sub for name, sub in batch.items()}
+        return {name: self.normalize(sub) if sub["images"].dtype == torch.uint8 else sub for name, sub in batch.items()}
 
     def normalize(self, sub: Mapping[str, Any]) -> dict[str, Any]:
         if self.image_transform is None:
@@ -179,7 +181,7 @@ class NormalizeImages:
 def build_dataspec(loader: Iterable[dict]) -> DataSpec:
     """Composer DataSpec for the loader's batches: our split in the loader's `forward_order`, the sample/token
     counts of every dataset, and the device image normalisation with the loader's `image_transform` (none: the
-    batches must carry `vision_x` already).
+    batches must carry float images already).
 
     `loader` is a DualBatchLoader or any iterable of batches with a `batch_size` (tests, benchmarks; their
     datasets then take the default-kind names' order).

@@ -172,7 +172,7 @@ class DualBatchLoader:
 
     `rewind_each_epoch=True` (held-out evaluation) restarts every stream at item 0 on each `__iter__`, so every
     evaluation sees the same batches. `image_transform`: the split transform whose normalisation the DataSpec
-    applies on the device (None: the batches carry the model's `vision_x` already). `forward_order`: the order
+    applies on the device (None: the batches carry the model's float images already). `forward_order`: the order
     the DataSpec runs the datasets' microbatches in (data/kinds.forward_order; None: the default-kind names').
     """
 

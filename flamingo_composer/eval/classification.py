@@ -83,8 +83,8 @@ def _padded(class_tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
 def class_log_likelihoods(
     model,
     *,
-    vision_x: torch.Tensor,
-    image_mask: torch.Tensor | None,
+    images: torch.Tensor,
+    image_mask: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     class_tokens: Sequence[Sequence[int]],
@@ -94,14 +94,15 @@ def class_log_likelihoods(
 ) -> torch.Tensor:
     """(B, C) float32 on CPU: each class name's mean (or summed) token log-probability after each prompt.
 
-    model: our Flamingo (eval mode); vision_x (B, T_img, 1, 3, H, W); input_ids / attention_mask (B, L), left-padded.
+    model: our Flamingo (eval mode); images (N, 3, H, W) with image_mask (B, T_img); input_ids / attention_mask
+    (B, L), left-padded.
     """
     lm = model.lang_encoder
     if use_cache and not no_cache(lm):
         raise ValueError(f"{type(lm).__name__} takes no use_cache: classify with kv_cache: false")
     device = input_ids.device
     b, length = input_ids.shape
-    media = model.encode_media(vision_x, image_mask)  # (B, T_img, n_lat, D)
+    media = model.encode_media(images, image_mask)  # (B, T_img, n_lat, D)
     prompt_time = media_text_time(input_ids, model.media_token_id)  # (B, L)
     query_image = prompt_time[:, -1]  # (B,): class tokens attend to the prompt's last image
     pad_id = model.special_token_ids["pad"]

@@ -23,11 +23,9 @@ from flamingo_composer.eval import prompts
 from flamingo_composer.eval.class_datasets import ClassExample, read_class_names
 from flamingo_composer.eval.class_metrics import summarize
 from flamingo_composer.eval.classification import class_log_likelihoods, class_token_ids
-from flamingo_composer.eval.generation import images_to_vision_x, tokenize_prompts
+from flamingo_composer.eval.generation import MODEL_INPUTS, stack_images, tokenize_prompts
 from flamingo_composer.eval.protocol import ensemble_size
 from flamingo_composer.eval.tasks import FewShotTask
-
-MODEL_INPUTS = ("vision_x", "image_mask", "input_ids", "attention_mask")
 
 
 class ClassificationTask(FewShotTask):
@@ -81,8 +79,8 @@ class ClassificationTask(FewShotTask):
                 text, paths = self.prompt(plan.queries[pos], query_orders[p], shot)
                 texts.append(text)
                 images.append([self._image(path) for path in paths])
-            vision_x, image_mask = images_to_vision_x(images)  # (B, T, 1, 3, H, W), (B, T)
-            inputs.append({"vision_x": vision_x, "image_mask": image_mask, **tokenize_prompts(self.tokenizer, texts)})
+            stacked, image_mask = stack_images(images)  # (N, 3, H, W), (B, T)
+            inputs.append({"images": stacked, "image_mask": image_mask, **tokenize_prompts(self.tokenizer, texts)})
         examples = [self.test[plan.queries[pos]] for pos in positions]
         return {
             "fewshot": {"task": self.cfg.name, "kind": "classification", "shot": shot, "trial": trial,

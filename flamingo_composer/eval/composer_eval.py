@@ -154,7 +154,7 @@ class FewShotComposerModel(FlamingoComposerModel):
 
             return classify_batch(self.model, batch)[0]
         texts = generate_text(
-            self.model, self.tokenizer, vision_x=batch["vision_x"], image_mask=batch["image_mask"],
+            self.model, self.tokenizer, images=batch["images"], image_mask=batch["image_mask"],
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], settings=info["settings"],
         )  # fmt: skip
         return [postprocess(info.get("postprocess", info["kind"]), t) for t in texts]

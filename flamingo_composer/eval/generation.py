@@ -1,8 +1,8 @@
 """Batched few-shot generation: prompts with their images -> model inputs -> `Flamingo.generate` -> new text.
 
 As the reference's eval model: text tokenised with the tokenizer's defaults, left padding to the longest prompt
-(truncation at 2,000 tokens), images through the model's eval transform into vision_x (B, T_img, 1, 3, H, W)
-zero-padded to the longest image list (`image_mask` marks the real ones); beam search (3 beams, length_penalty 0)
+(truncation at 2,000 tokens), images through the model's eval transform, stacked (N, 3, H, W) with `image_mask`
+(B, T_img) marking each query's slots up to the longest image list; beam search (3 beams, length_penalty 0)
 or greedy, stopping at `<|endofchunk|>`; only the new tokens are decoded, special tokens skipped.
 `Flamingo.generate` encodes each image once per query (the latents are shared by its beams) and the LM runs
 with its KV cache.
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 MAX_PROMPT_TOKENS = 2000
+MODEL_INPUTS = ("images", "image_mask", "input_ids", "attention_mask")  # what a few-shot batch feeds the model
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,16 @@ def load_image(path: str) -> Image.Image:
         raise OSError(f"cannot read image {path}: {exc}") from exc
 
 
-def images_to_vision_x(tensors: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query lists of transformed images (3, H, W) -> vision_x (B, T_max, 1, 3, H, W) zero-padded and
-    image_mask (B, T_max) bool."""
-    sample = next(t for row in tensors for t in row)
-    t_max = max(len(row) for row in tensors)
-    vision_x = sample.new_zeros(len(tensors), t_max, 1, *sample.shape)  # (B, T_max, 1, 3, H, W)
-    image_mask = torch.zeros(len(tensors), t_max, dtype=torch.bool)  # (B, T_max)
+def stack_images(tensors: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query lists of transformed images (3, H, W) -> the model's images (N, 3, H, W), query by query, and
+    image_mask (B, T_max) bool (each query's first len(list) slots)."""
+    flat = [t for row in tensors for t in row]
+    if not flat:
+        raise ValueError("stack_images: the queries hold no image")
+    image_mask = torch.zeros(len(tensors), max(len(row) for row in tensors), dtype=torch.bool)  # (B, T_max)
     for b, row in enumerate(tensors):
-        for t, tensor in enumerate(row):
-            vision_x[b, t, 0] = tensor
-            image_mask[b, t] = True
-    return vision_x, image_mask
+        image_mask[b, : len(row)] = True
+    return torch.stack(flat), image_mask  # (N, 3, H, W), (B, T_max)
 
 
 def tokenize_prompts(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -81,7 +80,7 @@ def generate_text(
     model,
     tokenizer,
     *,
-    vision_x: torch.Tensor,
+    images: torch.Tensor,
     image_mask: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -92,10 +91,10 @@ def generate_text(
     model.eval()
     try:
         out = model.generate(
-            vision_x=vision_x,  # (B, T_img, 1, 3, H, W)
+            images=images,  # (N, 3, H, W)
+            image_mask=image_mask,  # (B, T_img)
             input_ids=input_ids,  # (B, L)
             attention_mask=attention_mask,  # (B, L)
-            image_mask=image_mask,  # (B, T_img)
             use_cache=True,
             **settings.generate_kwargs(),
         )  # (B, L + new)

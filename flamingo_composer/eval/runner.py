@@ -12,11 +12,9 @@ from typing import Any
 
 from composer.utils import dist
 
-from flamingo_composer.eval.generation import generate_text
+from flamingo_composer.eval.generation import MODEL_INPUTS, generate_text
 from flamingo_composer.eval.postprocess import postprocess
 from flamingo_composer.eval.tasks import FewShotTask, score_records
-
-MODEL_INPUTS = ("vision_x", "image_mask", "input_ids", "attention_mask")
 
 
 def results_file_rows(kind: str, predictions: list[tuple[Any, Any, Any]], class_names=()) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """A configured few-shot task: its examples, the prompts and batches of each trial, and the scoring.
 
 Shared by the Composer evaluators (composer_eval.py) and flamingo-evaluate, so both run the same protocol.
-A batch is a dict: model inputs (`vision_x`, `image_mask`, `input_ids`, `attention_mask`) plus `fewshot`
+A batch is a dict: model inputs (`images`, `image_mask`, `input_ids`, `attention_mask`) plus `fewshot`
 (task name, kind, trial, generation settings), `ids` and `references` (what the metric scores against).
 """
 
@@ -28,8 +28,8 @@ from flamingo_composer.eval.datasets import (
 )
 from flamingo_composer.eval.generation import (
     GenerationSettings,
-    images_to_vision_x,
     load_image,
+    stack_images,
     tokenize_prompts,
 )
 from flamingo_composer.eval.protocol import TrialPlan, plan_trial, rank_batches
@@ -211,14 +211,14 @@ class FewShotTask:
             images.append([self._image(p) for p in paths])
             ids.append(example.id)
             refs.append(self.references(example))
-        vision_x, image_mask = images_to_vision_x(images)  # (B, T, 1, 3, H, W), (B, T)
+        stacked, image_mask = stack_images(images)  # (N, 3, H, W), (B, T)
         return {
             "fewshot": {"task": self.cfg.name, "kind": self.cfg.kind, "shot": shot, "trial": trial,
                         "num_trials": self.cfg.num_trials, "caption_tokenizer": self.cfg.caption_tokenizer,
                         "settings": self.settings, "postprocess": self.postprocess_name},
             "ids": ids,
             "references": refs,
-            "vision_x": vision_x,
+            "images": stacked,
             "image_mask": image_mask,
             **tokenize_prompts(self.tokenizer, texts),
         }  # fmt: skip

@@ -127,44 +127,38 @@ class Flamingo(nn.Module):
         return self
 
     def encode_media(
-        self,
-        vision_x: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
-        *,
-        images: torch.Tensor | None = None,
-        image_slots: torch.Tensor | None = None,
+        self, images: torch.Tensor, image_mask: torch.Tensor, image_slots: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The images of a batch -> media latents (B, T_img, n, D); empty slots stay zero, never encoded.
+        """A batch's images -> media latents (B, T_img, n, D); empty slots stay zero, never encoded.
 
-        Compact form (training): `images` (N, 3, H, W), the batch's real images in slot order, `image_mask`
-        (B, T_img), and `image_slots` (N,) the flat slot (b * T_img + t) of each image, computed on the host; nothing
-        here then depends on the data's values. Padded form (the reference's interface, evaluation): `vision_x`
-        (B, T_img, 1, C, H, W), its occupied slots from `image_mask` or, when None, the slots that are not all zero.
+        `images` (N, 3, H, W): the batch's real images in slot order (row by row); `image_mask` (B, T_img): which
+        slots hold one; `image_slots` (N,): the flat slot b * T_img + t of each image. Training batches bring the
+        slots from the host (data/host_indices.py), so nothing here depends on the data's values; without them
+        (evaluation, generation) they are read from the mask, one host read per call.
         """
-        if images is None:
-            images, image_mask = compact_images(vision_x, image_mask)
         if image_mask is None or image_mask.dim() != 2 or images.dim() != 4:
             raise ValueError(
                 "images must be (N, 3, H, W) with image_mask (B, T_img), got "
                 f"{tuple(images.shape)} and {None if image_mask is None else tuple(image_mask.shape)}"
             )
         b, t_img = image_mask.shape
-        if image_slots is None:  # reads the mask's values: the hand-built and evaluation path
+        if image_slots is None:
             image_slots = image_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
-        latents = self.perceiver(patch_tokens(self.vision_encoder, images)[:, None, None])[:, 0]  # (N, n, D)
+        if image_slots.shape[0] != images.shape[0]:  # shapes only: nothing read from the device
+            raise ValueError(f"{images.shape[0]} images for {image_slots.shape[0]} filled image slots (image_mask)")
+        latents = self.perceiver(patch_tokens(self.vision_encoder, images))  # (N, n, D)
         media = latents.new_zeros(b * t_img, *latents.shape[1:])  # (B * T_img, n, D)
         return media.index_copy(0, image_slots.to(latents.device), latents).view(b, t_img, *latents.shape[1:])
 
     def forward(
         self,
-        vision_x: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
+        images: torch.Tensor,
+        image_mask: torch.Tensor,
+        input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
-        final_hidden_states: bool = False,
         *,
-        images: torch.Tensor | None = None,
+        final_hidden_states: bool = False,
         image_slots: torch.Tensor | None = None,
         text_time: torch.Tensor | None = None,
         text_segments: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -172,16 +166,16 @@ class Flamingo(nn.Module):
     ):
         """Returns the LM's CausalLMOutputWithPast: logits (B, L, len(tokenizer)), HF shifted loss if labels.
 
-        Images come padded (`vision_x`) or compact (`images`, `image_slots`: see `encode_media`). Training batches
-        also bring what the host computed from the tokens, so the step reads nothing back from the device:
-        `text_time` (B, L) (`media_text_time`) and `text_segments` (`cross_attention.image_segments`).
+        Images as `encode_media` takes them. Training batches also bring what the host computed from the tokens,
+        so the step reads nothing back from the device: `image_slots`, `text_time` (B, L) (`media_text_time`) and
+        `text_segments` (`cross_attention.image_segments`).
 
         `final_hidden_states=True`: the LM's last hidden states (B, L, D) instead (final norm applied, before
         `output_head`, so `logit_transform.apply(output_head(h))` equals the logits), for a loss that projects only
         the positions it needs (never a (B, L, V) tensor). Called through this module (not a separate method) so
         FSDP's hooks run.
         """
-        media = self.encode_media(vision_x, image_mask, images=images, image_slots=image_slots)  # (B, T_img, n, D)
+        media = self.encode_media(images, image_mask, image_slots)  # (B, T_img, n, D)
         if input_ids.dim() != 2 or media.shape[0] != input_ids.shape[0]:
             raise ValueError(f"input_ids must be (B, L) with B = the images' batch {media.shape[0]}, got "
                              f"{tuple(input_ids.shape)}")  # fmt: skip
@@ -212,10 +206,10 @@ class Flamingo(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        vision_x: torch.Tensor,
+        images: torch.Tensor,
+        image_mask: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ):
         """Encode the images once, then `lang_encoder.generate` with them held for the whole call.
@@ -223,7 +217,7 @@ class Flamingo(nn.Module):
         Each step's tokens get text_time from the full sequence so far (prompt + generated), so incremental
         tokens with a KV cache keep attending to the most recent image. Stops at `<|endofchunk|>` by default.
         """
-        media = self.encode_media(vision_x, image_mask)  # (B, T_img, n, D)
+        media = self.encode_media(images, image_mask)  # (B, T_img, n, D)
         generate_kwargs.setdefault("eos_token_id", self.special_token_ids["endofchunk"])
         generate_kwargs.setdefault("pad_token_id", self.special_token_ids["pad"])
         conditioning = MediaConditioning(media=media)
@@ -249,35 +243,6 @@ class Flamingo(nn.Module):
                 return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         finally:
             del lm.prepare_inputs_for_generation  # back to the class method
-
-
-def compact_images(
-    vision_x: torch.Tensor | None, image_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's padded `vision_x` (B, T_img, 1, C, H, W) -> (images (N, C, H, W), image_mask (B, T_img)):
-    the occupied slots (`image_mask`, or the slots that are not all zero) in slot order. Boolean indexing: a host
-    read, fine at this interface, never on the training path."""
-    if vision_x is None or vision_x.dim() != 6 or vision_x.shape[2] != 1:
-        shape = None if vision_x is None else tuple(vision_x.shape)
-        raise ValueError(f"vision_x must be (B, T_img, 1, C, H, W) (one frame per image), got {shape}")
-    b, t_img = vision_x.shape[:2]
-    if image_mask is None:
-        image_mask = vision_x.flatten(2).ne(0).any(dim=-1)  # (B, T_img)
-    elif image_mask.shape != (b, t_img):
-        raise ValueError(f"image_mask shape {tuple(image_mask.shape)} != vision_x slots {(b, t_img)}")
-    image_mask = image_mask.to(device=vision_x.device, dtype=torch.bool)  # (B, T_img)
-    return vision_x[:, :, 0][image_mask], image_mask  # (N, C, H, W), (B, T_img)
-
-
-def padded_vision_x(images: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-    """The inverse of `compact_images`, for the reference's interface: images (N, C, H, W) in slot order and
-    image_mask (B, T_img) -> vision_x (B, T_img, 1, C, H, W), empty slots zero. The gather index is a cumulative
-    sum of the mask, so it reads nothing back from the device."""
-    b, t_img = image_mask.shape
-    padded = torch.cat([images, images.new_zeros((1, *images.shape[1:]))])  # (N + 1, C, H, W): row N = zeros
-    flat = image_mask.reshape(-1).to(images.device)  # (B * T_img,)
-    index = torch.where(flat, flat.long().cumsum(0) - 1, images.shape[0])  # (B * T_img,): its image or the zeros
-    return padded.index_select(0, index).view(b, t_img, 1, *images.shape[1:])  # (B, T_img, 1, C, H, W)
 
 
 def _head_in_forward(lm: nn.Module) -> bool:

@@ -113,25 +113,25 @@ class PerceiverAttention(nn.Module):
             self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """media (B, T, v, D), latents (B, T, n, D) -> (B, T, n, D)."""
-        media = self.norm_media(media)  # (B, T, v, D)
-        latents = self.norm_latents(latents)  # (B, T, n, D)
-        q = self.to_q(latents)  # (B, T, n, h*d)
-        kv_input = torch.cat((media, latents), dim=-2)  # (B, T, v + n, D)
-        k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # 2 x (B, T, v + n, h*d)
+        """media (N, v, D), latents (N, n, D) -> (N, n, D)."""
+        media = self.norm_media(media)  # (N, v, D)
+        latents = self.norm_latents(latents)  # (N, n, D)
+        q = self.to_q(latents)  # (N, n, h*d)
+        kv_input = torch.cat((media, latents), dim=-2)  # (N, v + n, D)
+        k, v = self.to_kv(kv_input).chunk(2, dim=-1)  # 2 x (N, v + n, h*d)
         if self.qk_norm:
             q, k = norm_heads(q, self.q_norm, self.heads), norm_heads(k, self.k_norm, self.heads)
-        q = split_heads(q, self.heads)  # (B, T, h, n, d)
-        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (B, T, h, v + n, d)
-        out = attention(q, k, v)  # (B, T, h, n, d)
-        return self.to_out(merge_heads(out))  # (B, T, n, D)
+        q = split_heads(q, self.heads)  # (N, h, n, d)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)  # (N, h, v + n, d)
+        out = attention(q, k, v)  # (N, h, n, d)
+        return self.to_out(merge_heads(out))  # (N, n, D)
 
 
 class PerceiverResampler(nn.Module):
-    """(B, T_img, F, v, D) patch tokens -> (B, T_img, num_latents, D), each image resampled independently.
+    """Patch tokens (N, v, D) -> latents (N, num_latents, D), each image resampled independently.
 
-    No media-time or frame embeddings (the released models have none); the F frames of one image are
-    concatenated along the token axis.
+    One frame per image and no media-time or frame embeddings: the released models have none, so the reference's
+    (B, T_img, F, v, D) axes reduce to one image axis and its parameters load unchanged.
     """
 
     def __init__(
@@ -154,13 +154,11 @@ class PerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"PerceiverResampler expects (B, T_img, F, v, D) patch tokens, got shape {tuple(x.shape)}")
-        b, t, f, v, d = x.shape
-        media = x.reshape(b, t, f * v, d)  # (B, T, F*v, D)
-        latents = self.latents.expand(b, t, *self.latents.shape)  # (B, T, n, D)
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        if media.dim() != 3:
+            raise ValueError(f"PerceiverResampler expects patch tokens (N, v, D), got shape {tuple(media.shape)}")
+        latents = self.latents.expand(media.shape[0], *self.latents.shape)  # (N, n, D)
         for attn, ff in self.layers:
-            latents = attn(media, latents) + latents  # (B, T, n, D)
-            latents = ff(latents) + latents  # (B, T, n, D)
-        return self.norm(latents)  # (B, T, n, D)
+            latents = attn(media, latents) + latents  # (N, n, D)
+            latents = ff(latents) + latents  # (N, n, D)
+        return self.norm(latents)  # (N, n, D)

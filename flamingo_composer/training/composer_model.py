@@ -33,17 +33,14 @@ from flamingo_composer.training.loss import (
 
 __all__ = ["REQUIRED_TRAINER_KWARGS", "FinalHidden", "FlamingoComposerModel", "heldout_metric_names"]
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
-IMAGE_KEYS = ("images", "vision_x")  # compact (with image_mask) or padded
+MODEL_INPUT_KEYS = ("images", "image_mask", "input_ids", "attention_mask")
 
 
 def _check_model_inputs(name: str, sub: Mapping[str, Any]) -> int:
     """Rows of sub-batch `name` (0 for a zero-row part); KeyError naming what is missing."""
     missing = [k for k in MODEL_INPUT_KEYS if k not in sub]
-    if not any(k in sub for k in IMAGE_KEYS):
-        missing.append(" or ".join(IMAGE_KEYS))
     if missing:
-        raise KeyError(f"batch['{name}'] lacks {missing} (needs {[*MODEL_INPUT_KEYS, ' or '.join(IMAGE_KEYS)]})")
+        raise KeyError(f"batch['{name}'] lacks {missing} (needs {list(MODEL_INPUT_KEYS)})")
     return int(sub["input_ids"].shape[0])
 
 
@@ -95,16 +92,14 @@ class FlamingoComposerModel(ComposerModel):
         without the attention mask (transformers' mask builder would read the mask back from the device to see
         whether it can skip it). Evaluation passes it."""
         inputs = {
+            "images": sub["images"],  # (N, 3, H, W) floats, after the DataSpec's normalisation
+            "image_mask": sub["image_mask"],  # (B, T_img)
             "input_ids": sub["input_ids"],  # (B, L)
             "attention_mask": None if self.training else sub["attention_mask"],  # (B, L)
-            "image_mask": sub.get("image_mask"),  # (B, T_img) or None
+            "image_slots": sub.get(IMAGE_SLOTS),  # (N,) or None
             "text_time": sub.get(TEXT_TIME),  # (B, L) or None
             "text_segments": text_segments_of(sub),
         }
-        if "images" in sub:  # compact: (N, 3, H, W) floats and the slot of each
-            inputs.update(images=sub["images"], image_slots=sub.get(IMAGE_SLOTS))
-        else:  # hand-built in the padded form
-            inputs["vision_x"] = sub["vision_x"]  # (B, T_img, 1, 3, H, W)
         if self.training and self.model.output_head is not None:  # the loss projects the supervised positions
             return FinalHidden(self.model(**inputs, final_hidden_states=True))  # (B, L, D)
         return self.model(**inputs).logits  # (B, L, V)

@@ -208,13 +208,10 @@ class FlamingoFlops:
         for name, sub in batch.items():
             if not isinstance(sub, Mapping) or "input_ids" not in sub:
                 continue
-            if "vision_x" in sub:
-                b, t_img, frames = sub["vision_x"].shape[:3]  # (B, T_img, F, C, H, W)
-            else:  # the loader's compact form: uint8 images of the real slots, one frame each
-                (b, t_img), frames = sub["image_mask"].shape, 1  # (B, T_img)
-            images = _images_encoded(sub)  # empty slots are neither encoded nor resampled
-            vision = self.vision_per_image * images * frames
-            perceiver = self.perceiver_per_image(self.vision_tokens * frames) * images
+            b, t_img = sub["image_mask"].shape  # (B, T_img)
+            images = int(torch.as_tensor(sub["image_mask"]).sum())  # empty slots are neither encoded nor resampled
+            vision = self.vision_per_image * images
+            perceiver = self.perceiver_per_image(self.vision_tokens) * images
             text_tokens = sub["input_ids"].shape[1]
             runs = self._image_runs(sub["input_ids"], t_img)
             lm = self.lm_layers_per_sample(text_tokens, t_img * self.num_latents, runs) * b
@@ -225,15 +222,6 @@ class FlamingoFlops:
                 head = self.head(text_tokens * b)
             flops[name] = float(vision + perceiver + lm + head)
         return flops
-
-
-def _images_encoded(sub: Mapping[str, Any]) -> int:
-    """Image slots that hold an image: the image mask, or non-zero slots when none is given."""
-    image_mask = sub.get("image_mask")
-    if image_mask is not None:
-        return int(torch.as_tensor(image_mask).sum())
-    vision_x = sub["vision_x"]  # (B, T_img, F, C, H, W)
-    return int((vision_x.flatten(2).abs().sum(-1) > 0).sum())
 
 
 def flamingo_flops_per_batch(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, float]:
