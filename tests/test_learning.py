@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_utils import LossRecorder, device_vision_x
+from step_utils import LossRecorder
 from train_helpers import RUN_YAML
 
+from flamingo_composer.data.dataspec import NormalizeImages
 from flamingo_composer.data.dual_loader import build_dual_loader
 from flamingo_composer.models.factory import build_flamingo
-from flamingo_composer.models.reference_images import compact_images
 from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.training.config import load_config
 from flamingo_composer.training.run import train_from_config
@@ -62,28 +62,25 @@ def _held_out_batches(data_root: Path, count: int = 2) -> list[dict]:
     bundle = build_flamingo(cfg.model)
     loader = build_dual_loader(cfg.data, bundle.tokenizer, bundle.image_transform, for_eval=True)
     batches = list(itertools.islice(iter(loader), count))
-    for batch in batches:  # the model's images, in the padded form this test permutes
-        for sub in batch.values():
-            sub["vision_x"] = device_vision_x(loader.image_transform, sub)  # (B, T_img, 1, 3, H, W)
-    return batches
+    normalize = NormalizeImages(loader.image_transform)  # the model's float images, as the DataSpec makes them
+    return [normalize(batch) for batch in batches]
 
 
-def _loss(flamingo, sub: dict, vision_x: torch.Tensor) -> float:
-    """The loss with `vision_x` (B, T_img, 1, 3, H, W), possibly permuted, in the slots of `sub`'s image_mask."""
-    images, image_mask = compact_images(vision_x, sub["image_mask"])  # (N, 3, H, W), (B, T_img)
-    out = flamingo(
-        images,
-        image_mask,
-        input_ids=sub["input_ids"],
-        attention_mask=sub["attention_mask"],
-        labels=sub["labels"],
-    )
+def _loss(flamingo, sub: dict, images: torch.Tensor) -> float:
+    """The loss with `images` (N, 3, H, W), possibly permuted, in the slots of `sub`'s image_mask."""
+    out = flamingo(images, sub["image_mask"], sub["input_ids"], sub["attention_mask"], labels=sub["labels"])
     return out.loss.item()
 
 
-def _rows(sub: dict, rows: list[int]) -> dict:
-    """The per-row fields `_loss` reads, of `rows` (the loader's compact `images` are per image, not per row)."""
-    return {k: sub[k][rows] for k in ("vision_x", "image_mask", "input_ids", "attention_mask", "labels")}
+def _documents_with_two_images(sub: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The rows of `sub` that hold 2 images or more, their images, and their images rotated by one within each
+    row (each chunk gets a sibling's image)."""
+    counts = sub["image_mask"].sum(1)  # (B,)
+    starts = counts.cumsum(0) - counts  # (B,): each row's first image
+    rows = [i for i in range(len(counts)) if counts[i] >= 2]
+    spans = [sub["images"][starts[i] : starts[i] + counts[i]] for i in rows]  # (n_i, 3, H, W) each
+    part = {k: sub[k][rows] for k in ("image_mask", "input_ids", "attention_mask", "labels")}
+    return part, torch.cat(spans), torch.cat([span.roll(1, dims=0) for span in spans])
 
 
 def image_use_gaps(flamingo, batches: list[dict]) -> dict[str, tuple[float, float]]:
@@ -94,21 +91,11 @@ def image_use_gaps(flamingo, batches: list[dict]) -> dict[str, tuple[float, floa
     with torch.no_grad():
         for batch in batches:
             laion = batch["laion"]
-            sums["laion"][0] += _loss(flamingo, laion, laion["vision_x"])
-            sums["laion"][1] += _loss(
-                flamingo, laion, laion["vision_x"].roll(1, dims=0)
-            )  # another sample's image
-            mmc4 = batch["mmc4"]
-            docs = [i for i, mask in enumerate(mmc4["image_mask"]) if mask.sum() >= 2]
-            sub = _rows(mmc4, docs)
-            permuted = sub["vision_x"].clone()  # (B, T_img, 1, 3, H, W)
-            for row, mask in enumerate(sub["image_mask"]):
-                slots = mask.nonzero().flatten()
-                permuted[row, slots] = sub["vision_x"][
-                    row, slots.roll(1)
-                ]  # each chunk gets a sibling's image
-            sums["mmc4"][0] += _loss(flamingo, sub, sub["vision_x"])
-            sums["mmc4"][1] += _loss(flamingo, sub, permuted)
+            sums["laion"][0] += _loss(flamingo, laion, laion["images"])
+            sums["laion"][1] += _loss(flamingo, laion, laion["images"].roll(1, dims=0))  # another sample's image
+            docs, images, rotated = _documents_with_two_images(batch["mmc4"])
+            sums["mmc4"][0] += _loss(flamingo, docs, images)
+            sums["mmc4"][1] += _loss(flamingo, docs, rotated)
     flamingo.train(was_training)
     return {
         name: (true / len(batches), mismatched / len(batches)) for name, (true, mismatched) in sums.items()
