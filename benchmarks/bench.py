@@ -10,10 +10,11 @@ captions of 2 to max_tokens - 4 words, documents filling max_tokens), labelled b
 uint8 images normalised on the device as the loader's are; `--data loader` reads the
 config's data through the real loaders (decoding included).
 
-Printed: samples/s per dataset, tokens/s, the frozen-aware FLOP/s (training/flops.py) and the same machine's
-dense matmul FLOP/s measured in this run (a timed square matmul in the training dtype), their ratio, and peak
-memory (CUDA max allocated, or the process's max RSS on CPU). On CPU also `peak_tensor_bytes`: the tensors that
-live across steps plus the peak one more (untimed) step allocates, as CUDA's max allocated counts them.
+Printed: samples/s per dataset (`<name>_samples_per_s`) and in all, tokens/s, the frozen-aware FLOP/s
+(training/flops.py) and the same machine's dense matmul FLOP/s measured in this run (a timed square matmul in the
+training dtype), their ratio, and peak memory (CUDA max allocated, or the process's max RSS on CPU). On CPU also
+`peak_tensor_bytes`: the tensors that live across steps plus the peak one more (untimed) step allocates, as CUDA's
+max allocated counts them.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         for key, value in record.items():
             totals[key] = totals.get(key, 0.0) + value
     achieved = totals["flops"] / seconds
+    names = list(cfg.data.enabled())  # every enabled dataset, whatever its name
     result = {
         "config": str(args.config),
         "data": args.data,
@@ -261,11 +263,10 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "step_time_s": seconds / args.steps,
-        "laion_samples_per_s": totals.get("laion_samples", 0.0) / seconds,
-        "mmc4_samples_per_s": totals.get("mmc4_samples", 0.0) / seconds,
-        "tokens_per_s": (totals.get("laion_tokens", 0.0) + totals.get("mmc4_tokens", 0.0)) / seconds,
-        "nonpad_tokens_per_s": (totals.get("laion_nonpad_tokens", 0.0) + totals.get("mmc4_nonpad_tokens", 0.0))
-        / seconds,
+        **{f"{name}_samples_per_s": totals.get(f"{name}_samples", 0.0) / seconds for name in names},
+        "samples_per_s": sum(totals.get(f"{name}_samples", 0.0) for name in names) / seconds,
+        "tokens_per_s": sum(totals.get(f"{name}_tokens", 0.0) for name in names) / seconds,
+        "nonpad_tokens_per_s": sum(totals.get(f"{name}_nonpad_tokens", 0.0) for name in names) / seconds,
         "flops_per_step": totals["flops"] / args.steps,
         "achieved_flops_per_s": achieved,
         "matmul_flops_per_s": matmul,

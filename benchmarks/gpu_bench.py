@@ -135,7 +135,7 @@ def summarise(results: list[dict], peak_flops: float | None) -> dict:
             continue
         on_cpu = result["device"].startswith("cpu")
         peak = peak_flops or (None if on_cpu else known_peak_flops(result["device"])) or result["matmul_flops_per_s"]
-        samples = result["laion_samples_per_s"] + result["mmc4_samples_per_s"]
+        samples = result["samples_per_s"]
         mfu = result["achieved_flops_per_s"] / peak
         rows[result["variant"]] = {
             "step_time_s": round(result["step_time_s"], 4),

@@ -245,34 +245,25 @@ def test_speed_monitor_reports_flops(bundle):
 
 
 def test_bench_prints_one_json_line_of_figures(tmp_path_factory, capsys):
-    """benchmarks/bench.py through the real entry point (tiny run.yaml model, in-memory batches, 2 timed steps)."""
+    """benchmarks/bench.py through the real entry point (tiny run.yaml model plus a third named dataset, in-memory
+    batches, 2 timed steps): samples/s of every dataset by its name."""
     import json
 
-    from train_helpers import RUN_YAML, small_data
+    from train_helpers import RUN_YAML, THIRD, small_data, third_dataset_overrides
 
     from benchmarks import bench
     data_root = small_data(tmp_path_factory)
-    argv = [
-        "--config",
-        str(RUN_YAML),
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--matmul-size",
-        "256",
-        f"variables.data_root={data_root}",
-        "data.laion.batch_size=4",
-        "data.mmc4.batch_size=2",
-    ]
+    argv = ["--config", str(RUN_YAML), "--steps", "2", "--warmup", "1", "--matmul-size", "256",
+            f"variables.data_root={data_root}", "data.laion.batch_size=4", "data.mmc4.batch_size=2",
+            *third_dataset_overrides(data_root, batch_size=4)]  # fmt: skip
     assert bench.main(argv) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     figures = json.loads(lines[0])
     assert figures["steps"] == 2 and figures["data"] == "memory"
-    assert figures["laion_samples_per_s"] == pytest.approx(
-        2 * figures["mmc4_samples_per_s"]
-    )  # 4 vs 2 per step
+    rates = [figures[f"{name}_samples_per_s"] for name in ("laion", "mmc4", THIRD)]
+    assert rates == pytest.approx([2 * rates[1], rates[1], 2 * rates[1]])  # 4, 2 and 4 per step
+    assert figures["samples_per_s"] == pytest.approx(sum(rates))
     for key in (
         "step_time_s",
         "tokens_per_s",
