@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -127,6 +129,43 @@ def test_jobs_opening_mds_at_the_same_moment_each_get_their_own_shared_memory(ro
     assert [job.returncode for job in launched] == [0] * jobs, [err[-1500:] for _, err in results]
     prefixes = {int(prefix) for out, _ in results for prefix in out.split()}
     assert len(prefixes) == jobs * len(directories)  # distinct, all alive at once (others may hold low ones)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_opening_mds_holds_no_descriptor_of_other_jobs_shared_memory(root, tmp_path):
+    """Killed jobs leave their shared-memory prefixes behind (here 30 stand-ins, first free ones on): opening a
+    dataset must not keep each one's segments open (streaming 0.13 kept about 10 descriptors per prefix)."""
+    import fcntl
+    from multiprocessing.shared_memory import SharedMemory
+
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    from flamingo_composer.data import mds
+
+    local = tmp_path / "laion"
+    shutil.copytree(root / "mds" / "laion" / "train", local / "train")  # a directory no one has opened
+    stale = []
+    with open(mds._SHM_REGISTRATION_LOCK, "a") as lock:  # no other job registers while the stand-ins appear
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prefix = 0
+        while len(stale) < 30 * len(SHM_TO_CLEAN):
+            names = [f"{prefix:06}_{name}" for name in SHM_TO_CLEAN]
+            if not os.path.exists(f"/dev/shm/{names[0]}"):
+                stale += [SharedMemory(name, create=True, size=8) for name in names]
+            prefix += 1
+    try:
+        before = _open_descriptors()
+        dataset = open_mds(str(local), None, "train")
+        assert dataset.get_item(0)["key"]
+        assert _open_descriptors() - before < 60  # its own segments and files; 300+ before the fix
+    finally:
+        for shm in stale:
+            shm.close()
+            shm.unlink()
 
 
 def test_resampling_draws_different_streams_per_rank(root, process):

@@ -155,6 +155,29 @@ def _one_shm_registration_per_node():
         yield
 
 
+@contextlib.contextmanager
+def _prefix_probes_closed_streaming_0_13():
+    """streaming 0.13 finds a free shared-memory prefix by attaching every segment of every prefix in use
+    (`prefix._check_and_find`), and each attachment registers an atexit handler that keeps it, and its file
+    descriptors, open until the process exits: about 10 descriptors per prefix, per dataset opened. A node keeps
+    the prefixes of killed jobs (each DataLoader worker of each rank registers its own), so after a preempted
+    multi-GPU run every worker of the next one could hold thousands and stop with "Too many open files". The
+    probes here attach without the handler; each closes when the walk drops it. Creating and attaching for real
+    (`get_shm_prefix`'s own calls, which the dataset keeps) are unchanged."""
+    from streaming.base.shared import prefix
+
+    attach = prefix.SharedMemory
+
+    def probe(name=None, create=None, size=0, auto_cleanup=True):
+        return attach(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+
+    prefix.SharedMemory = probe
+    try:
+        yield
+    finally:
+        prefix.SharedMemory = attach
+
+
 def open_mds(local: str, remote: str | None = None, split: str | None = None) -> StreamingDataset:
     """A StreamingDataset over one MDS directory, used for random access only (our own order); shared per process."""
     if remote is None:
@@ -163,7 +186,7 @@ def open_mds(local: str, remote: str | None = None, split: str | None = None) ->
             raise ValueError(f"local: MDS index not found: {index}")
     key = (os.path.abspath(local), remote, split)
     if key not in _OPEN_DATASETS:
-        with _one_shm_registration_per_node():
+        with _one_shm_registration_per_node(), _prefix_probes_closed_streaming_0_13():
             _OPEN_DATASETS[key] = StreamingDataset(
                 local=local, remote=remote, split=split, batch_size=1, shuffle=False
             )
