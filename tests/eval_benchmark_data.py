@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flamingo_composer.vocab import WORDS
@@ -135,3 +136,14 @@ def nltk_data(root: Path) -> Path:
     for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
         (punkt / name).write_text("")
     return root
+
+
+@pytest.fixture(scope="module", name="tiny_nltk")
+def tiny_nltk_fixture(tmp_path_factory):
+    """The `tiny_nltk` fixture: `nltk_data` on NLTK's search path, for the module that imports it."""
+    import nltk
+
+    root = nltk_data(tmp_path_factory.mktemp("nltk_data"))
+    nltk.data.path.insert(0, str(root))
+    yield root
+    nltk.data.path.remove(str(root))

@@ -13,9 +13,9 @@ from eval_benchmark_data import (
     flickr,
     hateful_memes,
     image_folder,
-    nltk_data,
     ok_vqa,
     textvqa,
+    tiny_nltk_fixture,  # noqa: F401 (the tiny_nltk fixture)
     vizwiz,
     write_image,
 )
@@ -32,16 +32,6 @@ ANSWERS = [
     "riding horses", "swimming", "clothes", "texting friends", "eating Short answer: pizza", "police", "red apples",
     "the dogs are running", "tennis", "ran", "Answer: yes", "",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_nltk(tmp_path_factory):
-    import nltk
-
-    root = nltk_data(tmp_path_factory.mktemp("nltk_data"))
-    nltk.data.path.insert(0, str(root))
-    yield root
-    nltk.data.path.remove(str(root))
 
 
 def test_ok_vqa_postprocessing_equals_the_reference(tiny_nltk):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_benchmark_data import flickr, hateful_memes, image_folder, nltk_data, vizwiz
+from eval_benchmark_data import flickr, hateful_memes, image_folder, tiny_nltk_fixture, vizwiz  # noqa: F401
 from omegaconf import OmegaConf
 
 from flamingo_composer.cli import evaluate
@@ -21,16 +21,6 @@ FIXTURE = REPO_ROOT / "tests" / "fixtures" / "openflamingo-tiny-gptneox"
 FIXTURE_MODEL = {"vision": {"config_path": str(FIXTURE / "vision" / "of-tiny-vit-small.json")},
                  "lm": {"name": str(FIXTURE / "lm")}, "tokenizer": {"name": str(FIXTURE / "lm")},
                  "cross_attn_every_n_layers": 2, "seed": 0}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_nltk(tmp_path_factory):
-    import nltk
-
-    root = nltk_data(tmp_path_factory.mktemp("nltk_data"))
-    nltk.data.path.insert(0, str(root))
-    yield root
-    nltk.data.path.remove(str(root))
 
 
 def write_suite(root: Path, *, hm_annotations: str | None = None, class_names: str | None = None) -> Path:
