@@ -13,10 +13,12 @@ from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.masking import laion_labels, mmc4_labels
 from flamingo_composer.models.tiny import tiny_model_config
 from flamingo_composer.models.towers import build_vision
+from flamingo_composer.shards.synthetic import SyntheticConfig, write_synthetic_dataset
 from flamingo_composer.special_tokens import SpecialTokens
 from flamingo_composer.training.config import load_config
 from flamingo_composer.vocab import build_tiny_tokenizer
 
+TINY_DATA = SyntheticConfig(num_laion=2, num_laion_val=2, num_mmc4=2, num_mmc4_val=2, image_size=8)
 SHAPES = {
     "cc": FakeDataset("pairs", rows=4, max_tokens=16),
     "docs": FakeDataset("interleaved", rows=5, max_tokens=64, max_images=3, images_per_doc=(1, 3, 2)),
@@ -63,10 +65,12 @@ def test_float_images_index_and_seed():
     assert not torch.equal(other["cc"]["images"], uint8["cc"]["images"])
 
 
-def test_benchmark_shapes_fill_the_documents_of_a_recipe():
+def test_benchmark_shapes_fill_the_documents_of_a_recipe(tmp_path):
     """`fake_datasets_of` reads a recipe's datasets; `fill` writes documents nearly as long as max_tokens, never
     cut (each keeps its eos)."""
-    cfg = load_config(REPO_ROOT / "yamls" / "bench-cpu.yaml", [])
+    data_root = tmp_path / "synthetic"  # the recipe's config checks that its MDS folders exist; only shapes are read
+    write_synthetic_dataset(data_root, TINY_DATA, formats=("mds",))
+    cfg = load_config(REPO_ROOT / "yamls" / "bench-cpu.yaml", [f"variables.data_root={data_root}"])
     shapes = fake_datasets_of(cfg.data, (2, 3))
     assert {name: s.kind for name, s in shapes.items()} == {n: d.kind for n, d in cfg.data.enabled().items()}
     tokenizer = _tokenizer()
