@@ -182,12 +182,12 @@ def _state(batch, step):
 
 def test_data_skip_logger_cumulative_and_resumable():
     batches = [
-        {"laion": {"skipped": {"corrupt_image": 2}}, "mmc4": {"skipped": {}}},
+        {"laion": {"skipped": {"corrupt_image": 2}}, "mmc4": {"skipped": {}, "dropped_images": {"missing_image": 2}}},
         {
             "laion": {"skipped": {"corrupt_image": 1, "empty_caption": 1}},
-            "mmc4": {"skipped": {"low_similarity": 3}},
+            "mmc4": {"skipped": {"low_similarity": 3}, "dropped_images": {"missing_image": 1, "corrupt_image": 1}},
         },
-        {"laion": {"skipped": {}}, "mmc4": {"skipped": {"low_similarity": 1}}},
+        {"laion": {"skipped": {}}, "mmc4": {"skipped": {"low_similarity": 1}, "dropped_images": {}}},
     ]
     logger, recorder = DataSkipLogger(log_interval=2), _Recorder()
     for step, batch in enumerate(batches[:2], start=1):
@@ -198,8 +198,10 @@ def test_data_skip_logger_cumulative_and_resumable():
             "data/skipped/laion/corrupt_image": 3,
             "data/skipped/laion/empty_caption": 1,
             "data/skipped/mmc4/low_similarity": 3,
+            "data/dropped_images/mmc4/corrupt_image": 1,
+            "data/dropped_images/mmc4/missing_image": 3,
         }
-    ]  # logged at batch 2 only (interval 2), cumulative
+    ]  # logged at batch 2 only (interval 2), cumulative; images lost by kept samples apart from skipped samples
     saved = logger.state_dict()
     resumed, recorder = DataSkipLogger(log_interval=1), _Recorder()
     resumed.load_state_dict(saved)
@@ -207,6 +209,12 @@ def test_data_skip_logger_cumulative_and_resumable():
     resumed.batch_end(_state(batches[2], 3), recorder)
     assert recorder.logged[-1]["data/skipped/mmc4/low_similarity"] == 4  # totals survive resume
     assert recorder.logged[-1]["data/skipped/laion/corrupt_image"] == 3
+    assert recorder.logged[-1]["data/dropped_images/mmc4/missing_image"] == 3
+
+    older, recorder = DataSkipLogger(), _Recorder()  # a checkpoint written before images were counted
+    older.load_state_dict({"totals": {"laion/corrupt_image": 5}})
+    older.fit_end(_state(batches[2], 4), recorder)
+    assert recorder.logged == [{"data/skipped/laion/corrupt_image": 5}]
 
 
 def test_data_position_callback_round_trip():

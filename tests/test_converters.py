@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from shard_layouts import read_mds
 
 from benchmarks import bench_data
 from flamingo_composer.cli import convert_wds
+from flamingo_composer.data.items import DROPPED_IMAGES
 from flamingo_composer.data.mds import BYTES_RANGE_FIELD, mmc4_doc_from_mds
 from flamingo_composer.shards.convert import convert_raw_mmc4, convert_wds_to_mds
 from flamingo_composer.shards.img2dataset import convert_img2dataset_to_mds
@@ -387,11 +389,16 @@ def test_raw_mmc4_wds_and_mds_outputs_preprocess_identically(tmp_path):
     ]
     mds_rows = [(row["key"], row) for row in read_mds(tmp_path / "mds")]
     assert [key for key, _ in wds_rows] == [key for key, _ in mds_rows]
+    lost = Counter()  # images the kept documents lost, by reason
     for (key, wds_raw), (_, mds_raw) in zip(wds_rows, mds_rows):
         from_wds, from_mds = process(wds_raw, epoch=0, key=key), process(mds_raw, epoch=0, key=key)
         assert from_wds.keys() == from_mds.keys()
+        dropped = from_wds.pop(DROPPED_IMAGES, []), from_mds.pop(DROPPED_IMAGES, [])
+        assert [reason for reason, _ in dropped[0]] == [reason for reason, _ in dropped[1]], key
+        lost.update(reason for reason, _ in dropped[0])
         for name in from_wds:
             assert from_wds[name].equal(from_mds[name]), (key, name)
+    assert lost["missing_image"] > 0  # the raw set's failed downloads, reported alike by both formats
 
 
 # ------------------------------------------------------------------------------------------- img2dataset

@@ -106,11 +106,11 @@ def laion(image_bytes, caption, tok, transform, rng=None, **cfg):
     )  # fmt: skip
 
 
-def mmc4(doc, tok, transform, rng=None, image_bytes=None, **cfg):
+def mmc4(doc, tok, transform, rng=None, image_bytes=None, dropped_images=None, **cfg):
     cfg.setdefault("min_image_bytes", 0)
     return preprocess_mmc4(
         doc, key="d", tokenizer=tok, image_transform=transform, cfg=MMC4PreprocessConfig(**cfg),
-        rng=rng or ScriptedRng(*NO_FLIP_KEEP), image_bytes=image_bytes,
+        rng=rng or ScriptedRng(*NO_FLIP_KEEP), image_bytes=image_bytes, dropped_images=dropped_images,
     )  # fmt: skip
 
 
@@ -525,9 +525,11 @@ def test_mmc4_bad_input_is_skipped_with_reason(tok, transform, doc, reason, name
 def test_mmc4_one_bad_image_drops_only_that_image(tok, transform):
     doc = _good_doc()
     doc["image_info"][0]["image_base64"] = "!!not base64!!"
-    out = mmc4(doc, tok, transform, max_tokens=16)
+    dropped = []
+    out = mmc4(doc, tok, transform, max_tokens=16, dropped_images=dropped)
     assert out["image_mask"].sum() == 1
     torch.testing.assert_close(model_pixels(out, transform)[0], pixels_of(jpeg(BLUE), transform))
+    assert [skip.reason for skip in dropped] == ["bad_base64"]  # the kept document reports what it lost
 
 
 def test_mmc4_image_too_small_when_all_images_small(tok, transform):

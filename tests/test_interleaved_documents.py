@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -29,9 +31,9 @@ from flamingo_composer.data.documents import (
     pack_document,
     wds_sample,
 )
-from flamingo_composer.data.dual_loader import build_dual_loader
+from flamingo_composer.data.dual_loader import NAMED_REJECTIONS_PER_REASON, build_dual_loader
 from flamingo_composer.data.interleaved import interleaved_processor
-from flamingo_composer.data.items import KNOWN_REASONS, SkipSample
+from flamingo_composer.data.items import DROPPED_IMAGES, KNOWN_REASONS, SkipSample, process_to_item
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, MMC4Processor
 from flamingo_composer.models.embeddings import add_flamingo_tokens
 from flamingo_composer.shards.convert import iter_tar_samples
@@ -245,12 +247,51 @@ def test_bad_images_are_dropped_with_their_text_kept_and_counted():
     tokens = words(sample["input_ids"], sample["attention_mask"], tok)
     assert image_colors_in_order(sample) == ["purple"] and tokens.count("<image>") == 1
     assert all(word in tokens for word in ("top", "bottom", "center", "corner"))
-    assert processor.image_drops == {"image_too_small": 1, "corrupt_image": 1}
+    assert [reason for reason, _ in sample[DROPPED_IMAGES]] == ["image_too_small", "corrupt_image"]
+    item = process_to_item(processor, pack_document("bad", texts, images), epoch=0, key="bad", source="shard.mds")
+    assert DROPPED_IMAGES not in item["sample"] and item["source"] == "shard.mds"  # the collate sees tensors only
+    assert [reason for reason, _ in item[DROPPED_IMAGES]] == ["image_too_small", "corrupt_image"]
+    assert "document 'bad' image at 3" in item[DROPPED_IMAGES][1][1]  # the detail says which image
 
     only_bad = pack_document("only-bad", ["red .", None, "green ."], [None, StoredImage(corrupt), None])
     with pytest.raises(SkipSample) as skip:
         processor(only_bad, epoch=0, key="only-bad")
     assert skip.value.reason == "corrupt_image"  # every image failed the same way: that reason
+
+
+def test_the_loader_counts_and_names_the_images_kept_documents_lost(tmp_path, caplog):
+    """Through the real MDS reader (two workers) and batcher: the lost images reach the batch as `dropped_images`
+    by reason, apart from `skipped` (whole documents), and the first ones are named with key and shard."""
+    from streaming import MDSWriter
+
+    from flamingo_composer.data.mds import DOCUMENT_MDS_COLUMNS
+
+    corrupt = b"\xff\xd8\xff" + b"not a jpeg " * 40
+    documents = {
+        "all-corrupt": [StoredImage(corrupt)],  # nothing usable: the whole document is skipped
+        "clean": [StoredImage(jpeg("red"))],
+        "one-corrupt": [StoredImage(corrupt), StoredImage(jpeg("green"))],
+        "two-corrupt": [StoredImage(jpeg("blue")), StoredImage(corrupt), StoredImage(corrupt)],
+    }
+    with MDSWriter(out=str(tmp_path / "mds"), columns=DOCUMENT_MDS_COLUMNS) as writer:
+        for key, images in documents.items():
+            texts = [part for image in images for part in ("some words .", None)] + ["the end ."]
+            writer.write(pack_document(key, texts, [entry for image in images for entry in (None, image)] + [None]))
+    data = DataConfig.from_plain({"docs": {
+        "kind": "interleaved", "format": "mds", "local": str(tmp_path / "mds"), "batch_size": 3, "shuffle": False,
+        "num_workers": 2, "preprocess": {"layout": "natural", "max_tokens": 64, "min_image_bytes": MIN_BYTES},
+    }})  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    loader = build_dual_loader(data, tokenizer(), TRANSFORM, rank=0, world_size=1, pin_memory=False)
+    try:
+        batch = next(iter(loader))["docs"]
+    finally:
+        loader.close()
+    assert batch["image_mask"].sum(1).tolist() == [1, 1, 1]
+    assert batch["skipped"] == {"corrupt_image": 1} and batch[DROPPED_IMAGES] == {"corrupt_image": 3}
+    named = [r.getMessage() for r in caplog.records if "dropped an image of sample" in r.getMessage()]
+    assert len(named) == NAMED_REJECTIONS_PER_REASON  # then counted only
+    assert all(re.search(r"'(one|two)-corrupt' from .*shard\.\d+\.mds: corrupt_image \(", m) for m in named)
 
 
 @pytest.mark.parametrize(

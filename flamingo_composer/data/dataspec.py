@@ -20,10 +20,11 @@ from composer.core import DataSpec
 
 from flamingo_composer.data.host_indices import TEXT_TIME, add_host_indices
 from flamingo_composer.data.images import SplitImageTransform
+from flamingo_composer.data.items import DROPPED_IMAGES
 from flamingo_composer.data.kinds import default_kinds, forward_order
 from flamingo_composer.training.loss import count_supervised_tokens
 
-PER_BATCH_KEYS = ("skipped", "position", "keys")  # travel with the full batch, not with each microbatch
+PER_BATCH_KEYS = ("skipped", DROPPED_IMAGES, "position", "keys")  # travel with the full batch, not each microbatch
 
 
 def validate_microbatch_size(batch_sizes: Mapping[str, int], microbatch_size: int) -> None:
@@ -89,7 +90,7 @@ def select_rows(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
 
 def _model_part(sub: Mapping[str, Any], rows: slice) -> dict[str, Any]:
     """A microbatch: `select_rows` of the sub-batch, trimmed, with its host indices. Per-batch bookkeeping
-    (`skipped`, `position`, `keys`) stays with the full batch, which the callbacks read."""
+    (`skipped`, `dropped_images`, `position`, `keys`) stays with the full batch, which the callbacks read."""
     part = select_rows({field: value for field, value in sub.items() if field not in PER_BATCH_KEYS}, rows)
     return add_host_indices(_trim_padding(part))
 

@@ -27,7 +27,6 @@ readers, the batcher and the collate serve both layouts.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from flamingo_composer.data.images import SplitImageTransform, check_image_bytes, decode_image
-from flamingo_composer.data.items import SkipSample, sample_rng
+from flamingo_composer.data.items import SkipSample, sample_rng, with_dropped_images
 from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
 from flamingo_composer.data.mds import BYTES_RANGE_FIELD, bytes_in_ranges
 from flamingo_composer.data.mmc4 import MMC4PreprocessConfig, format_interleaved_text, no_usable_image
@@ -247,18 +246,18 @@ def preprocess_document(
     rng: np.random.Generator,
     special: SpecialTokens | None = None,
     affixes: tuple[list[int], list[int]] | None = None,
-    image_drops: Counter | None = None,
+    dropped_images: list[SkipSample] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One natural-order document -> images (n, 3, H, W) uint8 in `<image>` order, image_mask (T,), input_ids (L,),
     attention_mask (L,), labels (L,); T = cfg.max_num_images, L = cfg.max_tokens. `image_bytes[i]` is position
-    i's image (None for a text). Dropped images are counted by reason in `image_drops`."""
+    i's image (None for a text). `dropped_images` receives the SkipSample of each image that failed, when the row is
+    kept."""
     document_draw, start_draw, flip_draw = rng.random(), rng.random(), rng.random()
     special = special or SpecialTokens.from_tokenizer(tokenizer)
     prefix, suffix = affixes or special_affixes(tokenizer)
     budget = cfg.max_tokens - len(prefix) - len(suffix)
     if budget < 2:
         raise ValueError(f"max_tokens {cfg.max_tokens} leaves no room beside the tokenizer's special tokens")
-    image_drops = image_drops if image_drops is not None else Counter()
 
     usable, failures = {}, []  # position -> bytes of the images that pass the byte checks; the failures
     for position, data in enumerate(image_bytes):
@@ -269,7 +268,6 @@ def preprocess_document(
                                                  f"image at position {position}")  # fmt: skip
         except SkipSample as skip:
             failures.append(skip)
-            image_drops[skip.reason] += 1
     candidates = [doc for doc in sub_documents(texts, tokenizer) if any(v in usable for k, v in doc if k == "image")]
     if not candidates:
         raise no_usable_image(failures, key)
@@ -298,15 +296,17 @@ def preprocess_document(
                 decoded[position] = decode_image(usable[position], where=f"document {key!r} image at {position}")
             except SkipSample as skip:
                 failures.append(skip)
-                image_drops[skip.reason] += 1
                 broken.append(position)
         if not broken:
             break
         for position in broken:  # cut again without them
             del usable[position]
 
-    return _row(ids[window], kept, decoded, key=key, cfg=cfg, special=special, prefix=prefix, suffix=suffix,
-                image_transform=image_transform, flip=bool(cfg.random_flip) and flip_draw < 0.5)  # fmt: skip
+    row = _row(ids[window], kept, decoded, key=key, cfg=cfg, special=special, prefix=prefix, suffix=suffix,
+               image_transform=image_transform, flip=bool(cfg.random_flip) and flip_draw < 0.5)  # fmt: skip
+    if dropped_images is not None:
+        dropped_images.extend(failures)
+    return row
 
 
 def _row(
@@ -340,8 +340,7 @@ def _row(
 
 class DocumentProcessor:
     """Natural-order document (MDS `document` + `image_bytes`, or webdataset `document.json` + `image_bytes`) ->
-    tensors; MMC4Processor's interface. `image_drops` counts the images dropped in this process, by reason (the
-    loader's skip counts are per document)."""
+    tensors; MMC4Processor's interface. A kept document notes the images it lost (`with_dropped_images`)."""
 
     def __init__(self, tokenizer, image_transform, cfg: MMC4PreprocessConfig, seed: int):
         if cfg.layout != "natural":
@@ -350,11 +349,11 @@ class DocumentProcessor:
         self.image_transform = SplitImageTransform.of(image_transform)  # split once, not per sample
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.affixes = special_affixes(tokenizer)
-        self.image_drops: Counter = Counter()
 
     def __call__(self, raw: Mapping[str, Any], *, epoch: int, key: Any) -> dict[str, torch.Tensor]:
         texts, _, image_bytes = unpack_document(raw, str(key))
-        return preprocess_document(
+        dropped: list[SkipSample] = []
+        sample = preprocess_document(
             texts,
             image_bytes,
             key=str(key),
@@ -364,5 +363,6 @@ class DocumentProcessor:
             rng=sample_rng(self.seed, epoch, key),
             special=self.special,
             affixes=self.affixes,
-            image_drops=self.image_drops,
+            dropped_images=dropped,
         )
+        return with_dropped_images(sample, dropped)

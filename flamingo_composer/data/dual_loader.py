@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from flamingo_composer.data.config import DataConfig, DatasetConfig
 from flamingo_composer.data.images import SplitImageTransform
 from flamingo_composer.data.items import (
+    DROPPED_IMAGES,
     EMPTY_SHARDS,
     SHARD_ERROR,
     SkipCounter,
@@ -85,7 +86,7 @@ class SourceBatcher:
         self.position = 0
         self.cursors: list = [None] * self.readers  # latest cursor per logical worker (None: not started)
         self._items: Iterator[dict] | None = None
-        self._named: Counter[str] = Counter()  # rejections named in the log so far, per reason
+        self._named: Counter[tuple[str, str]] = Counter()  # problems named in the log so far, per (what, reason)
 
     def seek(self, position: int, cursors: list | None = None) -> None:
         """Restart the stream so the next item is item `position`, the readers at `cursors` (restarted lazily)."""
@@ -124,31 +125,32 @@ class SourceBatcher:
         self.position += 1
         return item
 
-    def _name_rejection(self, item: Mapping[str, Any]) -> None:
-        """Warn with shard and key for the first few rejections of each reason, so the data can be found and
-        fixed; later ones are only counted (`data/skipped/...`). Shard failures are reported by the readers."""
-        reason = item["skip"]
-        if reason in (SHARD_ERROR, EMPTY_SHARDS) or self._named[reason] >= NAMED_REJECTIONS_PER_REASON:
+    def _name_problem(self, what: str, reason: str, item: Mapping[str, Any], detail: str) -> None:
+        """Warn with shard and key for the first few problems of each reason (`what`: "skipped sample" or "dropped
+        an image of sample"), so the data can be found and fixed; later ones are only counted (`data/skipped/...`,
+        `data/dropped_images/...`). Shard failures are reported by the readers."""
+        if reason in (SHARD_ERROR, EMPTY_SHARDS) or self._named[what, reason] >= NAMED_REJECTIONS_PER_REASON:
             return
-        self._named[reason] += 1
-        last = self._named[reason] == NAMED_REJECTIONS_PER_REASON
+        self._named[what, reason] += 1
+        last = self._named[what, reason] == NAMED_REJECTIONS_PER_REASON
         log.warning(
-            "%s: skipped sample %r from %s: %s%s%s",
+            "%s: %s %r from %s: %s%s%s",
             self.name,
+            what,
             item.get("key"),
             item.get("source") or "?",
             reason,
-            f" ({item['detail']})" if item.get("detail") else "",
-            f"; further '{reason}' samples are counted, not named" if last else "",
+            f" ({detail})" if detail else "",
+            f"; further '{reason}' cases are counted, not named" if last else "",
         )
 
     def next_batch(self) -> dict[str, Any]:
-        samples, keys, skipped, consecutive = [], [], SkipCounter(), 0
+        samples, keys, skipped, dropped_images, consecutive = [], [], SkipCounter(), SkipCounter(), 0
         while len(samples) < self.batch_size:
             item = self._next_item()
             if is_rejected(item):
                 skipped.add(item["skip"])
-                self._name_rejection(item)
+                self._name_problem("skipped sample", item["skip"], item, item.get("detail", ""))
                 consecutive += 1
                 if consecutive >= self.max_consecutive_skips:
                     raise RuntimeError(
@@ -159,7 +161,11 @@ class SourceBatcher:
             consecutive = 0
             samples.append(item["sample"])
             keys.append(item["key"])
+            for reason, detail in item.get(DROPPED_IMAGES, ()):
+                dropped_images.add(reason)
+                self._name_problem("dropped an image of sample", reason, item, detail)
         batch = self.collate(samples, skipped=skipped.take())
+        batch[DROPPED_IMAGES] = dropped_images.take()
         batch["position"] = self.position
         if self.return_keys:
             batch["keys"] = keys

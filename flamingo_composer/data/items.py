@@ -14,8 +14,12 @@ the loader state holds where every worker continues.
 
 Rejections: preprocessing raises `SkipSample(reason)` for anything it cannot turn into a training row; the item
 carries the reason, and the batcher (main process) counts it in a `SkipCounter`, so the counts reach the trainer
-(`batch['skipped']`) even though workers made them. Random choices (flip, single-image drop) come from
-`sample_rng(seed, epoch, key)`, so a sample gets the same choices whatever worker, rank or resume point reads it.
+(`batch['skipped']`) even though workers made them. A kept document may still lose some of its images (corrupt,
+missing, too small): its processor lists them under `DROPPED_IMAGES`, which travels in the item the same way and
+is counted apart (`batch['dropped_images']`), since `skipped` counts whole samples.
+
+Random choices (flip, single-image drop) come from `sample_rng(seed, epoch, key)`, so a sample gets the same
+choices whatever worker, rank or resume point reads it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ KNOWN_REASONS = (
     SHARD_ERROR,
     EMPTY_SHARDS,
 )
+
+DROPPED_IMAGES = "dropped_images"  # item key: [(reason, detail)] of the images a kept sample lost
 
 SampleProcessor = Callable[..., Mapping[str, torch.Tensor]]  # process(raw, *, epoch, key) -> tensors / SkipSample
 
@@ -117,6 +123,14 @@ def accepted(sample: Mapping[str, torch.Tensor], key: Any) -> dict[str, Any]:
     return {"sample": sample, "key": key}
 
 
+def with_dropped_images(sample: dict[str, Any], dropped: list[SkipSample]) -> dict[str, Any]:
+    """`sample` noting the images it lost (`dropped`, one SkipSample each), for `process_to_item` to move into the
+    item; a sample that lost none is returned as it is."""
+    if dropped:
+        sample[DROPPED_IMAGES] = [(skip.reason, skip.detail) for skip in dropped]
+    return sample
+
+
 def rejected(reason: str, key: Any = None, *, source: str | None = None, detail: str = "") -> dict[str, Any]:
     """A rejection marker: why, which sample (`key`), from where (`source`: shard URL or MDS shard)."""
     return {"skip": reason, "key": key, "source": source, "detail": detail}
@@ -129,11 +143,17 @@ def is_rejected(item: Mapping[str, Any]) -> bool:
 def process_to_item(
     process: SampleProcessor, raw: Mapping[str, Any], *, epoch: int, key: Any, source: str | None = None
 ) -> dict[str, Any]:
-    """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason and detail."""
+    """Run per-sample preprocessing; a `SkipSample` becomes a rejection marker carrying its reason and detail. The
+    images a kept sample lost (`with_dropped_images`) move from the sample into the item, with the sample's source."""
     try:
-        return accepted(process(raw, epoch=epoch, key=key), key)
+        sample = process(raw, epoch=epoch, key=key)
     except SkipSample as skip:
         return rejected(skip.reason, key, source=source, detail=skip.detail)
+    if DROPPED_IMAGES not in sample:
+        return accepted(sample, key)
+    sample = dict(sample)
+    dropped = sample.pop(DROPPED_IMAGES)
+    return {**accepted(sample, key), DROPPED_IMAGES: dropped, "source": source}
 
 
 def send_by_value(item: Any) -> Any:

@@ -6,8 +6,9 @@ A raw document is a webdataset sample (`KEY.json` bytes with base64 images) or a
 drop) come from a generator seeded by (dataset seed, stream epoch, sample key), so a resumed run repeats them.
 
 Per-image problems (missing, too small, bad base64, undecodable) drop that image only, as the published MMC4
-data is full of missing images; a document left with no usable image is skipped. If every image failed for the
-same reason that reason is counted (e.g. `bad_base64`), otherwise `no_usable_image`.
+data is full of missing images; a kept document counts them as its dropped images (`with_dropped_images`). A
+document left with no usable image is skipped. If every image failed for the same reason that reason is counted
+(e.g. `bad_base64`), otherwise `no_usable_image`.
 
 Images are decoded lazily: step 1 checks only what needs no decode (bytes present, valid base64, at least
 `min_image_bytes`); matching, cutting and truncation (steps 2-5) then decide which images the row keeps, and only
@@ -29,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from flamingo_composer.data.images import SplitImageTransform, check_image_bytes, decode_base64, decode_image
-from flamingo_composer.data.items import SkipSample, sample_rng
+from flamingo_composer.data.items import SkipSample, sample_rng, with_dropped_images
 from flamingo_composer.data.masking import count_supervised_tokens, mmc4_labels
 from flamingo_composer.data.mds import mmc4_doc_from_mds
 from flamingo_composer.data.text import clean_text, require_utf8, tokenize_right_padded
@@ -233,13 +234,15 @@ def preprocess_mmc4(
     rng: np.random.Generator,
     image_bytes: list[bytes | None] | None = None,
     special: SpecialTokens | None = None,
+    dropped_images: list[SkipSample] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One document -> images (n, 3, H, W) uint8 of its n kept images in token order, image_mask (T,) bool (the
     first n slots), input_ids (L,), attention_mask (L,), labels (L,).
 
     T = cfg.max_num_images. Images come from `image_info[i]['image_base64']` (webdataset layout) or, when given,
     from `image_bytes` (MDS layout: original bytes, None for a missing image). `image_transform`: a
-    `SplitImageTransform` or a transform it can split.
+    `SplitImageTransform` or a transform it can split. `dropped_images` receives the SkipSample of each image that
+    failed (missing, too small, undecodable), when the row is kept.
     """
     # Both coins drawn up front, so each decision depends only on (seed, epoch, key), not on the code path.
     flip_coin, drop_coin = rng.random(), rng.random()
@@ -275,6 +278,8 @@ def preprocess_mmc4(
     split = SplitImageTransform.of(image_transform)
     images = torch.stack([split.to_uint8(decoded[i], flip) for i in kept])  # (n, 3, H, W) uint8
     image_mask = torch.arange(cfg.max_num_images) < len(kept)  # (T,)
+    if dropped_images is not None:
+        dropped_images.extend(failures)
     return {
         "images": images,
         "image_mask": image_mask,
@@ -300,7 +305,8 @@ class MMC4Processor:
             doc = raw["json"]
         else:
             raise SkipSample("malformed_json", f"sample {key!r} has no .json member")
-        return preprocess_mmc4(
+        dropped: list[SkipSample] = []
+        sample = preprocess_mmc4(
             doc,
             key=str(key),
             tokenizer=self.tokenizer,
@@ -309,4 +315,6 @@ class MMC4Processor:
             rng=sample_rng(self.seed, epoch, key),
             image_bytes=image_bytes,
             special=self.special,
+            dropped_images=dropped,
         )
+        return with_dropped_images(sample, dropped)

@@ -1,4 +1,4 @@
-"""Callbacks: data-skip counts per reason, the data position of both loaders in every checkpoint, and
+"""Callbacks: data-skip and dropped-image counts per reason, the data position of both loaders in every checkpoint, and
 trainable-only model state in checkpoints.
 
 Composer saves a monolithic checkpoint from rank 0 only and every rank loads that file, so state must be the same
@@ -15,6 +15,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from flamingo_composer.data.items import DROPPED_IMAGES
+
 
 def _gather(obj: Any) -> list[Any]:
     """`[obj of rank 0, obj of rank 1, ...]` (a plain list on one process)."""
@@ -22,12 +24,15 @@ def _gather(obj: Any) -> list[Any]:
 
 
 class DataSkipLogger(Callback):
-    """Logs `data/skipped/<dataset>/<reason>`: samples dropped by the loaders since the run began (all ranks).
+    """Logs `data/skipped/<dataset>/<reason>` (samples the loaders rejected) and `data/dropped_images/<dataset>/
+    <reason>` (images lost by samples they kept) since the run began, all ranks summed.
 
-    Each sub-batch carries `skipped` = {reason: count} since the previous batch (made in DataLoader workers), read
-    here at AFTER_DATALOADER on the full per-rank batch. Totals are summed across ranks when logged (every
+    Each sub-batch carries both as {reason: count} since the previous batch (made in DataLoader workers), read here
+    at AFTER_DATALOADER on the full per-rank batch. Totals are summed across ranks when logged (every
     `log_interval` batches and at the end) and survive resume through the checkpoint.
     """
+
+    COUNTS = ("skipped", DROPPED_IMAGES)  # sub-batch keys; each becomes data/<key>/<dataset>/<reason>
 
     def __init__(self, log_interval: int = 1):
         if log_interval < 1:
@@ -36,15 +41,18 @@ class DataSkipLogger(Callback):
         self._resumed: Counter[str] = Counter()  # global totals from the checkpoint we resumed from
         self._local: Counter[str] = Counter()  # this rank's counts since this process started
         self._global: Counter[str] = Counter()  # last all-rank total computed
+        # Keys of all three: `<count>/<dataset>/<reason>`, e.g. `skipped/laion/corrupt_image`.
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         batch = state.batch
         if not isinstance(batch, dict):
             return
         for dataset, sub in batch.items():
-            skipped = sub.get("skipped") if isinstance(sub, dict) else None
-            for reason, count in (skipped or {}).items():
-                self._local[f"{dataset}/{reason}"] += int(count)
+            if not isinstance(sub, dict):
+                continue
+            for count in self.COUNTS:
+                for reason, n in (sub.get(count) or {}).items():
+                    self._local[f"{count}/{dataset}/{reason}"] += int(n)
 
     def _refresh(self) -> Counter[str]:
         total = Counter(self._resumed)
@@ -56,7 +64,7 @@ class DataSkipLogger(Callback):
     def _log(self, logger: Logger) -> None:
         totals = self._refresh()
         if totals:
-            logger.log_metrics({f"data/skipped/{key}": count for key, count in sorted(totals.items())})
+            logger.log_metrics({f"data/{key}": n for key, n in sorted(totals.items())})
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if int(state.timestamp.batch) % self.log_interval == 0:
@@ -65,16 +73,17 @@ class DataSkipLogger(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         self._log(logger)
 
-    @property
-    def totals(self) -> dict[str, int]:
-        """All-rank totals as of the last log (keys `<dataset>/<reason>`)."""
-        return dict(self._global)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": dict(self._refresh())}
+        """{count: {`<dataset>/<reason>`: all-rank total}}; `totals` holds the skipped samples (its older name)."""
+        saved: dict[str, dict[str, int]] = {"totals": {}, DROPPED_IMAGES: {}}
+        for key, n in self._refresh().items():
+            count, rest = key.split("/", 1)
+            saved["totals" if count == "skipped" else count][rest] = n
+        return saved
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resumed = Counter(state.get("totals", {}))
+        self._resumed = Counter({f"skipped/{key}": n for key, n in state.get("totals", {}).items()})
+        self._resumed.update({f"{DROPPED_IMAGES}/{key}": n for key, n in state.get(DROPPED_IMAGES, {}).items()})
         self._local = Counter()
         self._global = Counter(self._resumed)
 
