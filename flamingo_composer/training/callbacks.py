@@ -74,16 +74,12 @@ class DataSkipLogger(Callback):
         self._log(logger)
 
     def state_dict(self) -> dict[str, Any]:
-        """{count: {`<dataset>/<reason>`: all-rank total}}; `totals` holds the skipped samples (its older name)."""
-        saved: dict[str, dict[str, int]] = {"totals": {}, DROPPED_IMAGES: {}}
-        for key, n in self._refresh().items():
-            count, rest = key.split("/", 1)
-            saved["totals" if count == "skipped" else count][rest] = n
-        return saved
+        return {"counts": dict(self._refresh())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resumed = Counter({f"skipped/{key}": n for key, n in state.get("totals", {}).items()})
-        self._resumed.update({f"{DROPPED_IMAGES}/{key}": n for key, n in state.get(DROPPED_IMAGES, {}).items()})
+        """Older checkpoints hold only the skipped samples, as `totals` keyed `<dataset>/<reason>`."""
+        older = {f"skipped/{key}": n for key, n in state.get("totals", {}).items()}
+        self._resumed = Counter(state.get("counts", older))
         self._local = Counter()
         self._global = Counter(self._resumed)
 
